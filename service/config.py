@@ -1,0 +1,385 @@
+"""Typed, validated experiment configuration (frozen dataclasses).
+
+Every field names the SPEC section it comes from. Validation errors name the dotted path of the
+field and the allowed values, e.g. ``prior.kind: 'mogg' is not one of ['standard', 'mog']``.
+``from_dict`` rejects unknown keys; ``apply_overrides`` parses ``dotted.key=value`` strings with
+``ast.literal_eval`` and checks them against the field type (booleans strictly).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range (message names the field)."""
+
+
+TOY_DATASETS = ("8gaussians", "2spirals", "checkerboard", "rings")
+Dataset = Literal["8gaussians", "2spirals", "checkerboard", "rings", "parquet"]
+PriorKind = Literal["standard", "mog"]
+MogInit = Literal["vamp", "random"]
+KlEstimator = Literal["closed", "mc"]
+NetworkKind = Literal["mlp"]
+
+
+def _choices(tp: Any) -> tuple:
+    return typing.get_args(tp)
+
+
+def _check_choice(path: str, value: Any, tp: Any) -> None:
+    allowed = _choices(tp)
+    if value not in allowed:
+        raise ConfigError(f"{path}: {value!r} is not one of {list(allowed)}")
+
+
+def _check_range(path: str, value: float, *, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False) -> None:
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        lo_s = "-inf" if lo is None else f"{lo}"
+        hi_s = "inf" if hi is None else f"{hi}"
+        bracket = "(" if lo_open else "["
+        raise ConfigError(f"{path}: {value!r} is out of range; allowed {bracket}{lo_s}, {hi_s}]")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: Dataset = "8gaussians"  # SPEC §6.1; "parquet" = bring-your-own 2D points (data.path)
+    path: str | None = None  # Parquet file with float columns x, y and optional int label
+    batch_size: int = 512  # SPEC §5
+    eval_range: float | None = None  # half-width L of the evaluation square; None = SPEC default / data extent
+
+    def __post_init__(self) -> None:
+        _check_choice("data.dataset", self.dataset, Dataset)
+        _check_range("data.batch_size", self.batch_size, lo=1)
+        if self.dataset == "parquet" and not self.path:
+            raise ConfigError("data.path: required when data.dataset is 'parquet' (a Parquet file with columns x, y)")
+        if self.path and self.dataset != "parquet":
+            raise ConfigError(f"data.path: only used with data.dataset='parquet', got dataset {self.dataset!r}")
+        if self.eval_range is not None:
+            _check_range("data.eval_range", self.eval_range, lo=0, lo_open=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkConfig:
+    kind: NetworkKind = "mlp"  # SPEC §6.2
+    latent_dim: int = 2  # d_z
+    hidden: int = 256  # width of every hidden layer
+    depth: int = 4  # number of hidden layers
+
+    def __post_init__(self) -> None:
+        _check_choice("network.kind", self.kind, NetworkKind)
+        _check_range("network.latent_dim", self.latent_dim, lo=1)
+        _check_range("network.hidden", self.hidden, lo=1)
+        _check_range("network.depth", self.depth, lo=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorConfig:
+    kind: PriorKind = "standard"  # SPEC §3: standard Gaussian or mixture of Gaussians
+    num_components: int = 64  # M
+    learnable_weights: bool = False  # "LC": mixture logits are trained
+    trainable: bool = False  # "IP": means/log-variances (and LC logits) trained with the decoder
+    init: MogInit = "vamp"  # SPEC §3.4: VampPrior during warm-up, converted to a MoG
+    mog_warmup: int = 100  # SPEC §3.4: conversion this many iterations before warm-up ends
+    carry_logits: bool = False  # SPEC §3.4: False = reference (old probabilities become logits)
+    soft_clip: bool | None = None  # SPEC §4; None = on for trainable priors
+    softclip_k: float = 10.0  # K, soft-clip steepness
+    lr: float = 2e-4  # SPEC §5, prior learning rate
+
+    def __post_init__(self) -> None:
+        _check_choice("prior.kind", self.kind, PriorKind)
+        _check_range("prior.num_components", self.num_components, lo=1)
+        _check_choice("prior.init", self.init, MogInit)
+        _check_range("prior.mog_warmup", self.mog_warmup, lo=0)
+        _check_range("prior.softclip_k", self.softclip_k, lo=0, lo_open=True)
+        _check_range("prior.lr", self.lr, lo=0, lo_open=True)
+        if self.kind == "standard" and (self.trainable or self.learnable_weights):
+            raise ConfigError("prior.trainable / prior.learnable_weights: only allowed with prior.kind='mog'")
+
+    @property
+    def use_soft_clip(self) -> bool:
+        return self.kind == "mog" and (self.trainable if self.soft_clip is None else self.soft_clip)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveConfig:
+    beta_rec: float = 0.2  # SPEC §1
+    beta_kl: float = 0.3
+    beta_neg: float = 0.9  # KL weight inside the negatives' energy
+    alpha: float = 2.0
+    gamma: float = 1.0
+    gamma_r: float = 1e-8
+    r_entropy: float = 0.0  # SPEC §4, responsibility-entropy weight (mixtures only)
+    mc_samples: int = 100  # T, Monte-Carlo KL samples
+    kl_estimator: KlEstimator = "closed"  # SG prior only; mixtures always use MC
+
+    def __post_init__(self) -> None:
+        for name in ("beta_rec", "beta_kl", "beta_neg", "gamma", "gamma_r", "r_entropy"):
+            _check_range(f"objective.{name}", getattr(self, name), lo=0)
+        _check_range("objective.alpha", self.alpha, lo=0, lo_open=True)
+        _check_range("objective.mc_samples", self.mc_samples, lo=1)
+        _check_choice("objective.kl_estimator", self.kl_estimator, KlEstimator)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr_encoder: float = 2e-4  # SPEC §5
+    lr_decoder: float = 2e-4
+    milestones: tuple[int, ...] = (10_000, 15_000)  # MultiStepLR, stepped every iteration
+    lr_decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_range("optim.lr_encoder", self.lr_encoder, lo=0, lo_open=True)
+        _check_range("optim.lr_decoder", self.lr_decoder, lo=0, lo_open=True)
+        _check_range("optim.lr_decay", self.lr_decay, lo=0, lo_open=True, hi=1)
+        if list(self.milestones) != sorted(self.milestones) or any(m < 1 for m in self.milestones):
+            raise ConfigError(f"optim.milestones: {list(self.milestones)} must be increasing positive integers")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    iterations: int = 30_000  # SPEC §5
+    warmup: int = 2_000  # VAE warm-up iterations; == iterations gives the VAE baseline
+    log_every: int = 100
+    eval_every: int = 0  # 0 = evaluate only at the end
+    checkpoint_every: int = 1_000
+
+    def __post_init__(self) -> None:
+        _check_range("schedule.iterations", self.iterations, lo=1)
+        _check_range("schedule.warmup", self.warmup, lo=0)
+        if self.warmup > self.iterations:
+            raise ConfigError(f"schedule.warmup: {self.warmup} is longer than the run; allowed "
+                              f"[0, schedule.iterations={self.iterations}]")
+        for name in ("log_every", "eval_every", "checkpoint_every"):
+            _check_range(f"schedule.{name}", getattr(self, name), lo=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    grid_size: int = 1024  # SPEC §6.5 gnELBO grid per side
+    data_points: int = 12_800  # gnELBO data points
+    hist_samples: int = 5_000  # histogram KL / JSD samples per side
+    bins: int = 100
+    mc_samples: int = 100  # gnELBO MC samples (mixture priors)
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("grid_size", "data_points", "hist_samples", "bins", "mc_samples"):
+            _check_range(f"eval.{name}", getattr(self, name), lo=2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalingConfig:
+    workers: int = 1  # Ray Train workers (data parallel)
+    use_gpu: bool = False  # NCCL on GPUs instead of gloo on CPUs
+    threads_per_worker: int = 0  # torch threads per worker; 0 = CPUs given to the worker
+
+    def __post_init__(self) -> None:
+        _check_range("scaling.workers", self.workers, lo=1)
+        _check_range("scaling.threads_per_worker", self.threads_per_worker, lo=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite in the output dir's parent
+    experiment: str = "introprior"
+    run_name: str | None = None  # also the Ray Train run name: a re-run with the same name resumes
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    name: str = "custom"  # preset name this config came from
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.prior.kind == "mog" and self.prior.init == "vamp" and self.schedule.warmup > 0:
+            if self.prior.mog_warmup > self.schedule.warmup:
+                raise ConfigError(f"prior.mog_warmup: {self.prior.mog_warmup} exceeds schedule.warmup="
+                                  f"{self.schedule.warmup}; allowed [0, {self.schedule.warmup}]")
+
+    @property
+    def conversion_iteration(self) -> int | None:
+        """Iteration at which the VampPrior becomes a MoG (SPEC §3.4), or None."""
+        if self.prior.kind != "mog" or self.prior.init != "vamp":
+            return None
+        return self.schedule.warmup - self.prior.mog_warmup
+
+    @property
+    def is_vae(self) -> bool:
+        return self.schedule.warmup >= self.schedule.iterations
+
+
+# --------------------------------------------------------------------------------------------
+# dict / YAML round trip and overrides
+# --------------------------------------------------------------------------------------------
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists) suitable for YAML and MLflow params."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (tuples from lists)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        _check_choice(path, value, tp)
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(path, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        names = [getattr(a, "__name__", str(a)) for a in args]
+        raise ConfigError(f"{path}: {value!r} does not match any of {names}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (elem, _) = typing.get_args(tp)
+        return tuple(_coerce(f"{path}[{i}]", v, elem) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, path)
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = _field_types(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else key
+        if key not in known:
+            raise ConfigError(f"{dotted}: unknown key; known keys are {known}")
+        kwargs[key] = _coerce(dotted, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - kw_only dataclasses with defaults everywhere
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate an ``ExperimentConfig``; unknown keys raise ``ConfigError``."""
+    return _from_dict(ExperimentConfig, data, "")
+
+
+def load_yaml(path: str) -> ExperimentConfig:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return from_dict(data)
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value: Python/YAML literals; bare words stay strings."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any] | list[str]) -> ExperimentConfig:
+    """Return ``cfg`` with dotted-key overrides applied and the result re-validated.
+
+    ``overrides`` is ``{"objective.beta_kl": 0.5}`` or ``["objective.beta_kl=0.5", ...]``.
+    """
+    if isinstance(overrides, list):
+        parsed: dict[str, Any] = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+            key, raw = item.split("=", 1)
+            parsed[key.strip()] = parse_value(raw)
+        overrides = parsed
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                prefix = ".".join(parts[: i + 1])
+                known = [k for k, v in node.items() if isinstance(v, dict)]
+                raise ConfigError(f"{prefix}: unknown section; known sections are {known}")
+            node = node[part]
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            known = [k for k, v in node.items() if not isinstance(v, dict)]
+            raise ConfigError(f"{dotted}: unknown key; known keys are {known}")
+        node[parts[-1]] = value
+    return from_dict(data)

@@ -1,0 +1,114 @@
+"""The training loop: warm-up -> VampPrior->MoG conversion -> clip bounds -> adversarial phase.
+
+Knows nothing of Ray or MLflow: it talks to a ``MetricSink`` and to an ``on_checkpoint``
+callback, and takes a ``grad_sync`` hook that the Ray Train adapter fills with an all-reduce.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .checkpoint import make_state
+from .config import ExperimentConfig
+from .data import PointSource
+from .evaluation import evaluate
+from .model import Model, build_model, convert_prior
+from .priors import MixturePrior, VampPrior
+from .step import GradSync, Optimizers, introspective_step, make_optimizers, no_sync, vae_step
+from .tracking import MetricSink, NullSink
+
+# on_checkpoint(state, iteration, metrics, final) is called on *every* rank at the same iterations
+# (Ray Train's report is a barrier); only the main rank's state is complete.
+CheckpointHook = Callable[[dict[str, Any] | None, int, dict[str, float], bool], None]
+
+
+@dataclass
+class TrainResult:
+    model: Model
+    metrics: dict[str, float]
+    iteration: int
+    state: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _generators(cfg: ExperimentConfig, rank: int, device: torch.device) -> dict[str, torch.Generator]:
+    """Per-rank seeded generators: data on CPU, model noise on the model's device (SPEC §5)."""
+    data = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
+    noise = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 10_007 + rank)
+    return {"data": data, "noise": noise}
+
+
+def _build(cfg: ExperimentConfig, source: PointSource, resume: dict[str, Any] | None) -> Model:
+    if resume is not None:
+        model = build_model(cfg, source.shape, prior_type=resume["prior_type"])
+        model.load_state_dict(resume["model"])
+        return model
+    # pseudo-inputs from M training points, drawn with a rank-independent generator (SPEC §3.3)
+    init = source.sample(cfg.prior.num_components, torch.Generator().manual_seed(cfg.seed))[0]
+    return build_model(cfg, source.shape, init_points=init)
+
+
+def _phase_change(model: Model, opt: Optimizers, cfg: ExperimentConfig, it: int) -> Optimizers:
+    """Conversion (fresh Adam states) and soft-clip bounds, at their iterations (SPEC §3.4, §4)."""
+    if isinstance(model.prior, VampPrior) and it == cfg.conversion_iteration:
+        convert_prior(model, cfg)
+        opt = make_optimizers(model, cfg)
+    if it == cfg.schedule.warmup and isinstance(model.prior, MixturePrior) and cfg.prior.use_soft_clip:
+        model.prior.init_clip_bounds()
+    return opt
+
+
+def _state(model: Model, opt: Optimizers, gens: dict[str, torch.Generator], cfg: ExperimentConfig,
+           source: PointSource, it: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return make_state(model, cfg, iteration=it, data_shape=source.shape,
+                      optimizers={k: o.state_dict() for k, o in opt.items()},
+                      generators={k: g.get_state() for k, g in gens.items()}, extra=extra)
+
+
+def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None = None,
+          on_checkpoint: CheckpointHook | None = None, grad_sync: GradSync = no_sync, rank: int = 0,
+          world_size: int = 1, device: str | torch.device = "cpu", resume: dict[str, Any] | None = None,
+          plot_dir: str | Path | None = None) -> TrainResult:
+    """Train ``cfg`` on ``source``; returns the model and the final evaluation (main rank)."""
+    device, sink, is_main = torch.device(device), sink or NullSink(), rank == 0
+    model = _build(cfg, source, resume).to(device)
+    opt, gens = make_optimizers(model, cfg), _generators(cfg, rank, device)
+    start = 0
+    if resume is not None:
+        start = int(resume["iteration"])
+        for name, o in opt.items():
+            if name in resume["optimizers"]:
+                o.load_state_dict(resume["optimizers"][name])
+        for name, g in gens.items():
+            g.set_state(resume["generators"][name])
+    batch = cfg.data.batch_size // world_size
+    sched, metrics, tick = cfg.schedule, {}, time.perf_counter()
+    for it in range(start, sched.iterations):
+        opt = _phase_change(model, opt, cfg, it)
+        opt.set_lr(it, cfg.optim.milestones, cfg.optim.lr_decay)
+        x = source.sample(batch, gens["data"])[0].to(device)
+        step = vae_step if it < sched.warmup else introspective_step
+        metrics = step(model, opt, x, cfg, generator=gens["noise"], iteration=it, grad_sync=grad_sync)
+        done = it + 1
+        if is_main and sched.log_every and (done % sched.log_every == 0 or done == sched.iterations):
+            now = time.perf_counter()
+            metrics["train/iterations_per_s"] = sched.log_every / max(now - tick, 1e-9)
+            metrics["train/lr"] = opt.encoder.param_groups[0]["lr"]
+            sink.log_metrics(done, metrics)
+            tick = now
+        if on_checkpoint and sched.checkpoint_every and done % sched.checkpoint_every == 0 and done < sched.iterations:
+            on_checkpoint(_state(model, opt, gens, cfg, source, done) if is_main else None, done, metrics, False)
+    final: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+    if is_main:
+        final, extra = evaluate(model, source, cfg, device=device, plot_dir=plot_dir)
+        sink.log_metrics(sched.iterations, {f"eval/{k}": v for k, v in final.items()})
+    state = _state(model, opt, gens, cfg, source, sched.iterations, extra={**extra, "metrics": final}) if is_main else None
+    if on_checkpoint:
+        on_checkpoint(state, sched.iterations, final, True)
+    return TrainResult(model, final, sched.iterations, state, extra)
