@@ -1,0 +1,1 @@
+"""Entry points: ``python -m jobs.<name>`` locally or under ``ray job submit``."""

@@ -1,0 +1,53 @@
+"""Shared command-line plumbing of the entry points: preset + overrides -> validated config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from service.config import ConfigError, ExperimentConfig, apply_overrides, load_yaml
+from service.presets import PRESETS, get_preset, quick, smoke
+
+
+def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "8gaussians/mog-ip-lc") -> None:
+    p.add_argument("--preset", default=default_preset, help="experiment preset (see --list-presets)")
+    p.add_argument("--config", help="YAML dump of a full config (config.yaml of an earlier run); replaces --preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set objective.beta_kl=0.5 (repeatable)")
+    p.add_argument("--smoke", action="store_true", help="shrink to a seconds-long run (tests, CI)")
+    p.add_argument("--quick", action="store_true", help="shrink to a minutes-long schedule (5,000 iterations)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (data parallel)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--list-presets", action="store_true", help="print preset names and exit")
+
+
+def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
+    """Preset (or --config), then --smoke/--quick, then --set overrides, then flags; all validated."""
+    cfg = load_yaml(args.config) if args.config else get_preset(args.preset)
+    if args.smoke:
+        cfg = smoke(cfg)
+    elif args.quick:
+        cfg = quick(cfg)
+    cfg = apply_overrides(cfg, args.overrides)
+    if args.workers is not None or args.gpu:
+        scaling = dataclasses.replace(cfg.scaling, workers=args.workers or cfg.scaling.workers,
+                                      use_gpu=args.gpu or cfg.scaling.use_gpu)
+        cfg = apply_overrides(dataclasses.replace(cfg, scaling=scaling), {})
+    if args.seed is not None:
+        cfg = apply_overrides(cfg, {"seed": args.seed})
+    return cfg
+
+
+def config_or_exit(args: argparse.Namespace) -> ExperimentConfig | None:
+    """Print presets or a config error (to stderr) and return None; nothing has been written."""
+    if args.list_presets:
+        print("\n".join(sorted(PRESETS)))
+        return None
+    try:
+        return resolve_config(args)
+    except (ConfigError, KeyError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
