@@ -27,8 +27,9 @@ def energy_fn(model: Model, mc_samples: int, generator: torch.Generator | None) 
     for every point. The posterior log-variance is clamped at -80 from below.
     """
     noise: dict[str, Tensor] = {}
+    chunk = max(1, 262_144 // mc_samples)  # points per block: T * chunk rows of (rows, M) responsibilities
 
-    def w(x: Tensor) -> Tensor:
+    def w_block(x: Tensor) -> Tensor:
         mu, logvar = model.encoder(x)
         logvar = logvar.clamp(min=-80.0)
         rec = (x - model.decoder(mu)).pow(2).flatten(1).sum(1)
@@ -41,6 +42,9 @@ def energy_fn(model: Model, mc_samples: int, generator: torch.Generator | None) 
         log_q = -0.5 * (LOG_2PI + logvar + eps * eps).sum(-1)  # (T, B)
         log_p = model.prior.log_prob(z.reshape(-1, mu.shape[-1])).reshape(z.shape[:2])
         return (log_q - log_p).mean(0) + rec
+
+    def w(x: Tensor) -> Tensor:
+        return torch.cat([w_block(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
 
     return w
 

@@ -14,7 +14,7 @@ def _mlp(d_in: int, d_out: int, hidden: int, depth: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     width = d_in
     for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]  # in place: Linear saves its input, not its output
         width = hidden
     layers.append(nn.Linear(width, d_out))  # linear output
     return nn.Sequential(*layers)

@@ -36,12 +36,14 @@ def reconstruction_error(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 def kl_term(prior: Prior, mu: Tensor, logvar: Tensor, cfg: ObjectiveConfig, generator: torch.Generator | None,
-            *, detach_prior: bool = False, want_usage: bool = False) -> KlResult:
+            *, detach_prior: bool = False, want_usage: bool = False, usage_grad: bool = False) -> KlResult:
     """KL[q(z|x) || p]: closed form for the standard Gaussian, else Monte-Carlo with T samples.
 
     mu, logvar: (B, D). MC: ``(1/T) sum_t [log q(z_t|x) - log p(z_t)]`` with reparameterised
     ``z_t`` (T, B, D). ``log q`` uses ``(z_t - mu)^2 / var = eps^2`` exactly. With
-    ``want_usage`` the same samples give the mean responsibilities C (SPEC §4).
+    ``want_usage`` the same samples give the mean responsibilities C (SPEC §4); with
+    ``usage_grad`` C keeps its gradient (the responsibility-entropy term), which takes the
+    slower plain-autograd path.
     """
     if not prior.is_mixture and cfg.kl_estimator == "closed" and not want_usage:
         return KlResult(kl_to_standard_normal(mu, logvar))
@@ -49,10 +51,13 @@ def kl_term(prior: Prior, mu: Tensor, logvar: Tensor, cfg: ObjectiveConfig, gene
     eps = randn((t, b, d), generator, mu)
     z = reparameterize(mu, logvar, eps)  # (T, B, D)
     log_q = -0.5 * (LOG_2PI + logvar + eps * eps).sum(-1)  # (T, B)
-    comp = prior.component_log_prob(z.reshape(t * b, d), detach=detach_prior)  # (T*B, M)
-    log_p = torch.logsumexp(comp, dim=-1).reshape(t, b)
-    usage = torch.softmax(comp, dim=-1).mean(0) if want_usage else None
-    return KlResult((log_q - log_p).mean(0), usage)
+    if usage_grad:
+        comp = prior.component_log_prob(z.reshape(t * b, d), detach=detach_prior)  # (T*B, M)
+        log_p, resp = torch.logsumexp(comp, dim=-1), torch.softmax(comp, dim=-1)
+    else:
+        log_p, resp = prior.log_prob_and_responsibilities(z.reshape(t * b, d), detach=detach_prior)
+    usage = resp.mean(0) if want_usage else None
+    return KlResult((log_q - log_p.reshape(t, b)).mean(0), usage)
 
 
 def energy(x: Tensor, x_hat: Tensor, kl: Tensor, beta_rec: float, beta_kl: float) -> Tensor:
@@ -113,7 +118,8 @@ def encoder_objective(model, x: Tensor, cfg: ObjectiveConfig, generator: torch.G
     mu, logvar, z = _encode_sample(model, x, generator)
     x_rec = model.decoder(z)
     rec_real = reconstruction_error(x, x_rec)
-    kl_real = kl_term(model.prior, mu, logvar, cfg, generator, want_usage=model.prior.is_mixture)
+    kl_real = kl_term(model.prior, mu, logvar, cfg, generator, want_usage=model.prior.is_mixture,
+                      usage_grad=model.prior.is_mixture and cfg.r_entropy > 0)
 
     # negatives: [fake; rec] in one pass. Target of rec is x_rec itself, not detached (reference)
     re_n, kl_n, _, _ = _negatives(model, torch.cat([x_fake, x_rec.detach()]), torch.cat([x_fake, x_rec]),

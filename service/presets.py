@@ -91,8 +91,12 @@ def _shrink(cfg: ExperimentConfig, iterations: int, warmup: int, mog_warmup: int
 
 
 def quick(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Minutes on 2 CPU cores: 5,000 iterations, warm-up 1,000, lr decays at 3,000 and 4,000."""
-    return _shrink(cfg, 5_000, 1_000, 100, (3_000, 4_000))
+    """Minutes on 2 CPU cores: 5,000 iterations, warm-up 1,000, lr decays at 3,000 and 4,000.
+
+    The gnELBO grid stays 1024 x 1024 (its normalisation depends on it) but uses 16 instead of
+    100 Monte-Carlo draws for mixtures: about 6x faster to evaluate, noisier.
+    """
+    return _shrink(cfg, 5_000, 1_000, 100, (3_000, 4_000), mc_samples=16)
 
 
 def smoke(cfg: ExperimentConfig) -> ExperimentConfig:

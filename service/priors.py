@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gaussian import mixture_component_log_prob, randn
+from .gaussian import mixture_component_log_prob, mixture_log_prob, randn
 
 
 @dataclass
@@ -76,7 +76,12 @@ class Prior(nn.Module):
 
     def log_prob(self, z: Tensor, detach: bool = False) -> Tensor:
         """``log p(z)`` for z (N, D) -> (N,)."""
-        return torch.logsumexp(self.component_log_prob(z, detach), dim=-1)
+        return self.log_prob_and_responsibilities(z, detach)[0]
+
+    def log_prob_and_responsibilities(self, z: Tensor, detach: bool = False) -> tuple[Tensor, Tensor]:
+        """``(log p(z) (N,), r (N, M))``; the responsibilities carry no gradient (fast path)."""
+        c = self.components(detach)
+        return mixture_log_prob(z, c.means, c.logvars, c.log_weights)
 
     def sample(self, n: int, generator: torch.Generator | None = None, *, component: int | Tensor | None = None,
                deterministic: bool = False, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
