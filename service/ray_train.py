@@ -1,10 +1,8 @@
 """Ray Train adapter: data-parallel training of ``loop.train`` with an explicit gradient all-reduce.
 
-Why not DDP: S-Intro VAE calls the encoder, decoder and prior several times per step, outside a
-single ``forward``, and the standard-Gaussian / fixed-MoG priors have no trainable parameter
-(DDP refuses those). So every rank builds the same model from the same seed, and after every
-``backward`` the step's own parameters are averaged with one flat ``all_reduce``
-(``allreduce_mean``). Ranks draw different data and noise (``seed + rank``).
+Why not DDP: see ``service/distributed.py``. Every rank builds the same model from the same
+seed; after every ``backward`` the step's own parameters are averaged with one flat
+``all_reduce`` (``distributed.allreduce_mean``). Ranks draw different data and noise.
 
 Every rank calls ``ray.train.report`` at the same iterations (it is a barrier); rank 0 attaches
 the checkpoint directory and logs metrics to MLflow. The driver (``fit``) creates the MLflow run,
@@ -22,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from . import checkpoint
 from .config import ExperimentConfig, dump_yaml, flatten, from_dict, to_dict
 from .data import make_source
+from .distributed import allreduce_mean
 from .loop import train
 from .tracking import ConsoleSink, FanoutSink, MlflowSink, NullSink
 
@@ -38,22 +35,6 @@ METRICS_FILE = "metrics.json"
 # --------------------------------------------------------------------------------------------
 # Worker side
 # --------------------------------------------------------------------------------------------
-
-def allreduce_mean(params: list[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over all ranks with one flat all-reduce."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
 
 def _report_hook(rank: int, plot_dir: Path):
     import ray.train

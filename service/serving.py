@@ -412,6 +412,9 @@ def png_bytes(x: Tensor, component: Tensor, num_components: int) -> bytes:
     else:
         colours = colormaps["hsv"](idx / num_components)
     ax.scatter(pts[:, 0], pts[:, 1], s=4, c=colours, linewidths=0)
+    centre, half = (pts.max(0) + pts.min(0)) / 2, max(float((pts.max(0) - pts.min(0)).max()) * 0.55, 1e-3)
+    ax.set_xlim(centre[0] - half, centre[0] + half)  # square window: equal scales, fixed image size
+    ax.set_ylim(centre[1] - half, centre[1] + half)
     ax.set_aspect("equal")
     ax.set_title(f"{len(pts)} samples, {num_components} components", fontsize=9)
     buf = io.BytesIO()

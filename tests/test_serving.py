@@ -216,7 +216,7 @@ def test_info(sampler: Sampler) -> None:
 def test_interpolate_runs_between_the_means(sampler: Sampler) -> None:
     out = sampler.interpolate(InterpolateRequest(from_mode=0, to_mode=1, steps=5))
     assert out["t"] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
-    assert out["samples"] == pytest.approx([[-5, 0], [-2.5, 0], [0, 0], [2.5, 0], [5, 0]])
+    assert np.allclose(out["samples"], [[-5, 0], [-2.5, 0], [0, 0], [2.5, 0], [5, 0]], atol=1e-6)
 
 
 def test_encode_and_reconstruct(sampler: Sampler) -> None:
@@ -224,12 +224,12 @@ def test_encode_and_reconstruct(sampler: Sampler) -> None:
     enc = sampler.encode(EncodeRequest(data=data))
     assert enc["component"] == [0, 1, 1]
     assert np.allclose(np.sum(enc["responsibilities"], axis=1), 1.0)
-    assert enc["mean"] == pytest.approx(data) and enc["logvar"] == pytest.approx([[-6.0, -6.0]] * 3)
+    assert np.allclose(enc["mean"], data) and np.allclose(enc["logvar"], -6.0)
     rec = sampler.reconstruct(ReconstructRequest(data=data))
-    assert rec["reconstructions"] == pytest.approx(data) and rec["component"] == [0, 1, 1]
+    assert np.allclose(rec["reconstructions"], data) and rec["component"] == [0, 1, 1]
     noisy = [sampler.reconstruct(ReconstructRequest(data=data, stochastic=True, seed=4))["reconstructions"]
              for _ in range(2)]
-    assert noisy[0] == noisy[1] and noisy[0] != pytest.approx(data, abs=1e-4)
+    assert noisy[0] == noisy[1] and not np.allclose(noisy[0], data, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ async def _requests(sampler: Sampler, calls: list[tuple[str, str, dict]]) -> lis
 
 
 def test_api_routes_and_errors(sampler: Sampler) -> None:
-    def chunked():  # no Content-Length: the body limit counts while reading
+    async def chunked():  # no Content-Length: the body limit counts while reading
         yield b'{"data": ['
         for _ in range(200_000):
             yield b"[1.0, 2.0],"

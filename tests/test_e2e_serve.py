@@ -1,0 +1,277 @@
+"""End to end: a smoke checkpoint served by real Ray Serve on 127.0.0.1, called over HTTP with httpx.
+
+Also: jobs/serve.py as a subprocess (SIGTERM shuts it down cleanly), jobs/load_test.py against
+the served app, and MLflow ``runs:/`` checkpoint resolution on a SQLite store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import checkpoint
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout_s: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc is None or proc.poll() is None, f"server exited early with {proc.returncode}"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url}/healthz did not answer within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def smoke_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from service.data import make_source
+    from service.loop import train
+    from service.presets import get_preset, smoke
+
+    cfg = smoke(get_preset("8gaussians/mog-ip-lc"))
+    path = tmp_path_factory.mktemp("serve") / "checkpoint.pt"
+    checkpoint.save(path, train(cfg, make_source(cfg.data)).state)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# jobs/serve.py (runs first: its own Ray instance, before the in-process one below)
+# --------------------------------------------------------------------------------------------
+
+def test_jobs_serve_refuses_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from jobs.serve import main
+
+    assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_jobs_serve_subprocess_serves_until_sigterm(smoke_checkpoint: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--checkpoint", str(smoke_checkpoint),
+                             "--port", str(port), "--no-batching"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc=proc)
+        info = httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=10).json()
+        assert info["serving"]["batching"] is False and info["checkpoint"]["path"] == str(smoke_checkpoint)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out[-3000:]
+    assert f"at http://127.0.0.1:{port}" in out and "shutting down" in out
+
+
+# --------------------------------------------------------------------------------------------
+# The app on Ray Serve
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(smoke_checkpoint: Path) -> Iterator[str]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # STACK.md: explicit, the same for server and clients
+    import ray
+    from ray import serve
+
+    from service.serving import build_app
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"checkpoint": str(smoke_checkpoint), "max_samples": 512, "max_body_bytes": 65536}),
+              name="introprior", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
+    yield url
+    serve.shutdown()
+    if started_ray:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served, timeout=30.0) as c:
+        yield c
+
+
+def test_model_info(client: httpx.Client, smoke_checkpoint: Path) -> None:
+    info = client.get("/v1/model").json()
+    state = checkpoint.load(smoke_checkpoint)
+    assert (info["dataset"], info["prior"], info["num_components"], info["latent_dim"]) == ("8gaussians", "mog", 8, 2)
+    assert info["data_shape"] == [2]
+    assert info["checkpoint"]["sha256"] == hashlib.sha256(smoke_checkpoint.read_bytes()).hexdigest()
+    assert info["checkpoint"]["iteration"] == state["iteration"]
+    assert info["serving"]["torch_threads"] == 1 and info["serving"]["batching"] is True
+
+
+def test_modes(client: httpx.Client) -> None:
+    body = client.get("/v1/modes").json()
+    modes = body["modes"]
+    assert body["num_components"] == len(modes) == 8
+    assert sum(m["weight"] for m in modes) == pytest.approx(1.0, abs=1e-5)
+    for i, m in enumerate(modes):
+        assert m["index"] == i and len(m["mean"]) == 2 and min(m["variance"]) > 0
+        assert isinstance(m["active"], bool) and 0 <= m["responsibility_share"] <= 1
+
+
+def test_samples_json(client: httpx.Client) -> None:
+    r = client.post("/v1/samples", json={"n": 16, "mode": 3, "seed": 7})
+    assert r.status_code == 200
+    body = r.json()
+    assert np.asarray(body["samples"]).shape == (16, 2) and body["component"] == [3] * 16 and body["seed"] == 7
+    assert client.post("/v1/samples", json={"n": 16, "mode": 3, "seed": 7}).json() == body  # seeded: reproducible
+    assert client.post("/v1/samples", json={"n": 5, "mode": [0, 3, 5], "seed": 1}).json()["component"] == [0, 3, 5, 0, 3]
+    full = client.post("/v1/samples", json={"n": 200, "seed": 2}).json()
+    assert len(set(full["component"])) > 1
+    fresh = client.post("/v1/samples", json={"n": 4}).json()
+    assert client.post("/v1/samples", json={"n": 4, "seed": fresh["seed"]}).json()["samples"] == fresh["samples"]
+
+
+def test_samples_npy_npz_png(client: httpx.Client) -> None:
+    npy = client.post("/v1/samples", json={"n": 32, "mode": [1, 2], "seed": 3, "format": "npy"})
+    assert npy.status_code == 200 and npy.headers["content-type"] == "application/octet-stream"
+    x = np.load(io.BytesIO(npy.content))
+    assert x.shape == (32, 2) and x.dtype == np.float32
+    assert npy.headers["x-components"].split(",") == ["1", "2"] * 16 and npy.headers["x-seed"] == "3"
+    json_body = client.post("/v1/samples", json={"n": 32, "mode": [1, 2], "seed": 3}).json()
+    assert np.allclose(x, json_body["samples"])
+    npz = np.load(io.BytesIO(client.post("/v1/samples", json={"n": 8, "seed": 3, "format": "npz"}).content))
+    assert npz["samples"].shape == (8, 2) and npz["component"].shape == (8,) and npz["latents"].shape == (8, 2)
+    png = client.post("/v1/samples", json={"n": 256, "format": "png", "seed": 0})
+    assert png.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(png.content)) as image:
+        image.load()
+        assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_interpolate(client: httpx.Client) -> None:
+    modes = client.get("/v1/modes").json()["modes"]
+    body = client.post("/v1/interpolate", json={"from_mode": 0, "to_mode": 5, "steps": 8}).json()
+    assert len(body["t"]) == len(body["latents"]) == len(body["samples"]) == 8
+    assert np.allclose(body["latents"][0], modes[0]["mean"]) and np.allclose(body["latents"][-1], modes[5]["mean"])
+    assert np.asarray(body["samples"]).shape == (8, 2)
+
+
+def test_encode_and_reconstruct(client: httpx.Client) -> None:
+    data = client.post("/v1/samples", json={"n": 10, "seed": 5}).json()["samples"]
+    enc = client.post("/v1/encode", json={"data": data}).json()
+    assert np.asarray(enc["mean"]).shape == np.asarray(enc["logvar"]).shape == (10, 2)
+    resp = np.asarray(enc["responsibilities"])
+    assert resp.shape == (10, 8) and np.allclose(resp.sum(1), 1.0, atol=1e-5)
+    assert enc["component"] == resp.argmax(1).tolist()
+    rec = client.post("/v1/reconstruct", json={"data": data}).json()
+    assert np.asarray(rec["reconstructions"]).shape == (10, 2) and len(rec["component"]) == 10
+
+
+def test_concurrent_requests_are_batched_and_reproducible(served: str) -> None:
+    async def burst() -> list[dict]:
+        async with httpx.AsyncClient(base_url=served, timeout=30.0) as c:
+            rs = await asyncio.gather(*(c.post("/v1/samples", json={"n": 64, "seed": s}) for s in range(12)))
+            return [r.json() for r in rs]
+
+    first, second = asyncio.run(burst()), asyncio.run(burst())
+    for a, b in zip(first, second):
+        assert a["component"] == b["component"]  # latents are drawn per request: exact
+        assert np.allclose(a["samples"], b["samples"], atol=1e-5)  # decoded in varying batches: float rounding
+
+
+def test_openapi(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    assert {"/healthz", "/v1/model", "/v1/modes", "/v1/samples", "/v1/interpolate", "/v1/encode",
+            "/v1/reconstruct"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200
+
+
+JSON = {"content-type": "application/json"}
+BAD_INPUTS = [
+    ("/v1/samples", {"json": {"n": 4, "mode": 12}}, 422, "mode", "allowed [0, 7]"),
+    ("/v1/samples", {"json": {"n": -1}}, 422, "n", "allowed integers in [1, 512]"),
+    ("/v1/samples", {"json": {"n": 513}}, 422, "n", "allowed [1, 512]"),
+    ("/v1/samples", {"json": {"n": 2.5}}, 422, "n", "valid integer"),
+    ("/v1/samples", {"json": {"seed": "7"}}, 422, "seed", "valid integer"),
+    ("/v1/samples", {"json": {"format": "gif"}}, 422, "format", "['json', 'png', 'npy', 'npz']"),
+    ("/v1/samples", {"json": {"mode": [0, "x"]}}, 422, "mode", "list of integers"),
+    ("/v1/samples", {"json": {"nn": 3}}, 422, "nn", "unknown field"),
+    ("/v1/samples", {"content": b'{"n": 3,', "headers": JSON}, 422, "body", "malformed JSON"),
+    ("/v1/interpolate", {"json": {"from_mode": 0, "to_mode": 8}}, 422, "to_mode", "allowed [0, 7]"),
+    ("/v1/interpolate", {"json": {"from_mode": 0}}, 422, "to_mode", "is required"),
+    ("/v1/encode", {"json": {"data": [[1.0, 2.0, 3.0]]}}, 422, "data", "has shape [1, 3]"),
+    ("/v1/encode", {"json": {"data": [[1.0, "2"]]}}, 422, "data", "numbers only"),
+    ("/v1/encode", {"json": {"data": [[1.0, 2.0], [3.0]]}}, 422, "data", "ragged"),
+    ("/v1/reconstruct", {"json": {"data": [[1.0, 2.0]], "stochastic": "yes"}}, 422, "stochastic", "true or false"),
+    ("/v1/encode", {"json": {"data": [[1.0, 2.0]] * 10_000}}, 413, "body", "allowed at most 65536 bytes"),
+]
+
+
+@pytest.mark.parametrize("url, kwargs, status, field, allowed", BAD_INPUTS, ids=[f"{b[0]}-{b[3]}-{b[1]}"[:60]
+                                                                               for b in BAD_INPUTS])
+def test_bad_input_is_a_4xx_naming_the_field(client: httpx.Client, url: str, kwargs: dict, status: int, field: str,
+                                             allowed: str) -> None:
+    r = client.post(url, **kwargs)
+    assert r.status_code == status, r.text
+    (error,) = r.json()["detail"]
+    assert error["field"] == field and error["message"].startswith(f"{field}: ") and allowed in error["message"]
+
+
+def test_still_healthy_after_bad_inputs(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.post("/v1/samples", json={"n": 2, "seed": 0}).status_code == 200
+
+
+def test_load_test_against_the_app(served: str, capsys: pytest.CaptureFixture) -> None:
+    from jobs.load_test import main
+
+    assert main(["--url", served, "--clients", "4", "--requests", "24", "--n", "16", "--time-limit-s", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "requests=24 errors=0" in out and "p99=" in out and "req/s" in out
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow runs:/ checkpoints (no Ray)
+# --------------------------------------------------------------------------------------------
+
+def test_runs_uri_is_downloaded_from_mlflow(tmp_path: Path, smoke_checkpoint: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from service.serving import resolve_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("serve-test", artifact_location=(tmp_path / "mlruns").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    client.log_artifact(run_id, str(smoke_checkpoint), "checkpoint")
+    for spec in (f"runs:/{run_id}/checkpoint/checkpoint.pt", f"runs:/{run_id}/checkpoint"):
+        local = resolve_checkpoint(spec, uri)
+        assert local.read_bytes() == smoke_checkpoint.read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match="cannot download 'runs:/0123456789abcdef/x.pt'"):
+        resolve_checkpoint("runs:/0123456789abcdef/x.pt", uri)

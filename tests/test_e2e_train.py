@@ -1,0 +1,123 @@
+"""End to end: jobs.train through real Ray Train (2 CPU workers) and a real MLflow SQLite store."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import train as train_job
+from service import checkpoint
+from service.config import load_yaml
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    args = ["--preset", "8gaussians/mog-ip-lc", "--smoke", "--workers", "2", "--run-name", "e2e",
+            "--output-dir", str(root / "out"), "--storage-path", str(root / "ray"),
+            "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    assert train_job.main(args) == 0
+    return root, args
+
+
+def _client(root):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_outputs_and_checkpoint(smoke_run):
+    root, _ = smoke_run
+    out = root / "out"
+    for name in ("checkpoint.pt", "metrics.json", "config.yaml", "samples.png", "density.png", "latent.png"):
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("gnelbo_x1e7", "hist_kl", "hist_jsd", "prior_entropy_norm", "prior_active_components"):
+        assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
+    assert 0.0 <= metrics["prior_entropy_norm"] <= 1.0
+    state = checkpoint.load(out / "checkpoint.pt")  # weights_only=True inside
+    assert state["iteration"] == 12 and state["prior_type"] == "mog"
+    assert bool(state["model"]["prior.clip_on"])  # clip bounds set at the first adversarial iteration
+    cfg, model = checkpoint.restore_model(state)
+    assert cfg == load_yaml(str(out / "config.yaml"))  # config.yaml is the full, re-runnable config
+    assert model.prior.num_components == cfg.prior.num_components
+
+
+def test_mlflow_run_has_params_metrics_and_artifacts(smoke_run):
+    root, _ = smoke_run
+    client = _client(root)
+    exp = client.get_experiment_by_name("introprior")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.runName` = 'e2e'")
+    assert run.data.params["prior.kind"] == "mog" and run.data.params["objective.beta_neg"] == "0.9"
+    for key in ("train/loss_vae", "train/loss_encoder", "train/loss_decoder", "prior/entropy_norm",
+                "prior/active_components", "eval/gnelbo_x1e7", "eval/hist_kl", "eval/hist_jsd"):
+        assert key in run.data.metrics, key
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_encoder")]
+    assert steps == list(range(7, 13))  # adversarial phase after the 6-iteration warm-up
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "config.yaml", "metrics.json", "samples.png"} <= names
+    assert run.info.status == "FINISHED"
+
+
+def test_rerun_with_same_name_resumes_and_continues(smoke_run):
+    root, args = smoke_run
+    assert train_job.main(args + ["--set", "schedule.iterations=18"]) == 0
+    state = checkpoint.load(root / "out" / "checkpoint.pt")
+    assert state["iteration"] == 18
+    client = _client(root)
+    exp = client.get_experiment_by_name("introprior")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.runName` = 'e2e'")
+    assert len(runs) == 1  # the same MLflow run continues
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss_encoder"))
+    assert steps == list(range(7, 19))  # 13..18 appended, nothing re-run
+
+
+def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "never"
+    cases = [
+        (["--preset", "8gaussians/nope"], "valid presets are"),
+        (["--set", "objective.beta_kll=0.5"], "objective.beta_kll: unknown key"),
+        (["--set", "objective.beta_kl=-1"], "objective.beta_kl: -1.0 is out of range"),
+        (["--set", "prior.num_components=0"], "prior.num_components: 0 is out of range"),
+        (["--set", "schedule.warmup=40000"], "schedule.warmup: 40000 is longer than the run"),
+        (["--set", "prior.kind=mogg"], "prior.kind: 'mogg' is not one of \\['standard', 'mog'\\]"),
+        (["--set", "schedule.iterations=1.5"], "schedule.iterations: expected an integer"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            train_job.main(argv + ["--output-dir", str(out)])
+        assert e.value.code == 2
+        import re
+
+        assert re.search(message, capsys.readouterr().err), (argv, message)
+    assert not out.exists()
+
+
+def test_cli_as_module_lists_presets_and_rejects_bad_values():
+    env_cmd = [sys.executable, "-m", "jobs.train"]
+    listed = subprocess.run(env_cmd + ["--list-presets"], cwd=REPO, capture_output=True, text=True, check=True)
+    names = listed.stdout.split()
+    assert "8gaussians/mog-ip-lc" in names and len(names) == 24
+    bad = subprocess.run(env_cmd + ["--set", "prior.trainable=maybe"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "prior.trainable: expected true or false" in bad.stderr
+
+
+def test_shipped_config_yaml_is_loadable(smoke_run):
+    root, _ = smoke_run
+    data = yaml.safe_load((root / "out" / "config.yaml").read_text())
+    assert data["name"] == "8gaussians/mog-ip-lc" and data["scaling"]["workers"] == 2
