@@ -64,10 +64,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("data.dataset", self.dataset, Dataset)
         _check_range("data.batch_size", self.batch_size, lo=1)
+        if self.path and self.dataset != "parquet":
+            # `--set data.path=points.parquet` on any preset means "train on my points"
+            object.__setattr__(self, "dataset", "parquet")
         if self.dataset == "parquet" and not self.path:
             raise ConfigError("data.path: required when data.dataset is 'parquet' (a Parquet file with columns x, y)")
-        if self.path and self.dataset != "parquet":
-            raise ConfigError(f"data.path: only used with data.dataset='parquet', got dataset {self.dataset!r}")
         if self.eval_range is not None:
             _check_range("data.eval_range", self.eval_range, lo=0, lo_open=True)
 
