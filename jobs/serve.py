@@ -50,11 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a fresh local instance; an explicit RAY_AUTH_MODE wins (STACK.md)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", include_dashboard=False)
+    # Right after ray.init (whose driver handler turns SIGTERM into exit code 15) and before the app can
+    # answer: a SIGTERM sent once /healthz is up always takes the clean path below.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="introprior", route_prefix="/")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
-        signal.signal(sig, lambda *_: stop.set())
     print(f"serving {args.checkpoint} at http://{args.host}:{args.port}  (docs: /docs; stop: SIGTERM or Ctrl-C)",
           flush=True)
     while not stop.wait(0.5):

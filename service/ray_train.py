@@ -124,10 +124,12 @@ def _cpus_per_worker(cfg: ExperimentConfig) -> int:
 
 def fit(cfg: ExperimentConfig, *, output_dir: str | Path, run_name: str, storage_path: str | Path,
         tracking_uri: str | None = None, max_failures: int = 0, cpus_per_worker: int | None = None,
-        callbacks: list | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
+        callbacks: list | None = None, mlflow_run_id: str | None = None,
+        gpus_per_worker: float | None = None) -> dict[str, Any]:
     """Train ``cfg`` with a ``TorchTrainer``; leave checkpoint, metrics, plots and config in ``output_dir``.
 
     A second call with the same ``run_name`` and ``storage_path`` resumes from the latest checkpoint.
+    ``gpus_per_worker`` (with ``scaling.use_gpu``) may be a fraction: several sweep trials share a GPU.
     Returns ``{"metrics", "output_dir", "mlflow_run_id", "iteration"}``.
     """
     import ray
@@ -144,7 +146,8 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path, run_name: str, storage
         train_loop_config={"cfg": to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
                            "cpus_per_worker": cpus},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
+                                     resources_per_worker={"CPU": cpus, **({"GPU": gpus_per_worker}
+                                                                          if gpus_per_worker else {})}),
         run_config=RunConfig(name=run_name, storage_path=str(Path(storage_path).resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures),

@@ -35,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, timeout_s: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+def wait_healthy(url: str, timeout_s: float = 300.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert proc is None or proc.poll() is None, f"server exited early with {proc.returncode}"
@@ -82,7 +82,7 @@ def test_jobs_serve_subprocess_serves_until_sigterm(smoke_checkpoint: Path) -> N
         info = httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=10).json()
         assert info["serving"]["batching"] is False and info["checkpoint"]["path"] == str(smoke_checkpoint)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
