@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,14 +31,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (cfg := config_or_exit(args)) is None:
         return 0
-    from service.ray_train import fit  # Ray is imported only once the config is valid
+    from ray.train import TrainingFailedError  # Ray is imported only once the config is valid
+
+    from service.ray_train import failure_text, fit
 
     run_name = args.run_name or cfg.tracking.run_name or f"{cfg.name.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.output_dir or Path("runs") / run_name).resolve()
     storage = Path(args.storage_path or out.parent / "ray_results").resolve()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    result = fit(cfg, output_dir=out, run_name=run_name, storage_path=storage, tracking_uri=args.tracking_uri,
-                 max_failures=args.max_failures)
+    try:
+        result = fit(cfg, output_dir=out, run_name=run_name, storage_path=storage, tracking_uri=args.tracking_uri,
+                     max_failures=args.max_failures)
+    except TrainingFailedError as e:
+        print(f"error: run {run_name!r} failed: {failure_text(e)}\n(the MLflow run is marked FAILED; "
+              f"a re-run with --run-name {run_name} resumes from its last checkpoint)", file=sys.stderr)
+        return 1
     print(f"results: {result['output_dir']}  (mlflow run {result['mlflow_run_id']})")
     print(json.dumps(result["metrics"], indent=2))
     return 0

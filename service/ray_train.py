@@ -115,6 +115,18 @@ def start_mlflow_run(cfg: ExperimentConfig, tracking_uri: str, run_name: str,
     return run.info.run_id
 
 
+def failure_text(e: BaseException) -> str:
+    """``Type: message`` of the root cause of a failed run (a worker's ``TrainingDiverged``, not Ray's wrapper)."""
+    failures = list(getattr(e, "worker_failures", {}).values()) or [getattr(e, "controller_failure", None)]
+    root = failures[0] if failures[0] is not None else e
+    while getattr(root, "cause", None) is not None and root.cause is not root:
+        root = root.cause
+    name = root.cause_cls.__name__ if hasattr(root, "cause_cls") else type(root).__name__
+    lines = [ln for ln in str(root).splitlines() if ln.strip()]
+    message = next((ln for ln in reversed(lines) if name in ln), lines[-1] if lines else "")
+    return f"{name}: {message.split(f'{name}: ', 1)[-1]}"[:2000]
+
+
 def _cpus_per_worker(cfg: ExperimentConfig) -> int:
     import ray
 
@@ -153,7 +165,15 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path, run_name: str, storage
                              failure_config=FailureConfig(max_failures=max_failures),
                              callbacks=callbacks or None),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # the MLflow run says why it stopped; the caller gets Ray's error
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        client.set_tag(run_id, "error", failure_text(e)[:5000])
+        client.set_terminated(run_id, status="FAILED")
+        raise
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:

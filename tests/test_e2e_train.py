@@ -121,3 +121,18 @@ def test_shipped_config_yaml_is_loadable(smoke_run):
     root, _ = smoke_run
     data = yaml.safe_load((root / "out" / "config.yaml").read_text())
     assert data["name"] == "8gaussians/mog-ip-lc" and data["scaling"]["workers"] == 2
+
+
+def test_diverged_run_exits_1_with_the_cause_and_marks_mlflow_failed(ray_local, tmp_path, capsys):
+    args = ["--preset", "8gaussians/sintro", "--smoke", "--workers", "1", "--run-name", "diverge",
+            "--set", "optim.lr_encoder=1e6", "--set", "optim.lr_decoder=1e6",
+            "--output-dir", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert train_job.main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: run 'diverge' failed: TrainingDiverged: loss_vae is nan at iteration 1" in err
+    assert not (tmp_path / "out").exists()  # no results of a failed run
+    (run,) = _client(tmp_path).search_runs(
+        [e.experiment_id for e in _client(tmp_path).search_experiments()],
+        filter_string="tags.`mlflow.runName` = 'diverge'")
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingDiverged: ")
