@@ -1,0 +1,145 @@
+"""Image metrics of SPEC §7.4: Fréchet distance, precision / recall, probes, feature extractors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from service.metrics.fid import fid_from_features, frechet_distance, gaussian_fit, trace_sqrt_product
+from service.metrics.precision_recall import knn_radii, precision_recall
+from service.metrics.probes import PROBES, probe_accuracies
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def _spd(rng: np.random.Generator, d: int) -> np.ndarray:
+    a = rng.normal(size=(d, d))
+    return a @ a.T + 0.5 * np.eye(d)
+
+
+# --------------------------------------------------------------------------------------------
+# Fréchet distance
+# --------------------------------------------------------------------------------------------
+
+def test_frechet_1d_closed_form() -> None:
+    # W2^2 between N(m1, s1^2) and N(m2, s2^2) is (m1 - m2)^2 + (s1 - s2)^2
+    assert frechet_distance([1.0], [[4.0]], [-2.0], [[0.25]]) == pytest.approx(9.0 + 1.5**2, rel=1e-12)
+
+
+def test_frechet_commuting_covariances(rng: np.random.Generator) -> None:
+    # diagonal covariances in a random rotated basis: sum_j (sqrt a_j - sqrt b_j)^2 + |dm|^2
+    a, b = rng.uniform(0.1, 3.0, 6), rng.uniform(0.1, 3.0, 6)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    m1, m2 = rng.normal(size=6), rng.normal(size=6)
+    expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + np.sum((m1 - m2) ** 2)
+    got = frechet_distance(q @ m1, q @ np.diag(a) @ q.T, q @ m2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_trace_sqrt_2x2_closed_form(rng: np.random.Generator) -> None:
+    # for a 2x2 matrix A with positive eigenvalues, tr sqrt(A) = sqrt(tr A + 2 sqrt(det A))
+    s1, s2 = _spd(rng, 2), _spd(rng, 2)
+    prod = s1 @ s2
+    expected = np.sqrt(np.trace(prod) + 2.0 * np.sqrt(np.linalg.det(prod)))
+    assert trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_matches_scipy_sqrtm(rng: np.random.Generator) -> None:
+    s1, s2 = _spd(rng, 20), _spd(rng, 20)
+    m1, m2 = rng.normal(size=20), rng.normal(size=20)
+    ref = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(ref)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_of_samples(rng: np.random.Generator) -> None:
+    x = rng.normal(size=(500, 16))
+    assert fid_from_features(x, x) == pytest.approx(0.0, abs=1e-8)
+    # fewer samples than dimensions: rank-deficient covariances still give a finite value >= 0
+    few = rng.normal(size=(10, 64))
+    assert fid_from_features(few, few) == pytest.approx(0.0, abs=1e-8)
+    assert np.isfinite(fid_from_features(few, rng.normal(size=(12, 64))))
+    # a mean shift of 3 in every one of 16 dimensions adds 16 * 9 = 144
+    y = rng.normal(size=(4000, 16))
+    assert fid_from_features(y, y + 3.0) == pytest.approx(144.0, rel=1e-9)
+    mu, sigma = gaussian_fit(y)
+    assert mu.shape == (16,) and sigma.shape == (16, 16) and sigma.dtype == np.float64
+
+
+def test_frechet_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="shapes do not match"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+# --------------------------------------------------------------------------------------------
+# Precision / recall
+# --------------------------------------------------------------------------------------------
+
+REAL_1D = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])
+FAKE_1D = np.array([[0.5], [3.9], [5.0], [20.0], [21.0]])
+
+
+def test_knn_radii_by_hand() -> None:
+    # 3rd nearest other point: 0 -> {1, 2, 3}: 3; 1 -> {0, 2, 3}: 2; 10 -> {3, 2, 1}: 9
+    assert knn_radii(REAL_1D, 3).tolist() == [3.0, 2.0, 2.0, 3.0, 9.0]
+    assert knn_radii(REAL_1D, 1).tolist() == [1.0, 1.0, 1.0, 1.0, 7.0]
+
+
+def test_precision_recall_by_hand() -> None:
+    # k = 1: fake 20 and 21 are 10 and 11 away from real 10 (radius 7): precision 3/5;
+    # real 10 is 5 from fake 5 (radius 1.1) and 10 from fake 20 (radius 1): recall 4/5
+    assert precision_recall(REAL_1D, FAKE_1D, k=1) == pytest.approx((0.6, 0.8))
+    # k = 3: the fake balls grow to radii >= 15 and cover every real point
+    assert precision_recall(REAL_1D, FAKE_1D, k=3) == pytest.approx((0.6, 1.0))
+
+
+def test_precision_recall_self_and_disjoint(rng: np.random.Generator) -> None:
+    x = rng.normal(size=(300, 8))
+    assert precision_recall(x, x) == (1.0, 1.0)
+    assert precision_recall(x, rng.normal(size=(300, 8)) + 100.0) == (0.0, 0.0)
+    # half of the generated points collapse onto real data: precision high, recall lower
+    fake = np.concatenate([x[:150] + 1e-3, rng.normal(size=(150, 8)) + 100.0])
+    p, r = precision_recall(x, fake)
+    assert p == 0.5 and r < 0.9
+
+
+def test_knn_radii_needs_enough_points() -> None:
+    with pytest.raises(ValueError, match="at least k \\+ 1 = 4 points"):
+        knn_radii(np.zeros((3, 2)), 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Probes
+# --------------------------------------------------------------------------------------------
+
+def _clusters(rng: np.random.Generator, n: int, classes: int = 10, d: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    centres = np.random.default_rng(123).normal(scale=4.0, size=(classes, d))
+    y = rng.integers(classes, size=n)
+    return centres[y] + rng.normal(size=(n, d)), y
+
+
+def test_probes_on_separable_latents(rng: np.random.Generator) -> None:
+    z_train, y_train = _clusters(rng, 400)
+    z_test, y_test = _clusters(rng, 200)
+    acc = probe_accuracies(z_train, y_train, z_test, y_test)
+    assert set(acc) == set(PROBES)
+    assert all(v > 0.8 for v in acc.values()), acc  # chance is 0.1
+
+
+def test_probes_at_chance_on_noise(rng: np.random.Generator) -> None:
+    acc = probe_accuracies(rng.normal(size=(400, 4)), rng.integers(2, size=400),
+                           rng.normal(size=(400, 4)), rng.integers(2, size=400), probes=("knn_5_acc", "knn_100_acc"))
+    assert all(0.35 < v < 0.65 for v in acc.values()), acc
+
+
+def test_probes_reject_bad_input(rng: np.random.Generator) -> None:
+    z, y = _clusters(rng, 50)
+    with pytest.raises(ValueError, match="at least 100"):
+        probe_accuracies(z, y, z, y)
+    z, y = _clusters(rng, 200)
+    with pytest.raises(ValueError, match="not among"):
+        probe_accuracies(z, y, z, y, probes=("svm_1k_acc",))
