@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,11 +24,14 @@ class ConfigError(ValueError):
 
 
 TOY_DATASETS = ("8gaussians", "2spirals", "checkerboard", "rings")
-Dataset = Literal["8gaussians", "2spirals", "checkerboard", "rings", "parquet"]
+IMAGE_DATASETS = ("mnist", "fmnist", "cifar10", "parquet_images")  # SPEC §7.1
+Dataset = Literal["8gaussians", "2spirals", "checkerboard", "rings", "parquet", "mnist", "fmnist", "cifar10",
+                  "parquet_images"]
 PriorKind = Literal["standard", "mog"]
 MogInit = Literal["vamp", "random"]
 KlEstimator = Literal["closed", "mc"]
-NetworkKind = Literal["mlp"]
+NetworkKind = Literal["mlp", "resnet"]
+ScheduleUnit = Literal["iterations", "epochs"]
 
 
 def _choices(tp: Any) -> tuple:
@@ -56,35 +60,57 @@ def _check_range(path: str, value: float, *, lo: float | None = None, hi: float 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: Dataset = "8gaussians"  # SPEC §6.1; "parquet" = bring-your-own 2D points (data.path)
-    path: str | None = None  # Parquet file with float columns x, y and optional int label
-    batch_size: int = 512  # SPEC §5
+    dataset: Dataset = "8gaussians"  # SPEC §6.1, §7.1; "parquet" = your 2D points, "parquet_images" = your images
+    path: str | None = None  # Parquet file: float columns x, y (points) or column image (images); optional int label
+    batch_size: int = 512  # SPEC §5 (global: split over the workers)
     eval_range: float | None = None  # half-width L of the evaluation square; None = SPEC default / data extent
+    root: str | None = None  # image files folder; None = $INTROPRIOR_DATA or ~/.cache/introprior/data (+ Debian FMNIST)
+    download: bool = False  # let torchvision download missing (F)MNIST / CIFAR-10 files into data.root
+    subset: int | None = None  # train on the first N training images only (smoke / CPU budgets)
+    test_path: str | None = None  # parquet_images: test split for the probes; None = data.path
 
     def __post_init__(self) -> None:
         _check_choice("data.dataset", self.dataset, Dataset)
         _check_range("data.batch_size", self.batch_size, lo=1)
-        if self.path and self.dataset != "parquet":
-            # `--set data.path=points.parquet` on any preset means "train on my points"
-            object.__setattr__(self, "dataset", "parquet")
+        if self.path and self.dataset not in ("parquet", "parquet_images"):
+            # `--set data.path=my.parquet` on any preset means "train on my points" (2D presets) or
+            # "on my images" (image presets)
+            object.__setattr__(self, "dataset", "parquet_images" if self.dataset in IMAGE_DATASETS else "parquet")
         if self.dataset == "parquet" and not self.path:
             raise ConfigError("data.path: required when data.dataset is 'parquet' (a Parquet file with columns x, y)")
+        if self.dataset == "parquet_images" and not self.path:
+            raise ConfigError("data.path: required when data.dataset is 'parquet_images' (a Parquet file with a "
+                              "column image)")
         if self.eval_range is not None:
             _check_range("data.eval_range", self.eval_range, lo=0, lo_open=True)
+        if self.subset is not None:
+            _check_range("data.subset", self.subset, lo=1)
+        for name in ("path", "root", "test_path"):  # absolute: Ray workers run in another folder
+            value = getattr(self, name)
+            if value:
+                object.__setattr__(self, name, os.path.abspath(os.path.expanduser(value)))
+
+    @property
+    def is_image(self) -> bool:
+        return self.dataset in IMAGE_DATASETS
 
 
 @dataclass(frozen=True, kw_only=True)
 class NetworkConfig:
-    kind: NetworkKind = "mlp"  # SPEC §6.2
+    kind: NetworkKind = "mlp"  # SPEC §6.2 MLP (2D points) or §7.2 residual conv nets (images)
     latent_dim: int = 2  # d_z
-    hidden: int = 256  # width of every hidden layer
-    depth: int = 4  # number of hidden layers
+    hidden: int = 256  # mlp: width of every hidden layer
+    depth: int = 4  # mlp: number of hidden layers
+    channels: tuple[int, ...] = ()  # resnet: channel counts per scale; () = from the image size (SPEC §7.2)
+    sync_bn: bool = False  # resnet: SyncBatchNorm across workers (GPUs); False = per-worker BN (reference)
 
     def __post_init__(self) -> None:
         _check_choice("network.kind", self.kind, NetworkKind)
         _check_range("network.latent_dim", self.latent_dim, lo=1)
         _check_range("network.hidden", self.hidden, lo=1)
         _check_range("network.depth", self.depth, lo=1)
+        for i, c in enumerate(self.channels):
+            _check_range(f"network.channels[{i}]", c, lo=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,13 +178,17 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleConfig:
-    iterations: int = 30_000  # SPEC §5
-    warmup: int = 2_000  # VAE warm-up iterations; == iterations gives the VAE baseline
-    log_every: int = 100
+    iterations: int = 30_000  # SPEC §5 (run length, in `unit`s)
+    warmup: int = 2_000  # VAE warm-up; == iterations gives the VAE baseline
+    log_every: int = 100  # always in iterations
     eval_every: int = 0  # 0 = evaluate only at the end
     checkpoint_every: int = 1_000
+    # "epochs" (images, SPEC §5): iterations, warmup, eval_every, checkpoint_every, prior.mog_warmup and
+    # optim.milestones count epochs; the loop converts them once the dataset size is known.
+    unit: ScheduleUnit = "iterations"
 
     def __post_init__(self) -> None:
+        _check_choice("schedule.unit", self.unit, ScheduleUnit)
         _check_range("schedule.iterations", self.iterations, lo=1)
         _check_range("schedule.warmup", self.warmup, lo=0)
         if self.warmup > self.iterations:
@@ -187,6 +217,9 @@ class ScalingConfig:
     workers: int = 1  # Ray Train workers (data parallel)
     use_gpu: bool = False  # NCCL on GPUs instead of gloo on CPUs
     threads_per_worker: int = 0  # torch threads per worker; 0 = CPUs given to the worker
+    channels_last: bool = False  # resnet: NHWC memory format for convolutions (GPU speed switch)
+    amp_bf16: bool = False  # resnet: encoder/decoder under bfloat16 autocast; losses stay float32
+    compile: bool = False  # torch.compile the encoder and decoder forwards
 
     def __post_init__(self) -> None:
         _check_range("scaling.workers", self.workers, lo=1)
@@ -215,6 +248,17 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        image, resnet = self.data.is_image, self.network.kind == "resnet"
+        if image != resnet:
+            raise ConfigError(f"network.kind: {self.network.kind!r} does not fit data.dataset={self.data.dataset!r}; "
+                              f"allowed {'resnet' if image else 'mlp'} ('resnet' for image datasets "
+                              f"{list(IMAGE_DATASETS)}, 'mlp' for 2D points)")
+        if self.schedule.unit == "epochs" and not image:
+            raise ConfigError(f"schedule.unit: 'epochs' needs an image dataset (2D data is a fresh-sample stream); "
+                              f"allowed ['iterations'] for data.dataset={self.data.dataset!r}")
+        if self.network.sync_bn and self.scaling.workers > 1 and not self.scaling.use_gpu:
+            raise ConfigError("network.sync_bn: torch's SyncBatchNorm runs on GPUs only; allowed [false] unless "
+                              "scaling.use_gpu=true (CPU workers use per-worker BatchNorm)")
         if self.prior.kind == "mog" and self.prior.init == "vamp" and self.schedule.warmup > 0:
             if self.prior.mog_warmup > self.schedule.warmup:
                 raise ConfigError(f"prior.mog_warmup: {self.prior.mog_warmup} exceeds schedule.warmup="
@@ -230,6 +274,22 @@ class ExperimentConfig:
     @property
     def is_vae(self) -> bool:
         return self.schedule.warmup >= self.schedule.iterations
+
+
+def in_iterations(cfg: ExperimentConfig, steps_per_epoch: int) -> ExperimentConfig:
+    """``cfg`` with an epoch-based schedule (SPEC §5) expressed in iterations; unchanged otherwise.
+
+    Scales ``schedule.iterations / warmup / eval_every / checkpoint_every``, ``prior.mog_warmup``
+    and ``optim.milestones`` by ``steps_per_epoch``; ``log_every`` already counts iterations.
+    """
+    if cfg.schedule.unit == "iterations":
+        return cfg
+    k, s = steps_per_epoch, cfg.schedule
+    schedule = dataclasses.replace(s, unit="iterations", iterations=s.iterations * k, warmup=s.warmup * k,
+                                   eval_every=s.eval_every * k, checkpoint_every=s.checkpoint_every * k)
+    return dataclasses.replace(cfg, schedule=schedule,
+                               prior=dataclasses.replace(cfg.prior, mog_warmup=cfg.prior.mog_warmup * k),
+                               optim=dataclasses.replace(cfg.optim, milestones=tuple(m * k for m in cfg.optim.milestones)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -144,13 +144,19 @@ class PointSource:
         return (self.dim,)
 
 
-def make_source(cfg: DataConfig) -> PointSource:
-    """The point source of ``cfg``: a toy generator, or resampled points of a Parquet file.
+def make_source(cfg: DataConfig, split: str = "train") -> PointSource:
+    """The data source of ``cfg``: a toy generator, resampled Parquet points, or an image split.
 
     Parquet sources sample the file's rows uniformly with replacement; their L is
     ``cfg.eval_range`` or, when unset, ``1.1 * max |coordinate|`` of the file (a 10% margin so
     that the outermost points are not on the border of the gnELBO grid and histograms).
+    Image datasets (SPEC §7.1) give an epoch-based ``images.ImageSource`` of ``split``
+    ("train" or "test"); 2D sources have no splits (every draw is fresh).
     """
+    if cfg.is_image:
+        from .images import make_image_source
+
+        return make_image_source(cfg, split)  # type: ignore[return-value]
     if cfg.dataset != "parquet":
         eval_range = cfg.eval_range or DEFAULT_EVAL_RANGE[cfg.dataset]
         return PointSource(cfg.dataset, eval_range, partial(sample_toy, cfg.dataset))
