@@ -256,6 +256,9 @@ class ExperimentConfig:
         if self.schedule.unit == "epochs" and not image:
             raise ConfigError(f"schedule.unit: 'epochs' needs an image dataset (2D data is a fresh-sample stream); "
                               f"allowed ['iterations'] for data.dataset={self.data.dataset!r}")
+        if not resnet and (self.scaling.channels_last or self.scaling.amp_bf16 or self.network.sync_bn):
+            raise ConfigError("scaling.channels_last / scaling.amp_bf16 / network.sync_bn: only for "
+                              "network.kind='resnet' (image data); allowed [false] with 'mlp'")
         if self.network.sync_bn and self.scaling.workers > 1 and not self.scaling.use_gpu:
             raise ConfigError("network.sync_bn: torch's SyncBatchNorm runs on GPUs only; allowed [false] unless "
                               "scaling.use_gpu=true (CPU workers use per-worker BatchNorm)")
