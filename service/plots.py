@@ -94,14 +94,16 @@ def _components(ax: plt.Axes, means: np.ndarray, weights: np.ndarray | None, act
 
 def plot_latent(mu: np.ndarray, labels: np.ndarray, path: PathLike, *, means: np.ndarray | None = None,
                 weights: np.ndarray | None = None, active: np.ndarray | None = None,
-                log_density: LogDensity | None = None) -> None:
+                log_density: LogDensity | None = None, title: str = "latent space",
+                axis_labels: tuple[str, str] = ("z_1", "z_2")) -> None:
     """Latent space (SPEC §6.6): posterior means by label, prior components and density contours.
 
     mu: (N, D) posterior means of real points, labels: (N,) integer colours; only the first two
     latent dimensions are drawn when D > 2. means: (M, D) component means, weights: (M,) mixture
     weights (marker area), active: (M,) bool (inactive components drawn as grey x). log_density
     maps (K, 2) points to (K,) log prior densities; for D > 2 the caller passes the density of
-    the first two dimensions (a marginal), since the contours live in that plane.
+    the first two dimensions (a marginal), since the contours live in that plane. ``title`` and
+    ``axis_labels`` name the plane (e.g. a t-SNE embedding instead of latent dimensions).
     """
     mu = np.asarray(mu)[:, :2]
     labels = np.asarray(labels)
@@ -120,7 +122,7 @@ def plot_latent(mu: np.ndarray, labels: np.ndarray, path: PathLike, *, means: np
             handle.set_sizes([40])
     ax.set_xlim(bounds[0], bounds[1])
     ax.set_ylim(bounds[2], bounds[3])
-    ax.set_xlabel("z_1")
-    ax.set_ylabel("z_2")
-    ax.set_title("latent space")
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title(title)
     _save(fig, path)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
+import torchvision
 
+from service import feature_extractor
+from service.config import ConfigError
+from service.feature_extractor import ExtractorUnavailable, FeatureExtractor, build_extractor, quantize, three_channels
+from service.images import load_idx_dataset
 from service.metrics.fid import fid_from_features, frechet_distance, gaussian_fit, trace_sqrt_product
 from service.metrics.precision_recall import knn_radii, precision_recall
 from service.metrics.probes import PROBES, probe_accuracies
@@ -143,3 +153,99 @@ def test_probes_reject_bad_input(rng: np.random.Generator) -> None:
     z, y = _clusters(rng, 200)
     with pytest.raises(ValueError, match="not among"):
         probe_accuracies(z, y, z, y, probes=("svm_1k_acc",))
+
+
+# --------------------------------------------------------------------------------------------
+# Feature extractors (real Fashion-MNIST from the Debian package; the offline CNN protocol)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fmnist_test() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10,000 test images of Fashion-MNIST (uint8) and labels; the smaller split loads faster."""
+    try:
+        return load_idx_dataset("fmnist", "test", None)
+    except ConfigError as e:  # pragma: no cover - the project's set-up installs the package
+        pytest.skip(f"Fashion-MNIST not installed: {e}")
+
+
+@pytest.fixture(scope="module")
+def cnn(fmnist_test, tmp_path_factory) -> tuple[FeatureExtractor, Path]:
+    """The offline extractor, trained for 4 steps on 512 images (enough to separate blur from data)."""
+    x, y = fmnist_test
+    cache = tmp_path_factory.mktemp("extractors")
+    fx = build_extractor("cnn", dataset="fmnist", train_images=x[:512], train_labels=y[:512], cache_dir=cache,
+                         log=lambda s: None)
+    return fx, cache
+
+
+def test_quantize_round_trips_real_pixels() -> None:
+    k = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(quantize(k.float() / 255.0), k)
+    assert quantize(torch.tensor([-0.3, 1.7, 0.5])).tolist() == [0, 255, 128]
+    assert three_channels(torch.zeros(2, 1, 4, 4)).shape == (2, 3, 4, 4)
+
+
+def test_cnn_extractor_names_and_cache(cnn, fmnist_test) -> None:
+    fx, cache = cnn
+    x, y = fmnist_test
+    assert fx.protocol == "cnn" and fx.metric("fid") == "fid_fmnist_cnn" and fx.metric("fid_rec") == "fid_rec_fmnist_cnn"
+    assert fx.info["cached"] is False and len(fx.info["sha256"]) == 64
+    again = build_extractor("cnn", dataset="fmnist", train_images=x[:512], train_labels=y[:512], cache_dir=cache,
+                            log=lambda s: pytest.fail(f"retrained: {s}"))
+    assert again.info["cached"] is True and again.info["sha256"] == fx.info["sha256"]
+    feats = fx.features(x[:40])
+    assert feats.shape == (40, 128) and feats.dtype == np.float64
+    np.testing.assert_array_equal(feats, again.features(x[:40]))
+    with pytest.raises(ValueError, match="uint8"):
+        fx.features(x[:4].float())
+
+
+def test_cnn_fid_identical_real_and_blurred(cnn, fmnist_test) -> None:
+    fx, _ = cnn
+    x, _ = fmnist_test
+    a, b = x[2000:2300], x[2300:2600]
+    fa = fx.features(a)
+    assert fid_from_features(fa, fa) == pytest.approx(0.0, abs=1e-6)
+    real_gap = fid_from_features(fa, fx.features(b))  # two real samples: small, not 0
+    blurred = torchvision.transforms.functional.gaussian_blur(a, [5, 5], [1.5, 1.5])
+    blur_gap = fid_from_features(fa, fx.features(blurred))
+    assert blur_gap > 5 * real_gap > 0, (blur_gap, real_gap)
+    p, r = precision_recall(fa, fa)
+    assert (p, r) == (1.0, 1.0)
+
+
+def test_probes_beat_chance_on_real_labels(fmnist_test) -> None:
+    # a fixed random projection of the pixels to 32 dimensions stands in for a latent space
+    x, y = fmnist_test
+    proj = torch.randn(784, 32, generator=torch.Generator().manual_seed(0)) / 28.0
+    z = (x[:900].flatten(1).float() / 255.0) @ proj
+    acc = probe_accuracies(z[:600].numpy(), y[:600].numpy(), z[600:].numpy(), y[600:900].numpy())
+    assert all(v > 0.4 for v in acc.values()), acc  # chance: 0.1
+
+
+@pytest.mark.parametrize("protocol", ["clean", "paper"])
+def test_inception_protocols_fail_clearly_offline(protocol: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(feature_extractor, "CLEAN_WEIGHTS", tmp_path / "missing.pt")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(ExtractorUnavailable, match=f"protocol '{protocol}'.*--protocol cnn"):
+        build_extractor(protocol, allow_download=False)
+
+
+def test_clean_protocol_download_failure_is_reported(monkeypatch) -> None:
+    if feature_extractor.CLEAN_WEIGHTS.is_file():
+        pytest.skip("the clean-fid Inception weights are installed here")
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(ExtractorUnavailable, match="URLError.*Name or service not known"):
+        build_extractor("clean")
+    assert not feature_extractor.CLEAN_WEIGHTS.exists()  # nothing half-written
+
+
+def test_unknown_protocol() -> None:
+    with pytest.raises(ValueError, match=r"protocol: 'kid' is not one of \['clean', 'paper', 'cnn'\]"):
+        build_extractor("kid")
+    with pytest.raises(ValueError, match="dataset, train_images and train_labels are required"):
+        build_extractor("cnn")
