@@ -1,4 +1,11 @@
-"""Final evaluation of a 2D run (SPEC §6.5, §6.6): gnELBO, histogram KL / JSD, prior usage, plots."""
+"""Final evaluation of a run: 2D (SPEC §6.5, §6.6): gnELBO, histogram KL / JSD, prior usage, plots;
+images: the cheap end-of-training summary of ``evaluate_images`` (the 2D metrics do not apply).
+
+The full image evaluation of SPEC §7.4 (FID, precision / recall, latent probes) lives in
+``service.image_eval`` and ``jobs/evaluate.py``. Hook: when ``service.image_eval`` defines
+``evaluate_after_training(model, cfg, train_source, test_source, *, device, plot_dir) -> dict``,
+``evaluate_images`` calls it and merges its metrics (and its plots, same file names, win).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,12 @@ import torch
 from torch import Tensor
 
 from .config import ExperimentConfig
-from .data import PointSource
+from .data import PointSource, make_source
 from .gaussian import LOG_2PI, kl_to_standard_normal, randn
 from .metrics.density import gnelbo_with_grid, histogram_jsd, histogram_kl
 from .model import Model
 from .priors import active_components, normalized_entropy
-from .sampling import prior_usage, sample
+from .sampling import prior_usage, reconstruct, sample
 
 EVAL_SEED_OFFSET = 7_919  # evaluation draws never reuse the training streams
 
@@ -55,7 +62,10 @@ def evaluate(model: Model, source: PointSource, cfg: ExperimentConfig, *, device
     """Metrics of SPEC §6.5 (lower is better) plus prior usage; plots into ``plot_dir``.
 
     Returns ``(metrics, extra)``; ``extra`` holds the per-component usage (for serving).
+    Image sources go to ``evaluate_images``.
     """
+    if cfg.data.is_image:
+        return evaluate_images(model, source, cfg, device=device, plot_dir=plot_dir)
     model.eval()
     ev, L = cfg.eval, source.eval_range
     gen = torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET)
@@ -106,3 +116,62 @@ def _plots(model: Model, source: PointSource, real: np.ndarray, fake: np.ndarray
         return model.prior.log_prob(z).cpu().numpy()
 
     plots.plot_latent(mu, labels.numpy(), out / "latent.png", log_density=log_density if d == 2 else None, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_images(model: Model, source: Any, cfg: ExperimentConfig, *, device: str | torch.device = "cpu",
+                    plot_dir: str | Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """End-of-training summary on the first ``eval.data_points`` test images (model in eval mode).
+
+    ``rec_error_test``: mean ``||x - D(z)||^2`` per image, ``z ~ q(z|x)`` (the training loss's
+    reconstruction term, SPEC §1); mixtures: ``prior_entropy_norm`` and
+    ``prior_active_components`` of the test set (MC ``eval.mc_samples``, SPEC §4). Plots:
+    ``samples.png`` (prior samples; a row per component for mixtures) and ``reconstructions.png``
+    (test images over their reconstructions). Then the ``service.image_eval`` hook (module docstring).
+    """
+    import importlib
+    import importlib.util
+
+    was_training = model.training
+    model.eval()
+    ev, device = cfg.eval, torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + EVAL_SEED_OFFSET)
+    test = make_source(cfg.data, "test")
+    x = test.get(torch.arange(min(ev.data_points, len(test))))[0]
+    rec = []
+    for i in range(0, len(x), 256):
+        xb = x[i:i + 256].to(device)
+        rec.append((xb - reconstruct(model, xb, generator=gen)).pow(2).flatten(1).sum(1).cpu())
+    metrics = {"rec_error_test": float(torch.cat(rec).mean())}
+    extra: dict[str, Any] = {}
+    if model.prior.is_mixture:
+        usage = prior_usage(model, x.to(device), ev.mc_samples, gen, chunk=256).cpu()
+        metrics["prior_entropy_norm"] = float(normalized_entropy(usage))
+        metrics["prior_active_components"] = float(active_components(usage))
+        extra["usage"] = usage
+    if plot_dir is not None and ev.plots:
+        from torchvision.utils import save_image
+
+        out = Path(plot_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        per_row = 8
+        if model.prior.is_mixture:
+            m = model.prior.num_components
+            comps = torch.arange(m, device=device).repeat_interleave(per_row)
+            samples = sample(model, m * per_row, component=comps, generator=gen)[0]
+        else:
+            samples = sample(model, per_row * per_row, generator=gen)[0]
+        save_image(samples.clamp(0, 1).cpu(), out / "samples.png", nrow=per_row, pad_value=1.0)
+        shown = x[:per_row].to(device)
+        pairs = torch.cat([shown, reconstruct(model, shown, generator=gen)]).clamp(0, 1).cpu()
+        save_image(pairs, out / "reconstructions.png", nrow=per_row, pad_value=1.0)
+    if importlib.util.find_spec("service.image_eval") is not None:
+        hook = getattr(importlib.import_module("service.image_eval"), "evaluate_after_training", None)
+        if hook is not None:
+            metrics.update(hook(model, cfg, source, test, device=device, plot_dir=plot_dir))
+    model.train(was_training)
+    return metrics, extra

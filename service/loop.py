@@ -2,6 +2,11 @@
 
 Knows nothing of Ray or MLflow: it talks to a ``MetricSink`` and to an ``on_checkpoint``
 callback, and takes a ``grad_sync`` hook that the Ray Train adapter fills with an all-reduce.
+
+Image sources (``images.ImageSource``) are epoch-based: an epoch-unit schedule is converted to
+iterations once the dataset size is known (``config.in_iterations``), and the batch of every
+iteration is a function of ``(seed, iteration, global batch)`` sharded over the ranks, so a
+checkpoint taken with N workers resumes with M workers on the same data order.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import make_state
-from .config import ExperimentConfig
+from .config import ExperimentConfig, in_iterations
 from .data import PointSource
 from .evaluation import evaluate
 from .model import Model, build_model, convert_prior
+from .networks import apply_speed_switches, use_local_batchnorm, use_sync_batchnorm
 from .priors import MixturePrior, VampPrior
 from .step import GradSync, Optimizers, introspective_step, make_optimizers, no_sync, vae_step
 from .tracking import MetricSink, NullSink
@@ -41,6 +47,25 @@ def _generators(cfg: ExperimentConfig, rank: int, device: torch.device) -> dict[
     data = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
     noise = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 10_007 + rank)
     return {"data": data, "noise": noise}
+
+
+def _restore_generators(gens: dict[str, torch.Generator], saved: dict[str, Any], cfg: ExperimentConfig, rank: int,
+                        iteration: int) -> None:
+    """Rank 0 continues its saved streams; other ranks (whose streams were not saved, and whose
+    number may have changed) reseed from (seed, rank, iteration), so ranks never draw alike."""
+    for name, g in gens.items():
+        if rank == 0:
+            g.set_state(saved[name])
+        else:
+            g.manual_seed(cfg.seed * 1_000_003 + 10_007 * (name == "noise") + rank + 7_919 * iteration)
+
+
+def _batch(source: PointSource, cfg: ExperimentConfig, it: int, rank: int, world_size: int,
+           generator: torch.Generator) -> torch.Tensor:
+    """This rank's real batch: an epoch-based shard (images) or fresh samples (2D)."""
+    if hasattr(source, "batch_at"):
+        return source.batch_at(it, cfg.data.batch_size, rank, world_size, seed=cfg.seed)[0]
+    return source.sample(cfg.data.batch_size // world_size, generator)[0]
 
 
 def _build(cfg: ExperimentConfig, source: PointSource, resume: dict[str, Any] | None) -> Model:
@@ -76,7 +101,13 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
           plot_dir: str | Path | None = None) -> TrainResult:
     """Train ``cfg`` on ``source``; returns the model and the final evaluation (main rank)."""
     device, sink, is_main = torch.device(device), sink or NullSink(), rank == 0
+    user_cfg = cfg  # checkpoints keep the config as given (epochs stay epochs)
+    if hasattr(source, "steps_per_epoch"):
+        cfg = in_iterations(cfg, source.steps_per_epoch(cfg.data.batch_size))
     model = _build(cfg, source, resume).to(device)
+    if cfg.network.sync_bn and world_size > 1:
+        use_sync_batchnorm(model)
+    apply_speed_switches(model.encoder, model.decoder, cfg.scaling)
     opt, gens = make_optimizers(model, cfg), _generators(cfg, rank, device)
     start = 0
     if resume is not None:
@@ -84,14 +115,12 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
         for name, o in opt.items():
             if name in resume["optimizers"]:
                 o.load_state_dict(resume["optimizers"][name])
-        for name, g in gens.items():
-            g.set_state(resume["generators"][name])
-    batch = cfg.data.batch_size // world_size
+        _restore_generators(gens, resume["generators"], cfg, rank, start)
     sched, metrics, tick = cfg.schedule, {}, time.perf_counter()
     for it in range(start, sched.iterations):
         opt = _phase_change(model, opt, cfg, it)
         opt.set_lr(it, cfg.optim.milestones, cfg.optim.lr_decay)
-        x = source.sample(batch, gens["data"])[0].to(device)
+        x = _batch(source, cfg, it, rank, world_size, gens["data"]).to(device, non_blocking=True)
         step = vae_step if it < sched.warmup else introspective_step
         metrics = step(model, opt, x, cfg, generator=gens["noise"], iteration=it, grad_sync=grad_sync)
         done = it + 1
@@ -102,13 +131,15 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
             sink.log_metrics(done, metrics)
             tick = now
         if on_checkpoint and sched.checkpoint_every and done % sched.checkpoint_every == 0 and done < sched.iterations:
-            on_checkpoint(_state(model, opt, gens, cfg, source, done) if is_main else None, done, metrics, False)
+            on_checkpoint(_state(model, opt, gens, user_cfg, source, done) if is_main else None, done, metrics, False)
+    use_local_batchnorm(model)  # rank-0-only evaluation must not wait for other ranks
     final: dict[str, float] = {}
     extra: dict[str, Any] = {}
     if is_main:
         final, extra = evaluate(model, source, cfg, device=device, plot_dir=plot_dir)
         sink.log_metrics(sched.iterations, {f"eval/{k}": v for k, v in final.items()})
-    state = _state(model, opt, gens, cfg, source, sched.iterations, extra={**extra, "metrics": final}) if is_main else None
+    state = (_state(model, opt, gens, user_cfg, source, sched.iterations, extra={**extra, "metrics": final})
+             if is_main else None)
     if on_checkpoint:
         on_checkpoint(state, sched.iterations, final, True)
     return TrainResult(model, final, sched.iterations, state, extra)

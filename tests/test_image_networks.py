@@ -80,3 +80,42 @@ def test_image_specific_switches_are_rejected_for_2d_networks():
         ExperimentConfig(scaling=ScalingConfig(amp_bf16=True))
     with pytest.raises(ConfigError, match="network.kind: 'mlp' does not fit data.dataset='fmnist'; allowed resnet"):
         apply_overrides(ExperimentConfig(), {"data.dataset": "fmnist"})
+
+
+# --------------------------------------------------------------------------------------------
+# Presets (SPEC §7.3) and the epoch-based schedule
+# --------------------------------------------------------------------------------------------
+
+def test_image_presets_follow_spec_7_3():
+    from service.presets import PRESETS, get_preset
+
+    for dataset in ("mnist", "fmnist", "cifar10"):
+        names = {k.split("/", 1)[1] for k in PRESETS if k.startswith(f"{dataset}/")}
+        assert names == {"sintro"} | {f"mog{m}-{c}" for m in (10, 100) for c in ("fixed", "fixed-lc", "ip", "ip-lc")}
+    cfg = get_preset("fmnist/mog100-ip-lc")
+    assert (cfg.network.kind, cfg.network.latent_dim, cfg.data.batch_size) == ("resnet", 32, 128)
+    assert (cfg.objective.beta_rec, cfg.objective.beta_kl, cfg.objective.beta_neg) == (1.0, 1.0, 256.0)
+    assert (cfg.prior.num_components, cfg.prior.learnable_weights, cfg.prior.trainable) == (100, True, True)
+    assert cfg.prior.use_soft_clip and cfg.objective.r_entropy == 10.0 and cfg.objective.mc_samples == 100
+    assert (cfg.schedule.unit, cfg.schedule.iterations, cfg.schedule.warmup, cfg.prior.mog_warmup) == ("epochs", 220, 20, 5)
+    assert cfg.optim.milestones == (350,)  # constant lr over 220 epochs
+    assert get_preset("mnist/sintro").objective.beta_neg == 128.0 and get_preset("mnist/sintro").objective.r_entropy == 0
+    cifar = get_preset("cifar10/mog10-fixed")
+    assert (cifar.network.latent_dim, cifar.data.batch_size, cifar.prior.trainable) == (128, 32, False)
+
+
+def test_epoch_schedule_converts_to_iterations():
+    from service.config import in_iterations
+    from service.presets import get_preset
+
+    cfg = get_preset("fmnist/mog10-ip-lc")
+    it = in_iterations(cfg, steps_per_epoch=468)  # 60,000 // 128
+    assert it.schedule.unit == "iterations" and it.schedule.iterations == 220 * 468
+    assert it.schedule.warmup == 20 * 468 and it.conversion_iteration == 15 * 468  # conversion at epoch 15
+    assert it.schedule.checkpoint_every == 10 * 468 and it.optim.milestones == (350 * 468,)
+    assert it.schedule.log_every == cfg.schedule.log_every  # logging cadence stays in iterations
+    assert in_iterations(it, 999) is it  # already in iterations
+    with pytest.raises(ConfigError, match="schedule.unit: 'epochs' needs an image dataset"):
+        apply_overrides(get_preset("8gaussians/sintro"), {"schedule.unit": "epochs"})
+    with pytest.raises(ConfigError, match="network.sync_bn: torch's SyncBatchNorm runs on GPUs only"):
+        apply_overrides(cfg, {"network.sync_bn": True, "scaling.workers": 2})
