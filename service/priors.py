@@ -13,6 +13,7 @@ Every prior exposes the same small interface:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -212,10 +213,11 @@ def vamp_to_mixture(vamp: VampPrior, *, softclip_k: float = 10.0, carry_logits: 
         comps = vamp.components(detach=True)
         m, d = comps.means.shape
         mog = MixturePrior(m, d, learnable_weights=vamp.logits.requires_grad, softclip_k=softclip_k)
+        mog = mog.to(device=comps.means.device, dtype=comps.means.dtype)  # before copying: keep float64 exact
         mog.means.copy_(comps.means)
         mog.logvars.copy_(comps.logvars)
         mog.logits.copy_(vamp.logits if carry_logits else comps.weights)
-    return mog.to(vamp.pseudo_inputs.device)
+    return mog
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +234,7 @@ def normalized_entropy(usage: Tensor, eps: float = 1e-8) -> Tensor:
     m = usage.shape[-1]
     if m == 1:
         return usage.new_ones(())
-    return -(usage * torch.log(usage + eps)).sum(-1) / torch.log(torch.tensor(float(m)))
+    return -(usage * torch.log(usage + eps)).sum(-1) / math.log(m)  # a Python float keeps usage's dtype
 
 
 def active_components(usage: Tensor, threshold: float = 1e-2) -> int:
