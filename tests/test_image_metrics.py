@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import scipy.linalg
 import torch
 import torchvision
 
 from service import feature_extractor
-from service.config import ConfigError
+from service.config import ConfigError, ExperimentConfig, apply_overrides
 from service.feature_extractor import ExtractorUnavailable, FeatureExtractor, build_extractor, quantize, three_channels
-from service.images import load_idx_dataset
+from service.image_eval import evaluate_image_model
+from service.images import ImageSource, load_idx_dataset
 from service.metrics.fid import fid_from_features, frechet_distance, gaussian_fit, trace_sqrt_product
 from service.metrics.precision_recall import knn_radii, precision_recall
 from service.metrics.probes import PROBES, probe_accuracies
+from service.model import Model, build_model
 
 
 @pytest.fixture
@@ -249,3 +253,57 @@ def test_unknown_protocol() -> None:
         build_extractor("kid")
     with pytest.raises(ValueError, match="dataset, train_images and train_labels are required"):
         build_extractor("cnn")
+
+
+# --------------------------------------------------------------------------------------------
+# The whole image evaluation on a small residual model
+# --------------------------------------------------------------------------------------------
+
+def _image_model(prior: str = "mog") -> tuple[ExperimentConfig, Model]:
+    cfg = apply_overrides(ExperimentConfig(), {
+        "data.dataset": "fmnist", "data.batch_size": 64, "network.kind": "resnet", "network.latent_dim": 8,
+        "network.channels": [8, 16], "prior.kind": prior, "prior.num_components": 10, "prior.init": "random",
+        "eval.mc_samples": 10})
+    return cfg, build_model(cfg, (1, 28, 28))
+
+
+def test_evaluate_image_model_writes_everything(cnn, fmnist_test, tmp_path: Path) -> None:
+    fx, _ = cnn
+    x, y = fmnist_test
+    train, test = ImageSource("fmnist", x[:300], y[:300]), ImageSource("fmnist:test", x[600:750], y[600:750])
+    cfg, model = _image_model()
+    metrics = evaluate_image_model(model, cfg, train, test, extractor=fx, n_samples=100, out_dir=tmp_path,
+                                   generator=torch.Generator().manual_seed(0), tsne_points=120, log=lambda s: None)
+    expected = {"fid_fmnist_cnn", "fid_rec_fmnist_cnn", "precision_fmnist_cnn", "recall_fmnist_cnn", "fid_samples",
+                "svm_2k_acc", "svm_10k_acc", "knn_5_acc", "knn_100_acc", "prior_entropy_norm",
+                "prior_active_components"}
+    assert set(metrics) == expected and all(np.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["fid_samples"] == 100 and 0 <= metrics["prior_entropy_norm"] <= 1
+    assert 1 <= metrics["prior_active_components"] <= 10
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+    for name in ("samples.png", "reconstructions.png", "latent.png", "tsne.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name
+    table = pq.read_table(tmp_path / "latents.parquet").to_pydict()
+    assert table["split"].count("train") == 300 and table["split"].count("test") == 150
+    assert table["label"][300:] == y[600:750].tolist()
+    assert len(table["mu"][0]) == 8 and len(table["responsibilities"][0]) == 10
+    assert sum(table["responsibilities"][0]) == pytest.approx(1.0, abs=1e-5)
+    assert table["component"][0] == int(np.argmax(table["responsibilities"][0]))
+    assert model.training  # left as it was found
+
+
+def test_paper_mode_runs_a_copy_in_train_mode(fmnist_test) -> None:
+    # a stand-in extractor with the paper protocol's switch: the VAE copy runs in train mode
+    # (BatchNorm batch statistics) and the caller's model keeps its running statistics
+    x, y = fmnist_test
+    cfg, model = _image_model("standard")
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fx = FeatureExtractor("paper", "paper", lambda b: b.float().flatten(1)[:, ::49], batch_size=64,
+                          model_train_mode=True)
+    metrics = evaluate_image_model(model, cfg, ImageSource("fmnist", x[:128], y[:128]),
+                                   ImageSource("fmnist:test", x[300:350], y[300:350]), extractor=fx, n_samples=128,
+                                   out_dir=None, generator=torch.Generator().manual_seed(1), log=lambda s: None)
+    assert {"fid_paper", "fid_rec_paper", "precision_paper", "recall_paper"} <= set(metrics)
+    assert "prior_entropy_norm" not in metrics  # a standard Gaussian has no responsibilities
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and not model.training

@@ -1,0 +1,269 @@
+"""Evaluation of an image model (SPEC §7.4): FID(GEN), FID(REC), precision / recall, latent probes,
+prior usage on the test set, plots and a Parquet export of the latents.
+
+``evaluate_image_model`` returns flat ``{name: float}`` metrics. The names of feature-based
+metrics carry the extractor's tag (``FeatureExtractor.metric``): ``fid`` / ``fid_rec`` /
+``precision`` / ``recall`` for the standard clean-fid protocol, ``fid_paper`` ... for the paper's
+protocol, ``fid_fmnist_cnn`` ... for the offline classifier (never reported as plain FID).
+
+| metric | what |
+| --- | --- |
+| ``fid[_tag]`` | FID(GEN): n training images vs n prior samples ``D(z)``, both uint8 |
+| ``fid_rec[_tag]`` | FID(REC): the same training images vs their stochastic reconstructions |
+| ``precision[_tag]``, ``recall[_tag]`` | k-NN manifolds (k = 3) of real vs generated features |
+| ``svm_2k_acc`` ... ``knn_100_acc`` | probes on one stochastic latent per train / test image |
+| ``prior_entropy_norm``, ``prior_active_components`` | test set, MC ``eval.mc_samples`` (mixtures) |
+| ``fid_samples`` | n, the number of images per FID set |
+
+Every random draw comes from ``generator`` (CPU). With the ``paper`` protocol the VAE runs in
+train mode (BatchNorm batch statistics, batches of ``data.batch_size``) on a copy of the model,
+as in the paper's code; otherwise in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import ExperimentConfig
+from .feature_extractor import FeatureExtractor, quantize
+from .gaussian import randn, reparameterize
+from .metrics.fid import fid_from_features
+from .metrics.precision_recall import precision_recall
+from .metrics.probes import MIN_TRAIN, probe_accuracies
+from .model import Model
+from .priors import active_components, normalized_entropy
+from .sampling import encode, prior_usage, reconstruct, sample
+
+CHUNK = 500  # images per forward pass where the protocol does not fix the batch
+
+
+class ImageSplit(Protocol):
+    """What evaluation needs of a split (``service.images.ImageSource`` has it)."""
+
+    images: Tensor  # uint8 (N, C, H, W)
+    labels: Tensor  # int64 (N,)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+def _device(model: Model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _float(images: Tensor, device: torch.device) -> Tensor:
+    return images.to(device).float().div_(255.0)
+
+
+@torch.no_grad()
+def generate_uint8(model: Model, n: int, generator: torch.Generator, batch: int = CHUNK,
+                   component: int | None = None) -> Tensor:
+    """``n`` prior samples ``D(z)`` quantised to uint8 ``(n, C, H, W)`` (on the CPU)."""
+    out = [quantize(sample(model, min(batch, n - i), generator=generator, component=component)[0]).cpu()
+           for i in range(0, n, batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruct_uint8(model: Model, images: Tensor, generator: torch.Generator, batch: int = CHUNK) -> Tensor:
+    """Stochastic reconstructions ``D(z), z ~ q(z|x)`` of uint8 images, quantised to uint8."""
+    device = _device(model)
+    out = [quantize(reconstruct(model, _float(images[i:i + batch], device), generator=generator)).cpu()
+           for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def stochastic_latents(model: Model, images: Tensor, generator: torch.Generator,
+                       batch: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+    """One draw ``z ~ q(z|x)`` per image, plus the posterior means and their responsibilities.
+
+    Returns ``(z (N, D), mu (N, D), responsibilities of mu (N, M))`` on the CPU.
+    """
+    device = _device(model)
+    zs, mus, resps = [], [], []
+    for i in range(0, len(images), batch):
+        mu, logvar, resp = encode(model, _float(images[i:i + batch], device))
+        zs.append(reparameterize(mu, logvar, randn(tuple(mu.shape), generator, mu)).cpu())
+        mus.append(mu.cpu())
+        resps.append(resp.cpu())
+    return torch.cat(zs), torch.cat(mus), torch.cat(resps)
+
+
+def _subset(split: ImageSplit, n: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` images of ``split`` drawn without replacement (all of them, in order, when n is None or >= N)."""
+    if n is None or n >= len(split.images):
+        return split.images, split.labels
+    idx = torch.randperm(len(split.images), generator=generator)[:n]
+    return split.images[idx], split.labels[idx]
+
+
+def fid_metrics(model: Model, real: Tensor, extractor: FeatureExtractor, generator: torch.Generator, *,
+                batch: int = CHUNK) -> dict[str, float]:
+    """FID(GEN), FID(REC), precision and recall of ``model`` against uint8 ``real`` images."""
+    n = len(real)
+    fake = generate_uint8(model, n, generator, batch)
+    rec = reconstruct_uint8(model, real, generator, batch)
+    f_real, f_fake, f_rec = (extractor.features(x) for x in (real, fake, rec))
+    precision, recall = precision_recall(f_real, f_fake)
+    return {extractor.metric("fid"): fid_from_features(f_real, f_fake),
+            extractor.metric("fid_rec"): fid_from_features(f_real, f_rec),
+            extractor.metric("precision"): precision, extractor.metric("recall"): recall,
+            "fid_samples": float(n)}
+
+
+# --------------------------------------------------------------------------------------------
+# The whole evaluation
+# --------------------------------------------------------------------------------------------
+
+def evaluate_image_model(model: Model, cfg: ExperimentConfig, train_source: ImageSplit, test_source: ImageSplit, *,
+                         extractor: FeatureExtractor, n_samples: int, out_dir: str | Path | None,
+                         generator: torch.Generator, probe_train: int | None = None,
+                         tsne_points: int = 2000, log=print) -> dict[str, float]:
+    """All metrics of SPEC §7.4; plots, ``metrics.json`` and ``latents.parquet`` into ``out_dir``.
+
+    ``n_samples`` images per FID set (capped at the training set size); ``probe_train`` limits
+    the training latents of the probes (None = the whole train split); the probes are skipped
+    when the train labels hold a single class (e.g. unlabelled Parquet images).
+    """
+    was_training = model.training
+    model.eval()
+    fid_model, batch = model, CHUNK
+    if extractor.model_train_mode:  # paper protocol: BN batch statistics of the VAE too, on a copy
+        fid_model, batch = copy.deepcopy(model).train(), cfg.data.batch_size
+    real, _ = _subset(train_source, n_samples, generator)
+    log(f"evaluate: FID with {len(real)} images per set, protocol {extractor.protocol!r}")
+    metrics = fid_metrics(fid_model, real, extractor, generator, batch=batch)
+
+    log("evaluate: latents and probes")
+    train_x, train_y = _subset(train_source, probe_train, generator)
+    z_train, mu_train, r_train = stochastic_latents(model, train_x, generator)
+    z_test, mu_test, r_test = stochastic_latents(model, test_source.images, generator)
+    if len(torch.unique(train_y)) > 1 and len(z_train) >= MIN_TRAIN:
+        metrics.update(probe_accuracies(z_train.numpy(), train_y.numpy(), z_test.numpy(), test_source.labels.numpy()))
+    else:
+        log("evaluate: probes skipped (the train labels hold one class, or fewer than 100 images)")
+
+    usage = None
+    if model.prior.is_mixture:
+        usage = prior_usage(model, _float(test_source.images, _device(model)), cfg.eval.mc_samples, generator).cpu()
+        metrics["prior_entropy_norm"] = float(normalized_entropy(usage))
+        metrics["prior_active_components"] = float(active_components(usage))
+
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_latents(out / "latents.parquet",
+                      {"train": (mu_train, r_train, train_y), "test": (mu_test, r_test, test_source.labels)})
+        if cfg.eval.plots:
+            log("evaluate: plots")
+            image_plots(model, test_source, mu_test, usage, out, generator, tsne_points=tsne_points)
+    model.train(was_training)
+    return metrics
+
+
+def write_latents(path: str | Path, splits: dict[str, tuple[Tensor, Tensor, Tensor]]) -> Path:
+    """Parquet with one row per image: ``split``, ``index``, ``label``, ``mu`` (D floats),
+    ``responsibilities`` (M floats, of the posterior mean) and ``component`` (their argmax)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def fixed(a: Tensor) -> pa.FixedSizeListArray:
+        a = a.detach().cpu().float().contiguous()
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1).numpy()), a.shape[1])
+
+    tables = []
+    for name, (mu, resp, labels) in splits.items():
+        tables.append(pa.table({
+            "split": pa.array([name] * len(mu)), "index": pa.array(np.arange(len(mu), dtype=np.int64)),
+            "label": pa.array(labels.cpu().numpy().astype(np.int64)), "mu": fixed(mu),
+            "responsibilities": fixed(resp), "component": pa.array(resp.argmax(1).cpu().numpy().astype(np.int64)),
+        }))
+    path = Path(path)
+    pq.write_table(pa.concat_tables(tables), str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+def _image_rows(rows: list[Tensor], row_labels: list[str], path: Path, title: str) -> None:
+    """Rows of float images (each (k, C, H, W) in [0, 1]) as one figure, a label left of each row."""
+    from torchvision.utils import make_grid
+
+    from .plots import plt  # matplotlib with the Agg backend
+
+    ncol = max(len(r) for r in rows)
+    grid = make_grid(torch.cat(rows).clamp(0, 1), nrow=ncol, padding=2, pad_value=1.0)  # (3, H', W')
+    h = rows[0].shape[2] + 2
+    fig, ax = plt.subplots(figsize=(0.5 + 0.45 * ncol, 0.4 + 0.45 * len(rows)))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_yticks([2 + h * (i + 0.5) for i in range(len(rows))], row_labels, fontsize=6)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+@torch.no_grad()
+def image_plots(model: Model, test_source: ImageSplit, mu_test: Tensor, usage: Tensor | None, out: Path,
+                generator: torch.Generator, *, per_row: int = 8, tsne_points: int = 2000) -> None:
+    """``samples.png`` (a row per prior component, mode-conditioned), ``reconstructions.png``,
+    ``latent.png`` (first two latent dims, component means sized by weight) and ``tsne.png``."""
+    from . import plots
+
+    device = _device(model)
+    kw: dict[str, Any] = {}
+    if model.prior.is_mixture:
+        comps = model.prior.components(detach=True)
+        weights = comps.weights.cpu().numpy()
+        rows = [sample(model, per_row, component=m, generator=generator)[0].cpu()
+                for m in range(model.prior.num_components)]
+        labels = [f"{m}: w={weights[m]:.2f}" for m in range(len(rows))]
+        _image_rows(rows, labels, out / "samples.png", "samples per prior component (row = component)")
+        active = (usage >= 1e-2).numpy() if usage is not None else None
+        kw = {"means": comps.means.cpu().numpy(), "weights": weights, "active": active}
+    else:
+        x = sample(model, per_row * per_row, generator=generator)[0].cpu()
+        _image_rows(list(x.split(per_row)), [""] * per_row, out / "samples.png", "prior samples")
+    x = _float(test_source.images[:2 * per_row], device)
+    mean_rec = reconstruct(model, x, stochastic=False).cpu()
+    _image_rows([x.cpu(), mean_rec], ["test", "D(mu)"], out / "reconstructions.png", "test images and reconstructions")
+    labels_np = test_source.labels.numpy()
+    plots.plot_latent(mu_test.numpy(), labels_np, out / "latent.png", title="test posterior means, dims 1-2", **kw)
+    tsne_plot(mu_test, labels_np, out / "tsne.png", generator, points=tsne_points,
+              means=kw.get("means"), weights=kw.get("weights"), active=kw.get("active"))
+
+
+def tsne_plot(mu: Tensor, labels: np.ndarray, path: Path, generator: torch.Generator, *, points: int = 2000,
+              means: np.ndarray | None = None, weights: np.ndarray | None = None,
+              active: np.ndarray | None = None) -> None:
+    """t-SNE (scikit-learn) of a subset of posterior means, coloured by class; the component
+    means are embedded with them (t-SNE has no out-of-sample map) and drawn sized by weight."""
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    from . import plots
+
+    idx = torch.randperm(len(mu), generator=generator)[:points].numpy()
+    x = mu.numpy()[idx]
+    stacked = x if means is None else np.concatenate([x, means])
+    perplexity = min(30.0, (len(stacked) - 1) / 3.0)
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    # one OpenMP thread: on a shared machine the Barnes-Hut threads spin-wait for each other (measured
+    # 77 s vs 1.7 s for 130 points on 2 busy cores); t-SNE is a plot, not worth a core's contention
+    with threadpool_limits(1):
+        emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(stacked)
+    plots.plot_latent(emb[:len(x)], labels[idx], path, means=None if means is None else emb[len(x):],
+                      weights=weights, active=active, title=f"t-SNE of {len(x)} posterior means",
+                      axis_labels=("t-SNE 1", "t-SNE 2"))
