@@ -9,6 +9,8 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 from service.gaussian import (diag_normal_log_prob, kl_diag_normals, kl_to_standard_normal, log_mean_exp,
                               mixture_component_log_prob, mixture_log_prob, randn, reparameterize)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
 
 

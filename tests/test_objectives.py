@@ -15,6 +15,8 @@ from service.objectives import (decoder_prior_objective, encoder_objective, ener
 from service.presets import get_preset, smoke
 from service.priors import MixturePrior, StandardNormalPrior, normalized_entropy
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
 
 

@@ -10,6 +10,8 @@ from service.networks import MlpEncoder
 from service.priors import (MixturePrior, StandardNormalPrior, VampPrior, active_components, normalized_entropy,
                             responsibilities, soft_clip, vamp_to_mixture)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
 
 
