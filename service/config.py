@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import numbers
 import os
 import types
 import typing
@@ -46,6 +47,8 @@ def _check_choice(path: str, value: Any, tp: Any) -> None:
 
 def _check_range(path: str, value: float, *, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False) -> None:
+    if not isinstance(value, numbers.Real):  # e.g. a string given to the constructor directly
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
     if bad:
         lo_s = "-inf" if lo is None else f"{lo}"
