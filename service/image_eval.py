@@ -227,8 +227,9 @@ def image_plots(model: Model, test_source: ImageSplit, mu_test: Tensor, usage: T
     if model.prior.is_mixture:
         comps = model.prior.components(detach=True)
         weights = comps.weights.cpu().numpy()
-        rows = [sample(model, per_row, component=m, generator=generator)[0].cpu()
-                for m in range(model.prior.num_components)]
+        m_all = model.prior.num_components
+        idx = torch.arange(m_all).repeat_interleave(per_row)  # one decoder pass for every row
+        rows = list(sample(model, m_all * per_row, component=idx, generator=generator)[0].cpu().split(per_row))
         labels = [f"{m}: w={weights[m]:.2f}" for m in range(len(rows))]
         _image_rows(rows, labels, out / "samples.png", "samples per prior component (row = component)")
         active = (usage >= 1e-2).numpy() if usage is not None else None

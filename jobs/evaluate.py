@@ -1,0 +1,164 @@
+"""Evaluate a trained image model (SPEC §7.4): FID(GEN), FID(REC), precision / recall, latent probes,
+prior usage, plots and a Parquet export of the latents.
+
+    python -m jobs.evaluate --checkpoint runs/fmnist-mog10/checkpoint.pt --protocol cnn
+    python -m jobs.evaluate --checkpoint ckpt.pt --protocol paper --n-samples 50000 \
+        --tracking-uri sqlite:////abs/mlflow.db --run-id <id of the training run>
+
+Protocols: ``clean`` (default; clean-fid's InceptionV3), ``paper`` (the paper's train-mode
+Inception, comparable with its tables), ``cnn`` (offline: a classifier trained by the project on the
+dataset, reported as ``fid_<dataset>_cnn``, not FID). The Inception weights must be downloadable
+or already in place (see ``service.feature_extractor``); no protocol falls back to another.
+
+Writes ``metrics.json``, ``evaluation.json`` (protocol, extractor, checkpoint provenance), the plots
+and ``latents.parquet`` into ``--output-dir`` (default ``<checkpoint folder>/eval-<protocol>``),
+prints the metrics as JSON, and with ``--tracking-uri`` / ``--run-id`` logs them as ``eval/<name>``
+with the files as artifacts under ``evaluation/`` (a new run when only the URI is given). Exit
+status 2 for bad input (missing or unreadable checkpoint, unknown protocol, a 2D model), 1 when
+the protocol's network is unavailable here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from service.feature_extractor import PROTOCOLS
+
+DEFAULT_SAMPLES = {"clean": 50_000, "paper": 50_000, "cnn": 10_000}
+EVAL_SEED_OFFSET = 104_729  # evaluation draws never reuse the training streams
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value} is too small; allowed integers >= 2")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of an image run")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="clean", help="feature extractor (default: clean)")
+    p.add_argument("--n-samples", type=_positive,
+                   help="images per FID set (default 50,000 for clean/paper, 10,000 for cnn; capped at the train split)")
+    p.add_argument("--output-dir", help="where metrics.json, plots and latents.parquet go")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (with --run-id: log into that run)")
+    p.add_argument("--run-id", help="MLflow run to log into (default URI: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--probe-train", type=_positive, help="training latents for the probes (default: the whole split)")
+    p.add_argument("--tsne-points", type=_positive, help="test latents in the t-SNE plot (default 2,000)")
+    p.add_argument("--extractor-train-images", type=_positive,
+                   help="cnn: train the classifier on the first N training images (default: all)")
+    p.add_argument("--cache-dir", help="cnn: extractor cache (default $INTROPRIOR_CACHE_DIR or ~/.cache/introprior/extractors)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--seed", type=int, default=0, help="seed of every evaluation draw")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds-long check: 200 FID images, 500 probe latents, 300 test images, 200 t-SNE points")
+    return p.parse_args(argv)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from service.checkpoint import CheckpointError, load, restore_model
+    from service.config import ConfigError
+    from service.feature_extractor import ExtractorUnavailable, build_extractor
+    from service.image_eval import evaluate_image_model
+    from service.images import ImageSource, make_image_source
+
+    ckpt = Path(args.checkpoint).resolve()
+    try:
+        state = load(ckpt)
+        cfg, model = restore_model(state, args.device)
+    except (CheckpointError, ConfigError, KeyError, RuntimeError) as e:
+        return _fail(f"checkpoint: {e}" if not str(e).startswith("checkpoint") else str(e), 2)
+    if not cfg.data.is_image:
+        return _fail(f"checkpoint: {str(ckpt)!r} is a {cfg.data.dataset!r} model; jobs.evaluate evaluates image "
+                     f"models (2D runs are evaluated at the end of jobs.train)", 2)
+    if args.run_id:  # fail before the long part, not after it
+        try:
+            from mlflow.tracking import MlflowClient
+
+            from service.ray_train import default_tracking_uri
+
+            MlflowClient(args.tracking_uri or default_tracking_uri()).get_run(args.run_id)
+        except Exception as e:  # noqa: BLE001 - MlflowException for an unknown id, others for a bad URI
+            return _fail(f"--run-id: {args.run_id!r} is not a run of {args.tracking_uri or 'the default store'} ({e})", 2)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731 - stdout holds only the JSON
+    extractor = None
+    if args.protocol != "cnn":  # Inception protocols need no data: fail fast when unavailable
+        try:
+            extractor = build_extractor(args.protocol, batch_size=cfg.data.batch_size, device=args.device, log=log)
+        except ExtractorUnavailable as e:
+            return _fail(str(e), 1)
+    # explicit flags win over --smoke's sizes, which win over the defaults
+    n_samples = args.n_samples or (200 if args.smoke else DEFAULT_SAMPLES[args.protocol])
+    probe_train = args.probe_train or (500 if args.smoke else None)
+    tsne_points = args.tsne_points or (200 if args.smoke else 2000)
+    try:  # the full training split: FID statistics and the extractor never depend on data.subset
+        data_cfg = dataclasses.replace(cfg.data, subset=None)
+        train, test = make_image_source(data_cfg, "train"), make_image_source(data_cfg, "test")
+    except ConfigError as e:
+        return _fail(str(e), 2)
+    if args.smoke:
+        test = ImageSource(test.name, test.images[:300], test.labels[:300])
+    if extractor is None:  # cnn: the classifier of this dataset's train split (cached)
+        fx_images = train.images[:args.extractor_train_images] if args.extractor_train_images else train.images
+        extractor = build_extractor("cnn", dataset=cfg.data.dataset if cfg.data.dataset != "parquet_images"
+                                    else train.name, train_images=fx_images, train_labels=train.labels[:len(fx_images)],
+                                    device=args.device, cache_dir=args.cache_dir, log=log)
+    out = Path(args.output_dir or ckpt.parent / f"eval-{args.protocol}").resolve()
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET + args.seed)
+    metrics = evaluate_image_model(model, cfg, train, test, extractor=extractor, n_samples=n_samples, out_dir=out,
+                                   generator=gen, probe_train=probe_train, tsne_points=tsne_points, log=log)
+    info = {"protocol": args.protocol, "extractor": extractor.info, "n_samples": int(metrics["fid_samples"]),
+            "probe_train": probe_train or len(train), "test_images": len(test), "seed": args.seed,
+            "checkpoint": {"path": str(ckpt), "sha256": _sha256(ckpt), "iteration": state["iteration"],
+                           "preset": cfg.name}, "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "evaluation.json").write_text(json.dumps(info, indent=2) + "\n")
+    if args.tracking_uri or args.run_id:
+        run_id = _log_to_mlflow(args, cfg, out, metrics, int(state["iteration"]))
+        log(f"evaluate: logged to MLflow run {run_id}")
+    print(json.dumps(metrics, indent=2))
+    log(f"evaluate: results in {out}")
+    return 0
+
+
+def _log_to_mlflow(args: argparse.Namespace, cfg, out: Path, metrics: dict[str, float], step: int) -> str:
+    """Metrics as ``eval/<name>`` at the checkpoint's iteration; files under ``evaluation/``."""
+    from service.ray_train import default_tracking_uri, start_mlflow_run
+    from service.tracking import MlflowSink
+
+    uri = args.tracking_uri or default_tracking_uri()
+    run_id = args.run_id or start_mlflow_run(cfg, uri, f"evaluate-{cfg.name.replace('/', '-')}-{args.protocol}-"
+                                                      f"{time.strftime('%Y%m%d-%H%M%S')}")
+    sink = MlflowSink(uri, run_id)
+    sink.log_metrics(step, {f"eval/{k}": v for k, v in metrics.items()})
+    for path in sorted(out.iterdir()):
+        if path.is_file():
+            sink.log_artifact(path, "evaluation")
+    return run_id
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
