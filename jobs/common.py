@@ -32,7 +32,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         cfg = quick(cfg)
     cfg = apply_overrides(cfg, args.overrides)
     if args.workers is not None or args.gpu:
-        scaling = dataclasses.replace(cfg.scaling, workers=args.workers or cfg.scaling.workers,
+        scaling = dataclasses.replace(cfg.scaling, workers=cfg.scaling.workers if args.workers is None else args.workers,
                                       use_gpu=args.gpu or cfg.scaling.use_gpu)
         cfg = apply_overrides(dataclasses.replace(cfg, scaling=scaling), {})
     if args.seed is not None:

@@ -401,7 +401,10 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
 
 def load_yaml(path: str) -> ExperimentConfig:
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {path!r} is not valid YAML ({' '.join(str(e).split())})") from None
     return from_dict(data)
 
 
