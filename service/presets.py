@@ -139,8 +139,8 @@ def _shrink(cfg: ExperimentConfig, iterations: int, warmup: int, mog_warmup: int
     )
 
 
-def _shrink_images(cfg: ExperimentConfig, *, subset: int, epochs: int, warmup: int, batch: int | None = None,
-                   small_networks: bool = False, **eval_kw) -> ExperimentConfig:
+def _shrink_images(cfg: ExperimentConfig, *, subset: int, epochs: int, warmup: int, log_every: int,
+                   batch: int | None = None, small_networks: bool = False, **eval_kw) -> ExperimentConfig:
     """Fewer epochs on the first ``subset`` training images (conversion one epoch before the warm-up ends)."""
     channels = cfg.network.channels
     if small_networks and cfg.data.dataset in ("mnist", "fmnist", "cifar10"):
@@ -151,7 +151,7 @@ def _shrink_images(cfg: ExperimentConfig, *, subset: int, epochs: int, warmup: i
         network=dataclasses.replace(cfg.network, channels=channels),
         prior=dataclasses.replace(cfg.prior, mog_warmup=min(1, warmup)),
         schedule=dataclasses.replace(cfg.schedule, unit="epochs", iterations=epochs, warmup=warmup,
-                                     checkpoint_every=1, log_every=min(cfg.schedule.log_every, 10)),
+                                     checkpoint_every=1, log_every=log_every),
         eval=dataclasses.replace(cfg.eval, **eval_kw),
     )
 
@@ -164,7 +164,7 @@ def quick(cfg: ExperimentConfig) -> ExperimentConfig:
     Images: 6 epochs (warm-up 3) on the first 2,048 training images, full-size networks.
     """
     if cfg.data.is_image:
-        return _shrink_images(cfg, subset=2_048, epochs=6, warmup=3, data_points=2_048, mc_samples=16)
+        return _shrink_images(cfg, subset=2_048, epochs=6, warmup=3, log_every=4, data_points=2_048, mc_samples=16)
     return _shrink(cfg, 5_000, 1_000, 100, (3_000, 4_000), mc_samples=16)
 
 
@@ -175,7 +175,7 @@ def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
     training images, batch 64, channels (16, 32[, 64]), T = 8, 256 test images for evaluation.
     """
     if cfg.data.is_image:
-        cfg = _shrink_images(cfg, subset=256, epochs=3, warmup=2, batch=64, small_networks=True,
+        cfg = _shrink_images(cfg, subset=256, epochs=3, warmup=2, log_every=1, batch=64, small_networks=True,
                              data_points=256, mc_samples=8)
         return dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, mc_samples=8))
     cfg = _shrink(cfg, 12, 6, 2, (9,), grid_size=32, data_points=256, hist_samples=512, mc_samples=8)
