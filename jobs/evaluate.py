@@ -123,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         test = ImageSource(test.name, test.images[:300], test.labels[:300])
     if extractor is None:  # cnn: the classifier of this dataset's train split (cached)
         fx_images = train.images[:args.extractor_train_images] if args.extractor_train_images else train.images
-        extractor = build_extractor("cnn", dataset=cfg.data.dataset if cfg.data.dataset != "parquet_images"
-                                    else train.name, train_images=fx_images, train_labels=train.labels[:len(fx_images)],
-                                    device=args.device, cache_dir=args.cache_dir, log=log)
+        try:
+            extractor = build_extractor("cnn", dataset=cfg.data.dataset if cfg.data.dataset != "parquet_images"
+                                        else train.name, train_images=fx_images,
+                                        train_labels=train.labels[:len(fx_images)], device=args.device,
+                                        cache_dir=args.cache_dir, log=log)
+        except ValueError as e:  # unlabelled images
+            return _fail(str(e), 2)
     out = Path(args.output_dir or ckpt.parent / f"eval-{args.protocol}").resolve()
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET + args.seed)

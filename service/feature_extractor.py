@@ -285,6 +285,9 @@ def load_or_train_cnn(dataset: str, images: Tensor, labels: Tensor, *, recipe: C
     """
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"images: expected uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    if len(torch.unique(labels)) < 2:
+        raise ValueError(f"protocol 'cnn': the {dataset} training images hold a single label; the offline "
+                         f"extractor is a classifier and needs labelled images (a 'label' column for Parquet)")
     key = cnn_cache_key(dataset, images, labels, recipe)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder / f"{_slug(dataset)}-cnn-{key}.pt"

@@ -11,9 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import evaluate
+from jobs import evaluate, train_extractor
 from service import checkpoint, feature_extractor
 from service.config import ExperimentConfig, apply_overrides
+from service.images import write_images_parquet
 from service.model import build_model
 
 
@@ -68,3 +69,25 @@ def test_evaluate_job_bad_input(image_checkpoint: Path, tmp_path: Path, capsys, 
         assert evaluate.main(["--checkpoint", str(image_checkpoint), "--output-dir", str(tmp_path / "o")]) == 1
         err = capsys.readouterr().err
         assert "protocol 'clean'" in err and "--protocol cnn" in err and not (tmp_path / "o").exists()
+
+
+def test_train_extractor_job_on_parquet_images(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.arange(256) % 4
+    base = rng.integers(0, 256, size=(4, 8, 8))
+    images = np.clip(base[labels] + rng.integers(-30, 31, size=(256, 8, 8)), 0, 255).astype(np.uint8)
+    write_images_parquet(tmp_path / "im.parquet", images, labels)
+    args = ["--dataset", "parquet_images", "--path", str(tmp_path / "im.parquet"), "--cache-dir", str(tmp_path / "c")]
+    assert train_extractor.main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["cached"] is False and Path(first["path"]).name.startswith("parquet_im-cnn-")
+    assert first["test_accuracy"] > 0.5  # 4 well-separated classes; chance 0.25
+    assert train_extractor.main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["cached"] is True and second["sha256"] == first["sha256"]
+    write_images_parquet(tmp_path / "unlabelled.parquet", images)
+    assert train_extractor.main(["--dataset", "parquet_images", "--path", str(tmp_path / "unlabelled.parquet"),
+                                 "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "needs labelled images" in capsys.readouterr().err
+    assert train_extractor.main(["--dataset", "parquet_images", "--path", str(tmp_path / "missing.parquet")]) == 2
+    assert "file not found" in capsys.readouterr().err
