@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 
 from service.config import ConfigError
-from service.tuning import SpaceError, load_space, resolve_shrink, run_sweep
+from service.spaces import SpaceError, load_space
+from service.tuning import resolve_shrink, run_sweep
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", help="search space YAML (tune_spaces/*.yaml)")
     p.add_argument("--output-dir", required=True, help="results.parquet, table.md, trial outputs; re-use to resume")
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPUs per trial, fractions allowed (0.25: four 2D trials share a GPU)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--name", help="sweep name (parent MLflow run prefix; default: the space file's name)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         p.error(f"--max-concurrent: {args.max_concurrent} is invalid; allowed integers >= 1")
@@ -59,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.output_dir).resolve()
     print((out / "table.md").read_text())
-    ok = int((df["status"] == "ok").sum())
+    ok, incomplete = int((df["status"] == "ok").sum()), int((df["status"] == "incomplete").sum())
     print(f"{ok}/{len(df)} trials completed; results: {out / 'results.parquet'}, {out / 'table.md'}")
-    return 0 if ok else 1
+    if incomplete:
+        print(f"{incomplete} trials did not finish: run the same command again to resume", file=sys.stderr)
+    return 0 if ok and not incomplete else 1
 
 
 if __name__ == "__main__":

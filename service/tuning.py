@@ -1,270 +1,33 @@
-"""Ray Tune sweeps from plain YAML space files (SPEC §6.4, §7.3): the only place YAML becomes Tune objects.
+"""Ray Tune adapter: one Tune trial per space variant, each trial one Ray Train run (SPEC §6.4, §7.3).
 
-A space file (``tune_spaces/*.yaml``) holds:
-
-- ``preset:`` one preset name, or ``presets:`` a list of names (a grid dimension) or a mapping
-  ``name -> fixed overrides`` (nested like the config; e.g. the paper's selected betas per preset);
-- ``metric:`` / ``mode:`` the selection metric (``hist_kl`` / ``min``, SPEC §6.4);
-- ``seeds:`` optional list, a grid dimension (innermost);
-- ``smoke:`` default shrink (``presets.smoke``) when the command line does not say;
-- ``requires:`` optional feature the space needs (``images``): presets that do not exist yet make
-  ``load_space`` raise ``SpaceUnavailable`` ("fmnist is not available yet");
-- ``param_space:`` mirroring ``ExperimentConfig``'s nesting, with ``{grid_search: [...]}`` leaves
-  (plain values are constants). Special key ``objective.beta_neg_factor: k`` sets
-  ``objective.beta_neg = k * objective.beta_kl`` (the paper's grid ``beta_neg = k * beta_kl``).
-
-``load_space`` expands the cartesian product presets x grid x seeds itself and validates every
-variant before Ray starts. ``run_sweep`` runs one Tune trial per variant: a 0.01-CPU driver that
-calls ``ray_train.fit`` (the Train V2 pattern of STACK.md) and reports once at the end; a diverged
-or failed training run is reported as ``status="failed"`` with its error, and the sweep goes on.
-Each trial's MLflow run is nested under one parent run per sweep. ``aggregate`` selects the
-hyperparameters with the lowest mean ``hist_kl`` per (dataset, configuration) and reports
-mean ± standard error over seeds next to the paper's Table 1 (SPEC §8).
+``run_sweep`` runs the variants of a validated space (``service.spaces``) as Tune trials: a
+0.01-CPU function trainable that calls ``ray_train.fit`` (the Train V2 pattern of STACK.md) and
+reports once at the end. A diverged or failed training run is reported as ``status="failed"``
+with its error, and the sweep goes on. Concurrency and per-worker CPUs/GPUs come from
+``plan_resources`` so that drivers plus Train workers never exceed the cluster. Each trial's
+MLflow run is nested under one parent run per sweep, which receives ``results.parquet``,
+``table.md`` (``service.tables``) and the table's cells as metrics. Re-running into the same
+output directory resumes (``Tuner.restore``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, flatten, to_dict
-from .presets import PRESETS, quick, smoke
-from .tracking import METRIC_NAMES
+from .spaces import Shrink, SpaceError, SweepSpec, Variant
+from .tables import FINAL_METRICS, KNOWN_METRICS, Tables, aggregate, write_results
 
-Shrink = Literal["full", "quick", "smoke"]
-TOP_KEYS = ("preset", "presets", "metric", "mode", "seeds", "smoke", "requires", "param_space")
-FACTOR_KEY = "objective.beta_neg_factor"  # beta_neg = factor * beta_kl (SPEC §6.4)
-FINAL_METRICS = tuple(m.removeprefix("eval/") for m in METRIC_NAMES if m.startswith("eval/"))
+if TYPE_CHECKING:
+    import pandas as pd
 
-
-class SpaceError(ConfigError):
-    """A space file is malformed; the message names the file and the dotted key."""
-
-
-class SpaceUnavailable(SpaceError):
-    """The space needs a feature (``requires:``) that the service does not have yet."""
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e6`` and ``2e-4`` as floats (plain YAML 1.1 wants ``1.0e+6``)."""
-
-
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"), list("-+0123456789."))
-
-
-# --------------------------------------------------------------------------------------------
-# Space files -> validated variants
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Variant:
-    """One trial: a preset, a seed and resolved dotted overrides (``params`` as written in the space)."""
-
-    id: int
-    preset: str
-    params: dict[str, Any]
-    overrides: dict[str, Any]
-
-    def config(self, shrink: Shrink = "full") -> ExperimentConfig:
-        base = PRESETS[self.preset]()
-        base = smoke(base) if shrink == "smoke" else quick(base) if shrink == "quick" else base
-        return apply_overrides(base, self.overrides)
-
-    @property
-    def hparams(self) -> dict[str, Any]:
-        """The overrides that define the hyperparameter setting (everything but the seed)."""
-        return {k: self.overrides[k] for k in sorted(self.overrides) if k != "seed"}
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    source: str
-    name: str
-    metric: str
-    mode: str
-    smoke: bool
-    variants: tuple[Variant, ...]
-    varying: tuple[str, ...]  # keys (``preset``, ``seed``, dotted params) taking more than one value
-    requires: str | None = None
-    text: str = ""  # the space file as written (hashed to protect resumes, logged to MLflow)
-
-    def configs(self, shrink: Shrink = "full") -> list[ExperimentConfig]:
-        """Every variant's validated config; errors name the file, the variant and the dotted key."""
-        out = []
-        for v in self.variants:
-            try:
-                out.append(v.config(shrink))
-            except ConfigError as e:
-                raise SpaceError(f"{self.source}: variant {v.id} {v.preset} {v.params} ({shrink}): {e}") from None
-        return out
-
-
-def _schema(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, Any]:
-    """Dotted path -> dataclass type (sections) or field annotation (leaves)."""
-    import typing
-
-    out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        out[path] = tp
-        if dataclasses.is_dataclass(tp):
-            out.update(_schema(tp, path + "."))
-    return out
-
-
-def _flatten_space(node: Any, prefix: str, source: str, schema: dict[str, Any], what: str) -> dict[str, list]:
-    """``param_space`` (or a preset's overrides) -> ``{dotted: [values]}``; constants are 1-lists."""
-    if not isinstance(node, dict):
-        raise SpaceError(f"{source}: {what}{'.' + prefix[:-1] if prefix else ''}: expected a mapping, got {node!r}")
-    out: dict[str, list] = {}
-    for key, value in node.items():
-        path = f"{prefix}{key}"
-        tp = schema.get(path)
-        if path != FACTOR_KEY and tp is None:
-            parent = prefix[:-1]
-            known = sorted(p.rsplit(".", 1)[-1] for p in schema if p.rpartition(".")[0] == parent)
-            if parent == "objective":
-                known.append(FACTOR_KEY.rsplit(".", 1)[-1])
-            raise SpaceError(f"{source}: {what}.{path}: unknown key; known keys are {known}")
-        if tp is not None and dataclasses.is_dataclass(tp):
-            out.update(_flatten_space(value, path + ".", source, schema, what))
-        elif isinstance(value, dict):
-            if set(value) != {"grid_search"}:
-                raise SpaceError(f"{source}: {what}.{path}: unsupported search {sorted(value)}; "
-                                 f"only {{grid_search: [...]}} or a plain value is allowed")
-            grid = value["grid_search"]
-            if not isinstance(grid, list) or not grid:
-                raise SpaceError(f"{source}: {what}.{path}: grid_search must be a non-empty list, got {grid!r}")
-            out[path] = grid
-        else:
-            out[path] = [value]
-    for k in (FACTOR_KEY,):
-        for v in out.get(k, []):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise SpaceError(f"{source}: {what}.{k}: {v!r} is not a positive number (beta_neg = k * beta_kl)")
-    return out
-
-
-def _presets(data: dict[str, Any], source: str, schema: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """``preset:`` / ``presets:`` (list, grid or mapping) -> [(name, fixed dotted overrides)]."""
-    if ("preset" in data) == ("presets" in data):
-        raise SpaceError(f"{source}: give exactly one of 'preset:' (a name) or 'presets:' (a list or mapping)")
-    raw = data.get("presets", data.get("preset"))
-    if isinstance(raw, dict) and set(raw) == {"grid_search"}:
-        raw = raw["grid_search"]
-    if isinstance(raw, str):
-        raw = [raw]
-    if isinstance(raw, list):
-        raw = {name: {} for name in raw}
-    if not isinstance(raw, dict) or not raw:
-        raise SpaceError(f"{source}: presets: expected a preset name, a non-empty list or a mapping, got {raw!r}")
-    out = []
-    for name, fixed in raw.items():
-        flat = _flatten_space(fixed or {}, "", source, schema, f"presets.{name}")
-        if any(len(v) > 1 for v in flat.values()):
-            raise SpaceError(f"{source}: presets.{name}: per-preset overrides are fixed values; "
-                             f"put grids in param_space")
-        out.append((str(name), {k: v[0] for k, v in flat.items()}))
-    return out
-
-
-def _check_presets(presets: list[tuple[str, dict]], requires: str | None, source: str) -> None:
-    for name, _ in presets:
-        if name in PRESETS:
-            continue
-        if requires:
-            raise SpaceUnavailable(f"{source}: {name.split('/')[0]} is not available yet (requires: {requires}; "
-                                   f"no preset {name!r} in service/presets.py)")
-        raise SpaceError(f"{source}: preset: {name!r} is unknown; valid presets are {sorted(PRESETS)}")
-
-
-def _resolve(params: dict[str, Any], fixed: dict[str, Any], preset: str, source: str) -> dict[str, Any]:
-    """Dotted overrides of one variant, with ``beta_neg_factor`` turned into ``beta_neg``."""
-    overrides = {**fixed, **{k: v for k, v in params.items() if k != FACTOR_KEY}}
-    if FACTOR_KEY in params:
-        if "objective.beta_neg" in overrides:
-            raise SpaceError(f"{source}: {FACTOR_KEY} and objective.beta_neg both set; give one of them")
-        beta_kl = overrides.get("objective.beta_kl", PRESETS[preset]().objective.beta_kl)
-        if isinstance(beta_kl, (int, float)) and not isinstance(beta_kl, bool):
-            overrides["objective.beta_neg"] = round(params[FACTOR_KEY] * beta_kl, 12)
-    return overrides
-
-
-def spec_from_dict(data: Any, source: str, text: str = "") -> SweepSpec:
-    """Validate a parsed space and expand it (presets x grid x seeds); see the module docstring."""
-    if not isinstance(data, dict):
-        raise SpaceError(f"{source}: expected a mapping with keys {list(TOP_KEYS)}")
-    for key in data:
-        if key not in TOP_KEYS:
-            raise SpaceError(f"{source}: {key}: unknown key; known keys are {list(TOP_KEYS)}")
-    schema = _schema()
-    requires = data.get("requires")
-    grid = _flatten_space(data.get("param_space") or {}, "", source, schema, "param_space")
-    presets = _presets(data, source, schema)
-    _check_presets(presets, requires, source)
-    metric, mode = data.get("metric", "hist_kl"), data.get("mode", "min")
-    if metric not in FINAL_METRICS:
-        raise SpaceError(f"{source}: metric: {metric!r} is not one of {list(FINAL_METRICS)}")
-    if mode not in ("min", "max"):
-        raise SpaceError(f"{source}: mode: {mode!r} is not one of ['min', 'max']")
-    is_smoke = data.get("smoke", False)
-    if not isinstance(is_smoke, bool):
-        raise SpaceError(f"{source}: smoke: expected true or false, got {is_smoke!r}")
-    seeds = data.get("seeds")
-    if seeds is not None:
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                               for s in seeds):
-            raise SpaceError(f"{source}: seeds: expected a non-empty list of integers, got {seeds!r}")
-        if "seed" in grid:
-            raise SpaceError(f"{source}: seeds: and param_space.seed both set; give one of them")
-    variants = []
-    for (preset, fixed), combo in itertools.product(presets, itertools.product(*grid.values())):
-        params = dict(zip(grid, combo))
-        for seed in seeds or [None]:
-            overrides = _resolve(params, fixed, preset, source)
-            if seed is not None:
-                overrides["seed"] = seed
-            variants.append(Variant(len(variants), preset, params, overrides))
-    varying = tuple(k for k, vals in [("preset", [p for p, _ in presets]), ("seed", seeds or [None]), *grid.items()]
-                    if len(vals) > 1)
-    spec = SweepSpec(source=source, name=Path(source).stem, metric=metric, mode=mode, smoke=is_smoke,
-                     variants=tuple(variants), varying=varying, requires=requires, text=text)
-    spec.configs("smoke" if is_smoke else "full")  # every variant, before Ray starts
-    return spec
-
-
-def load_space(path: str | Path) -> SweepSpec:
-    """Read, validate and expand ``tune_spaces/<name>.yaml``; raises ``SpaceError`` naming file and key."""
-    text = Path(path).read_text()
-    try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: not valid YAML: {e}") from None
-    return spec_from_dict(data, str(path), text)
-
-
-def stated_trials(path: str | Path) -> int | None:
-    """The ``# trials: N`` count stated in a space file's header."""
-    m = re.search(r"^#\s*trials:\s*([\d,]+)", Path(path).read_text(), flags=re.M)
-    return int(m.group(1).replace(",", "")) if m else None
-
-
-# --------------------------------------------------------------------------------------------
-# Running a sweep: Tune trials that each drive one Ray Train run
-# --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _TrialContext:
@@ -343,24 +106,29 @@ class ResourcePlan:
 
 def plan_resources(cpus: float, gpus: float, workers: int, max_concurrent: int | None = None,
                    gpus_per_trial: float = 0.0) -> ResourcePlan:
-    """Split ``cpus``/``gpus`` among concurrent trials so that drivers plus workers never exceed them.
+    """Concurrency and per-worker requests such that the trials that fit never over-subscribe.
 
-    Each trial gets ``cpus / max_concurrent``: its 0.01-CPU driver plus ``workers`` Train workers
-    sharing the rest (fractional CPUs are fine for Ray; torch gets the whole CPUs as threads).
-    Without ``max_concurrent`` as many trials run as there are whole CPUs per ``workers`` (and
-    ``gpus / gpus_per_trial`` with GPUs); a larger ``max_concurrent`` is lowered to that.
+    ``fits``: trials whose ``workers`` get at least one whole CPU each (and ``gpus_per_trial``).
+    Each of those trials gets ``cpus / min(max_concurrent, fits)`` CPUs, whole CPUs per worker,
+    and its 0.01-CPU Tune driver comes out of that share (so 2 trials on 2 CPUs ask for
+    0.01 + 0.99 each, not 1.01). Without ``max_concurrent`` exactly ``fits`` trials run at once.
+    A larger ``max_concurrent`` is kept (an autoscaling cluster adds nodes for the waiting
+    trials; on a fixed cluster they queue, each holding its 0.01 CPU). A GPU request the
+    cluster cannot serve raises, unless ``max_concurrent`` is given (GPU nodes still to come).
     """
-    if gpus_per_trial < 0 or (gpus_per_trial and gpus + 1e-9 < gpus_per_trial):
+    if gpus_per_trial < 0:
+        raise ConfigError(f"--gpus-per-trial: {gpus_per_trial} is invalid; allowed numbers >= 0")
+    if gpus_per_trial and gpus + 1e-9 < gpus_per_trial and max_concurrent is None:
         raise ConfigError(f"--gpus-per-trial: {gpus_per_trial} is more than the Ray cluster's {gpus:g} GPUs; "
-                          f"allowed [0, {gpus:g}]")
-    fit = max(1, int(cpus // workers))
+                          f"allowed [0, {gpus:g}] (on an autoscaling cluster, also give --max-concurrent)")
+    fits = max(1, int(cpus // workers))
     if gpus_per_trial:
-        fit = max(1, min(fit, int(gpus / gpus_per_trial + 1e-9)))
-    n = fit if max_concurrent is None else max(1, min(max_concurrent, fit))
-    share = cpus / n
+        fits = max(1, min(fits, int(gpus / gpus_per_trial + 1e-9)))
+    n = max_concurrent or fits
+    whole = max(1, int(cpus / min(n, fits) // workers))  # CPUs per Train worker, also its torch threads
     return ResourcePlan(max_concurrent=n,
-                        cpus_per_worker=math.floor((share - DRIVER_CPU) / workers * 1e4) / 1e4,
-                        threads_per_worker=max(1, int(share // workers)),
+                        cpus_per_worker=math.floor((whole - DRIVER_CPU / workers) * 1e4) / 1e4,
+                        threads_per_worker=whole,
                         gpus_per_worker=gpus_per_trial / workers)
 
 
@@ -439,8 +207,12 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
     if not ray.is_initialized():
         ray.init()
     resources = ray.cluster_resources()
-    plan = plan_resources(resources.get("CPU", 1), resources.get("GPU", 0),
-                          max(c.scaling.workers for c in configs), max_concurrent, gpus_per_trial)
+    workers = max(c.scaling.workers for c in configs)
+    plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), workers, max_concurrent, gpus_per_trial)
+    print(f"sweep: {len(spec.variants)} trials, {plan.max_concurrent} at a time; each Train worker asks for "
+          f"{plan.cpus_per_worker:g} CPU ({plan.threads_per_worker} torch threads)"
+          + (f" and {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
+          + f"; the cluster has {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
     ctx = _TrialContext(output_dir=str(out), tracking_uri=tracking_uri, parent_run_id=state["parent_run_id"],
                         sweep_name=state["sweep_name"], shrink=shrink, varying=spec.varying,
                         cpus_per_worker=plan.cpus_per_worker, threads_per_worker=plan.threads_per_worker,
@@ -474,12 +246,14 @@ def _finish_parent(tracking_uri: str, run_id: str, out: Path, df: "pd.DataFrame"
     for name in ("results.parquet", "table.md", "space.yaml"):
         client.log_artifact(run_id, str(out / name))
     client.log_metric(run_id, "sweep/trials_ok", float((df["status"] == "ok").sum()))
-    client.log_metric(run_id, "sweep/trials_failed", float((df["status"] != "ok").sum()))
+    client.log_metric(run_id, "sweep/trials_failed", float((df["status"] == "failed").sum()))
+    client.log_metric(run_id, "sweep/trials_incomplete", float((df["status"] == "incomplete").sum()))
     for r in tables.summary.itertuples():  # e.g. table/8gaussians/mog-ip-lc/hist_kl_mean
         for stat in ("mean", "se"):
             if not math.isnan(getattr(r, stat)):
                 client.log_metric(run_id, f"table/{r.dataset}/{r.configuration}/{r.metric}_{stat}", getattr(r, stat))
-    client.set_terminated(run_id)
+    # an interrupted sweep's parent is KILLED until a resumed run completes it
+    client.set_terminated(run_id, status="KILLED" if (df["status"] == "incomplete").any() else "FINISHED")
 
 
 def results_frame(spec: SweepSpec, configs: list[ExperimentConfig],
@@ -490,13 +264,15 @@ def results_frame(spec: SweepSpec, configs: list[ExperimentConfig],
     rows = []
     for v, cfg in zip(spec.variants, configs):
         metrics, error = reported.get(v.id, ({}, None))
-        status = metrics.get("status") or "failed"
-        err = metrics.get("error") or (_error_text(error) if error is not None else "" if status == "ok"
-                                       else "trial did not report (interrupted?)")
+        status = metrics.get("status") or ("failed" if error is not None else "incomplete")
+        err = metrics.get("error") or (_error_text(error) if error is not None else "")
+        if status == "incomplete":
+            err = "not finished (the sweep was interrupted); run the same command again to resume"
         dataset, _, configuration = v.preset.partition("/")
         row = {"variant": v.id, "preset": v.preset, "dataset": dataset, "configuration": configuration,
                "seed": cfg.seed, "hparams": json.dumps(v.hparams, sort_keys=True), "status": status, "error": err}
-        row.update({m: float(metrics.get(m, math.nan)) for m in FINAL_METRICS})
+        row.update({m: float(metrics.get(m, math.nan)) for m in FINAL_METRICS})  # 2D columns always
+        row.update({m: float(metrics[m]) for m in KNOWN_METRICS if m in metrics and m not in row})
         row.update({k: metrics.get(k) for k in ("time_s", "iteration", "mlflow_run_id", "run_name", "output_dir")})
         row.update({f"config.{k}": json.dumps(x) if isinstance(x, list) else x
                     for k, x in flatten(to_dict(cfg)).items()})
@@ -504,127 +280,3 @@ def results_frame(spec: SweepSpec, configs: list[ExperimentConfig],
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------------------------
-# Aggregation: best hyperparameters per (dataset, configuration), mean ± s.e. over seeds
-# --------------------------------------------------------------------------------------------
-
-TABLE_COLUMNS = {"vae": "VAE", "sintro": "SG", "mog-fixed": "fixed", "mog-ip": "IP", "mog-fixed-lc": "fixed LC",
-                 "mog-ip-lc": "IP LC"}  # SPEC §8 column order
-TABLE_METRICS = {"gnelbo_x1e7": "gnELBO", "hist_kl": "KL", "hist_jsd": "JSD"}
-# Paper Table 1 (mean, s.e. over 5 seeds), columns as TABLE_COLUMNS. Means: SPEC §8; s.e.: the paper's table.
-PAPER_TABLE1 = {
-    ("8gaussians", "gnelbo_x1e7"): [(7.48, .03), (.51, .07), (3.62, .31), (4.8, .15), (.25, .02), (.26, .04)],
-    ("8gaussians", "hist_kl"): [(6.94, .36), (1.23, .05), (4.46, 2.63), (2.36, .3), (1.94, .33), (2.24, .71)],
-    ("8gaussians", "hist_jsd"): [(17.41, .12), (1.01, .08), (1.77, .7), (1.79, .09), (1.13, .12), (1.08, .07)],
-    ("2spirals", "gnelbo_x1e7"): [(6.23, .01), (6.41, .27), (6.41, .43), (6.04, .36), (5.81, .4), (6.47, .28)],
-    ("2spirals", "hist_kl"): [(10.18, .16), (9.5, .55), (8.61, .35), (8.31, .2), (9.45, .56), (8.02, .11)],
-    ("2spirals", "hist_jsd"): [(4.94, .11), (4.21, .22), (3.76, .04), (3.53, .04), (3.89, .08), (3.64, .07)],
-    ("checkerboard", "gnelbo_x1e7"): [(8.62, .05), (7.21, .05), (8, .03), (7.66, .13), (7.81, .09), (7.67, .06)],
-    ("checkerboard", "hist_kl"): [(20.79, .08), (19.62, .25), (18.58, .22), (18.72, .27), (19.04, .65), (17.7, .11)],
-    ("checkerboard", "hist_jsd"): [(9.97, .06), (8.87, .07), (8.65, .04), (8.71, .08), (8.9, .22), (8.46, .07)],
-    ("rings", "gnelbo_x1e7"): [(6.37, .04), (6.03, .05), (6.73, .18), (6.86, .16), (6.4, .34), (6.65, .18)],
-    ("rings", "hist_kl"): [(13.3, .28), (9.99, .27), (10.07, .37), (9.77, .31), (11.31, .56), (10.31, 1.03)],
-    ("rings", "hist_jsd"): [(7.4, .08), (4.05, .07), (4.13, .08), (4.12, .07), (5.19, .33), (4.33, .33)],
-}
-
-
-@dataclass
-class Tables:
-    selected: "pd.DataFrame"  # per (dataset, configuration): hparams, score, seeds, failed
-    summary: "pd.DataFrame"  # per (dataset, configuration, metric): mean, se, n, paper_mean, paper_se
-    markdown: str
-
-
-def select_best(df: "pd.DataFrame", metric: str = "hist_kl", mode: str = "min") -> "pd.DataFrame":
-    """Per (dataset, configuration), the hparams whose completed seeds have the best mean ``metric``."""
-    import pandas as pd
-
-    ok = df[(df["status"] == "ok") & df[metric].notna()]
-    cols = ["dataset", "configuration", "hparams"]
-    groups = ok.groupby(cols, sort=False).agg(score=(metric, "mean"), seeds=(metric, "size"),
-                                              first=("variant", "min")).reset_index()
-    failed = df[df["status"] != "ok"].groupby(["dataset", "configuration"]).size().rename("failed")
-    groups = groups.sort_values(["score", "first"], ascending=[mode == "min", True], kind="stable")
-    best = groups.drop_duplicates(["dataset", "configuration"]).drop(columns="first")
-    best = best.merge(failed.reset_index(), on=["dataset", "configuration"], how="left")
-    best["failed"] = best["failed"].fillna(0).astype(int)
-    return best.sort_values(["dataset", "configuration"]).reset_index(drop=True) if len(best) else pd.DataFrame(
-        columns=["dataset", "configuration", "hparams", "score", "seeds", "failed"])
-
-
-def summarize(df: "pd.DataFrame", selected: "pd.DataFrame") -> "pd.DataFrame":
-    """Mean ± standard error (``std(ddof=1) / sqrt(n)``; NaN for n = 1) of the selected trials."""
-    import pandas as pd
-
-    rows = []
-    for sel in selected.itertuples():
-        runs = df[(df["dataset"] == sel.dataset) & (df["configuration"] == sel.configuration)
-                  & (df["hparams"] == sel.hparams) & (df["status"] == "ok")]
-        for metric in FINAL_METRICS:
-            values = runs[metric].dropna()
-            n = len(values)
-            if n == 0:
-                continue
-            se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-            paper = PAPER_TABLE1.get((sel.dataset, metric))
-            col = list(TABLE_COLUMNS).index(sel.configuration) if sel.configuration in TABLE_COLUMNS else None
-            p_mean, p_se = paper[col] if paper and col is not None else (math.nan, math.nan)
-            rows.append({"dataset": sel.dataset, "configuration": sel.configuration, "metric": metric,
-                         "mean": float(values.mean()), "se": se, "n": n, "paper_mean": p_mean, "paper_se": p_se})
-    return pd.DataFrame(rows, columns=["dataset", "configuration", "metric", "mean", "se", "n", "paper_mean",
-                                       "paper_se"])
-
-
-def _cell(mean: float, se: float) -> str:
-    if math.isnan(mean):
-        return "—"
-    return f"{mean:.2f}" if math.isnan(se) else f"{mean:.2f} ± {se:.2f}"
-
-
-def render_markdown(df: "pd.DataFrame", selected: "pd.DataFrame", summary: "pd.DataFrame", metric: str,
-                    mode: str = "min") -> str:
-    """Table 1 layout (rows dataset x metric), ours with the paper's in parentheses, then the selection."""
-    lines = ["# Sweep results", "",
-             f"{len(df)} trials: {(df['status'] == 'ok').sum()} completed, {(df['status'] != 'ok').sum()} failed. "
-             f"Selection: per (dataset, configuration) the hyperparameters with the {'lowest' if mode == 'min' else 'highest'} mean "
-             f"`{metric}`; cells are mean ± s.e. over seeds (s.e. = std/sqrt(n), blank for n = 1); "
-             "paper (Table 1, SPEC §8) in parentheses. Lower is better; gnELBO x 1e7.", "",
-             "| dataset | metric | " + " | ".join(TABLE_COLUMNS.values()) + " |",
-             "| --- | --- |" + " --- |" * len(TABLE_COLUMNS)]
-    by_key = {(r.dataset, r.configuration, r.metric): r for r in summary.itertuples()}
-    for dataset in sorted(df["dataset"].unique()):
-        for m, label in TABLE_METRICS.items():
-            paper = PAPER_TABLE1.get((dataset, m))
-            cells = []
-            for i, conf in enumerate(TABLE_COLUMNS):
-                r = by_key.get((dataset, conf, m))
-                ours = _cell(r.mean, r.se) if r is not None else "—"
-                cells.append(f"{ours} ({_cell(*paper[i])})" if paper else ours)
-            lines.append(f"| {dataset} | {label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Selected hyperparameters", "",
-              f"| dataset | configuration | hyperparameters | mean {metric} | seeds | failed trials |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for s in selected.itertuples():
-        lines.append(f"| {s.dataset} | {s.configuration} | `{s.hparams}` | {s.score:.3f} | {s.seeds} | {s.failed} |")
-    failed = df[df["status"] != "ok"]
-    if len(failed):
-        lines += ["", "## Failed trials", "", "| variant | preset | hyperparameters | seed | error |",
-                  "| --- | --- | --- | --- | --- |"]
-        for f in failed.head(50).itertuples():
-            error = str(f.error).replace("|", "/").replace("\n", " ")[:200]
-            lines.append(f"| {f.variant} | {f.preset} | `{f.hparams}` | {f.seed} | {error} |")
-    return "\n".join(lines) + "\n"
-
-
-def aggregate(df: "pd.DataFrame", metric: str = "hist_kl", mode: str = "min") -> Tables:
-    """Select (SPEC §6.4) and summarise a results frame; returns the tables and their Markdown."""
-    selected = select_best(df, metric, mode)
-    summary = summarize(df, selected)
-    return Tables(selected, summary, render_markdown(df, selected, summary, metric, mode))
-
-
-def write_results(df: "pd.DataFrame", tables: Tables, out: str | Path) -> None:
-    """``out/results.parquet`` (every trial) and ``out/table.md``."""
-    out = Path(out)
-    df.to_parquet(out / "results.parquet", engine="pyarrow", index=False)
-    (out / "table.md").write_text(tables.markdown)

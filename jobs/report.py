@@ -1,0 +1,52 @@
+"""Re-render a sweep's tables from its results.parquet (selection + mean ± s.e., paper Table 1 layout).
+
+    python -m jobs.report runs/smoke_seeds                # a sweep's --output-dir
+    python -m jobs.report runs/smoke_seeds/results.parquet --metric hist_jsd
+
+Selection (SPEC §6.4): per (dataset, configuration) the hyperparameters whose completed seeds have
+the lowest mean ``--metric`` (default: the sweep's own, else ``hist_kl``); then mean ± standard
+error (std/sqrt(n)) over seeds of gnELBO x 1e7, KL and JSD next to the paper's values (SPEC §8).
+Writes ``table.md`` next to the Parquet file (unless ``--no-write``) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from service.tables import FINAL_METRICS, aggregate, render_comparison
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", help="a sweep's output dir or its results.parquet")
+    p.add_argument("--metric", choices=FINAL_METRICS, help="selection metric (default: the sweep's, else hist_kl)")
+    p.add_argument("--mode", choices=("min", "max"), help="selection direction (default: the sweep's, else min)")
+    p.add_argument("--no-write", action="store_true", help="print only; leave table.md as it is")
+    args = p.parse_args(argv)
+    path = Path(args.results)
+    parquet = path / "results.parquet" if path.is_dir() else path
+    if not parquet.is_file():
+        print(f"error: results: {parquet} does not exist; give a sweep's --output-dir or its results.parquet",
+              file=sys.stderr)
+        return 2
+    import pandas as pd
+
+    state_file = parquet.parent / "sweep.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    metric = args.metric or state.get("metric", "hist_kl")
+    mode = args.mode or state.get("mode", "min")
+    df = pd.read_parquet(parquet)
+    tables = aggregate(df, metric=metric, mode=mode)
+    if not args.no_write:
+        (parquet.parent / "table.md").write_text(tables.markdown)
+    print(tables.markdown)
+    print("## Ours next to the paper\n")
+    print(render_comparison(tables.summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

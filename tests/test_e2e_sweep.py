@@ -1,0 +1,130 @@
+"""End to end: a smoke sweep through real Ray Tune + Ray Train on 2 CPUs with a real MLflow SQLite store.
+
+Four trials, two at a time: S-Intro VAE (SG) with seeds 0 and 1, which complete, and a VAE whose
+learning rates are 1e6, which diverges at its first iteration (``TrainingDiverged``) for both
+seeds and must be recorded as failed while the others complete.
+"""
+
+import math
+import time
+
+import pytest
+
+from jobs import report as report_job
+from jobs import sweep as sweep_job
+
+pytestmark = pytest.mark.e2e
+
+SPACE = """\
+# trials: 4
+presets:
+  8gaussians/sintro: {}
+  8gaussians/vae: {optim: {lr_encoder: 1.0e6, lr_decoder: 1.0e6}}
+seeds: [0, 1]
+metric: hist_kl
+mode: min
+smoke: true
+param_space:
+  eval: {plots: false}  # no PNGs: the test does not look at them
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    import ray
+
+    root = tmp_path_factory.mktemp("sweep")
+    (root / "space.yaml").write_text(SPACE)
+    args = [str(root / "space.yaml"), "--output-dir", str(root / "out"), "--max-concurrent", "2",
+            "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--name", "e2e"]
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    start = time.perf_counter()
+    rc = sweep_job.main(args)
+    print(f"smoke sweep, 4 trials: {time.perf_counter() - start:.1f} s")
+    yield root, args, rc
+    ray.shutdown()
+
+
+def _results(root):
+    import pandas as pd
+
+    return pd.read_parquet(root / "out" / "results.parquet")
+
+
+def test_diverged_trials_fail_and_the_others_complete(sweep):
+    root, _, rc = sweep
+    assert rc == 0
+    df = _results(root).sort_values("variant")
+    assert list(df["preset"]) == ["8gaussians/sintro"] * 2 + ["8gaussians/vae"] * 2
+    assert list(df["seed"]) == [0, 1, 0, 1]
+    assert list(df["status"]) == ["ok", "ok", "failed", "failed"]
+    for err in df[df["status"] == "failed"]["error"]:
+        assert err.startswith("TrainingDiverged: loss_vae is nan") and "lower optim.lr_encoder" in err
+    ok = df[df["status"] == "ok"]
+    assert (ok["iteration"] == 12).all() and ok[["gnelbo_x1e7", "hist_kl", "hist_jsd"]].notna().all().all()
+    assert df[df["status"] == "failed"]["hist_kl"].isna().all()
+    # every trial's full config is in the Parquet file
+    assert list(df["config.optim.lr_encoder"]) == [2e-4, 2e-4, 1e6, 1e6]
+    assert list(df["config.schedule.iterations"]) == [12, 12, 12, 12]
+
+
+def test_table_holds_mean_and_standard_error_computed_from_the_parquet(sweep):
+    root, _, _ = sweep
+    df = _results(root)
+    sg = df[(df["configuration"] == "sintro") & (df["status"] == "ok")]
+    table = (root / "out" / "table.md").read_text()
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+            for line in table.splitlines() if line.startswith("| 8gaussians |")}
+    for metric, label, paper in (("gnelbo_x1e7", "gnELBO", "(0.51 ± 0.07)"), ("hist_kl", "KL", "(1.23 ± 0.05)"),
+                                 ("hist_jsd", "JSD", "(1.01 ± 0.08)")):
+        values = list(sg[metric])
+        mean = sum(values) / 2
+        se = math.sqrt(sum((v - mean) ** 2 for v in values) / (2 - 1)) / math.sqrt(2)
+        vae, sg_cell = rows[("8gaussians", label)][:2]
+        assert sg_cell == f"{mean:.2f} ± {se:.2f} {paper}"
+        assert vae.startswith("— (")  # both VAE trials diverged: no numbers of ours
+    assert "2 | 0 |" in table  # selected SG: 2 seeds, 0 failed
+    assert table.count("| 8gaussians/vae |") == 2  # the failed-trials section
+
+
+def test_trials_are_mlflow_runs_nested_under_the_parent(sweep):
+    from mlflow.tracking import MlflowClient
+
+    root, _, _ = sweep
+    df = _results(root)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("introprior")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "sweep.space" in r.data.tags]
+    assert parent.info.run_name.startswith("e2e-") and parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.parquet", "table.md"}
+    sg_kl = df[(df["configuration"] == "sintro")]["hist_kl"]
+    assert parent.data.metrics["table/8gaussians/sintro/hist_kl_mean"] == pytest.approx(sg_kl.mean())
+    assert parent.data.metrics["sweep/trials_failed"] == 2
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4
+    by_id = {r.info.run_id: r for r in children}
+    for row in df.to_dict("records"):
+        run = by_id[row["mlflow_run_id"]]
+        assert run.data.tags["preset"] == row["preset"] and run.data.tags["seed"] == str(row["seed"])
+        assert float(run.data.params["optim.lr_encoder"]) == row["config.optim.lr_encoder"]  # tagged with its config
+        assert run.info.status == ("FINISHED" if row["status"] == "ok" else "FAILED")
+        if row["status"] == "ok":
+            assert run.data.metrics["eval/hist_kl"] == pytest.approx(row["hist_kl"])
+        else:
+            assert run.data.tags["error"].startswith("TrainingDiverged")
+
+
+def test_rerun_resumes_the_finished_sweep_and_report_rerenders_the_table(sweep, capsys):
+    root, args, _ = sweep
+    before = _results(root)
+    assert sweep_job.main(args) == 0  # Tune restore: every trial is already done, nothing runs again
+    after = _results(root)
+    assert list(after["mlflow_run_id"]) == list(before["mlflow_run_id"])
+    assert list(after["hist_kl"].fillna(-1)) == list(before["hist_kl"].fillna(-1))
+    table = (root / "out" / "table.md").read_text()
+    (root / "out" / "table.md").unlink()
+    capsys.readouterr()
+    assert report_job.main([str(root / "out")]) == 0
+    assert (root / "out" / "table.md").read_text() == table
+    assert "| 8gaussians | SG (sintro) | KL |" in capsys.readouterr().out
