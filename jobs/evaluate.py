@@ -33,7 +33,6 @@ import torch
 from service.feature_extractor import PROTOCOLS
 
 DEFAULT_SAMPLES = {"clean": 50_000, "paper": 50_000, "cnn": 10_000}
-EVAL_SEED_OFFSET = 104_729  # evaluation draws never reuse the training streams
 
 
 def _positive(text: str) -> int:
@@ -81,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from service.checkpoint import CheckpointError, load, restore_model
     from service.config import ConfigError
-    from service.feature_extractor import ExtractorUnavailable, build_extractor
-    from service.image_eval import evaluate_image_model
+    from service.feature_extractor import ExtractorUnavailable
+    from service.image_eval import FID_SEED_OFFSET, evaluate_image_model, extractor_for
     from service.images import ImageSource, make_image_source
 
     ckpt = Path(args.checkpoint).resolve()
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     extractor = None
     if args.protocol != "cnn":  # Inception protocols need no data: fail fast when unavailable
         try:
-            extractor = build_extractor(args.protocol, batch_size=cfg.data.batch_size, device=args.device, log=log)
+            extractor = extractor_for(args.protocol, cfg, None, device=args.device, log=log)
         except ExtractorUnavailable as e:
             return _fail(str(e), 1)
     # explicit flags win over --smoke's sizes, which win over the defaults
@@ -122,17 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         test = ImageSource(test.name, test.images[:300], test.labels[:300])
     if extractor is None:  # cnn: the classifier of this dataset's train split (cached)
-        fx_images = train.images[:args.extractor_train_images] if args.extractor_train_images else train.images
         try:
-            extractor = build_extractor("cnn", dataset=cfg.data.dataset if cfg.data.dataset != "parquet_images"
-                                        else train.name, train_images=fx_images,
-                                        train_labels=train.labels[:len(fx_images)], device=args.device,
-                                        cache_dir=args.cache_dir, log=log)
+            extractor = extractor_for("cnn", cfg, train, device=args.device, cache_dir=args.cache_dir,
+                                      train_images=args.extractor_train_images, log=log)
         except ValueError as e:  # unlabelled images
             return _fail(str(e), 2)
     out = Path(args.output_dir or ckpt.parent / f"eval-{args.protocol}").resolve()
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET + args.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + FID_SEED_OFFSET + args.seed)
     metrics = evaluate_image_model(model, cfg, train, test, extractor=extractor, n_samples=n_samples, out_dir=out,
                                    generator=gen, probe_train=probe_train, tsne_points=tsne_points, log=log)
     info = {"protocol": args.protocol, "extractor": extractor.info, "n_samples": int(metrics["fid_samples"]),

@@ -33,6 +33,7 @@ MogInit = Literal["vamp", "random"]
 KlEstimator = Literal["closed", "mc"]
 NetworkKind = Literal["mlp", "resnet"]
 ScheduleUnit = Literal["iterations", "epochs"]
+FidProtocol = Literal["none", "clean", "paper", "cnn"]  # SPEC §7.4 feature extractors (service.feature_extractor)
 
 
 def _choices(tp: Any) -> tuple:
@@ -209,10 +210,14 @@ class EvalConfig:
     bins: int = 100
     mc_samples: int = 100  # gnELBO MC samples (mixture priors)
     plots: bool = True
+    # images, after training: FID / precision-recall / probes (service.image_eval) with this protocol; "none" = off
+    fid_protocol: FidProtocol = "none"
+    fid_samples: int = 10_000  # images per FID set, and training latents of the probes
 
     def __post_init__(self) -> None:
-        for name in ("grid_size", "data_points", "hist_samples", "bins", "mc_samples"):
+        for name in ("grid_size", "data_points", "hist_samples", "bins", "mc_samples", "fid_samples"):
             _check_range(f"eval.{name}", getattr(self, name), lo=2)
+        _check_choice("eval.fid_protocol", self.fid_protocol, FidProtocol)
 
 
 @dataclass(frozen=True, kw_only=True)

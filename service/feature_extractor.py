@@ -28,6 +28,7 @@ import hashlib
 import os
 import tempfile
 import time
+import typing
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PROTOCOLS = ("clean", "paper", "cnn")
+from .config import FidProtocol
+
+PROTOCOLS = tuple(p for p in typing.get_args(FidProtocol) if p != "none")  # ("clean", "paper", "cnn")
 CACHE_ENV = "INTROPRIOR_CACHE_DIR"
 
 # clean-fid hard-codes this location on Linux; pytorch-fid's file lands in the torch hub cache.
@@ -232,6 +235,7 @@ def cnn_cache_key(dataset: str, images: Tensor, labels: Tensor, recipe: CnnRecip
     return h.hexdigest()[:16]
 
 
+@torch.enable_grad()  # callers may hold no_grad (the end-of-training evaluation does)
 def train_cnn(images: Tensor, labels: Tensor, recipe: CnnRecipe = CnnRecipe(),
               log: Callable[[str], None] = print) -> CnnClassifier:
     """Train the classifier on uint8 images ``(N, C, H, W)`` and int labels ``(N,)``; seeded, CPU friendly."""

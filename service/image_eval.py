@@ -42,6 +42,7 @@ from .priors import active_components, normalized_entropy
 from .sampling import encode, prior_usage, reconstruct, sample
 
 CHUNK = 500  # images per forward pass where the protocol does not fix the batch
+FID_SEED_OFFSET = 104_729  # evaluation draws never reuse the training streams (same offset as jobs.evaluate)
 
 
 class ImageSplit(Protocol):
@@ -127,7 +128,7 @@ def fid_metrics(model: Model, real: Tensor, extractor: FeatureExtractor, generat
 def evaluate_image_model(model: Model, cfg: ExperimentConfig, train_source: ImageSplit, test_source: ImageSplit, *,
                          extractor: FeatureExtractor, n_samples: int, out_dir: str | Path | None,
                          generator: torch.Generator, probe_train: int | None = None,
-                         tsne_points: int = 2000, log=print) -> dict[str, float]:
+                         tsne_points: int = 2000, write_metrics: bool = True, log=print) -> dict[str, float]:
     """All metrics of SPEC §7.4; plots, ``metrics.json`` and ``latents.parquet`` into ``out_dir``.
 
     ``n_samples`` images per FID set (capped at the training set size); ``probe_train`` limits
@@ -161,7 +162,8 @@ def evaluate_image_model(model: Model, cfg: ExperimentConfig, train_source: Imag
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if write_metrics:
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_latents(out / "latents.parquet",
                       {"train": (mu_train, r_train, train_y), "test": (mu_test, r_test, test_source.labels)})
         if cfg.eval.plots:
@@ -169,6 +171,48 @@ def evaluate_image_model(model: Model, cfg: ExperimentConfig, train_source: Imag
             image_plots(model, test_source, mu_test, usage, out, generator, tsne_points=tsne_points)
     model.train(was_training)
     return metrics
+
+
+def extractor_for(protocol: str, cfg: ExperimentConfig, train_source: ImageSplit | None, *,
+                  device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
+                  train_images: int | None = None, log=print) -> FeatureExtractor:
+    """The extractor of ``protocol`` for a run of ``cfg``: ``paper`` batches of ``data.batch_size``;
+    ``cnn`` trained (or found in the cache) on the first ``train_images`` (default all) images of
+    ``train_source``, named after the dataset (``parquet:<file>`` for Parquet images)."""
+    from .feature_extractor import build_extractor
+
+    if protocol != "cnn":
+        return build_extractor(protocol, batch_size=cfg.data.batch_size, device=device, log=log)
+    assert train_source is not None, "protocol 'cnn' trains on the train split"
+    images = train_source.images[:train_images] if train_images else train_source.images
+    dataset = cfg.data.dataset if cfg.data.dataset != "parquet_images" else getattr(train_source, "name", "parquet")
+    return build_extractor("cnn", dataset=dataset, train_images=images, train_labels=train_source.labels[:len(images)],
+                           device=device, cache_dir=cache_dir, log=log)
+
+
+def evaluate_after_training(model: Model, cfg: ExperimentConfig, train_source: ImageSplit, test_source: ImageSplit,
+                            *, device: str | torch.device = "cpu", plot_dir: str | Path | None = None) -> dict[str, float]:
+    """The end-of-training hook of ``service.evaluation.evaluate_images``: the full evaluation when
+    ``eval.fid_protocol`` is set (``"none"``, the default, costs nothing).
+
+    FID statistics and the ``cnn`` extractor use the whole training split, whatever ``data.subset``
+    trained on, so numbers of different runs are comparable. ``eval.fid_samples`` images per FID
+    set and training latents for the probes. Plots and ``latents.parquet`` go to ``plot_dir``
+    (``metrics.json`` is left to the caller, which merges these metrics into its own).
+    """
+    import dataclasses
+
+    from .images import make_image_source
+
+    protocol = cfg.eval.fid_protocol
+    if protocol == "none":
+        return {}
+    full = make_image_source(dataclasses.replace(cfg.data, subset=None), "train") if cfg.data.subset else train_source
+    extractor = extractor_for(protocol, cfg, full, device=device)
+    gen = torch.Generator().manual_seed(cfg.seed + FID_SEED_OFFSET)
+    return evaluate_image_model(model, cfg, full, test_source, extractor=extractor, n_samples=cfg.eval.fid_samples,
+                                out_dir=plot_dir, generator=gen, probe_train=cfg.eval.fid_samples,
+                                write_metrics=False)
 
 
 def write_latents(path: str | Path, splits: dict[str, tuple[Tensor, Tensor, Tensor]]) -> Path:

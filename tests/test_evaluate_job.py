@@ -91,3 +91,33 @@ def test_train_extractor_job_on_parquet_images(tmp_path: Path, capsys) -> None:
     assert "needs labelled images" in capsys.readouterr().err
     assert train_extractor.main(["--dataset", "parquet_images", "--path", str(tmp_path / "missing.parquet")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_end_of_training_hook_runs_the_configured_protocol(tmp_path: Path, monkeypatch) -> None:
+    """``eval.fid_protocol=cnn``: loop.train's final evaluation carries the image metrics (SPEC §7.4)."""
+    import torch
+
+    from service.data import make_source
+    from service.loop import train
+    from service.presets import get_preset, smoke
+
+    rng = np.random.default_rng(1)
+    labels = np.arange(128) % 4
+    images = np.clip(rng.integers(0, 256, size=(4, 8, 8))[labels] + rng.integers(-20, 21, size=(128, 8, 8)), 0, 255)
+    write_images_parquet(tmp_path / "tiny.parquet", images.astype(np.uint8), labels)
+    monkeypatch.setenv("INTROPRIOR_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = apply_overrides(smoke(get_preset("fmnist/mog10-ip-lc")), {
+        "data.path": str(tmp_path / "tiny.parquet"), "data.subset": None, "data.batch_size": 32,
+        "network.channels": [4, 8], "network.latent_dim": 4, "eval.data_points": 64, "eval.plots": False,
+        "eval.fid_protocol": "cnn", "eval.fid_samples": 100})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small model on a shared machine
+    try:
+        result = train(cfg, make_source(cfg.data))
+    finally:
+        torch.set_num_threads(threads)
+    names = {"fid_parquet_tiny_cnn", "fid_rec_parquet_tiny_cnn", "precision_parquet_tiny_cnn", "knn_5_acc",
+             "rec_error_test", "prior_entropy_norm"}
+    assert names <= set(result.metrics) and all(np.isfinite(result.metrics[k]) for k in names)
+    assert result.metrics["fid_samples"] == 100
+    assert len(list((tmp_path / "cache").glob("parquet_tiny-cnn-*.pt"))) == 1
