@@ -83,7 +83,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(n):
-                x = source.batch_at(it, batch, rank, world)[0].to(device, non_blocking=True)
+                x = source.batch_at(it, batch, rank, world, device=device)[0]
                 step(model, opt, x, cfg, generator=noise, iteration=it, grad_sync=sync)
                 it += 1
             if cuda:

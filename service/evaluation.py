@@ -122,7 +122,6 @@ def _plots(model: Model, source: PointSource, real: np.ndarray, fake: np.ndarray
 # Images
 # --------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def evaluate_images(model: Model, source: Any, cfg: ExperimentConfig, *, device: str | torch.device = "cpu",
                     plot_dir: str | Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """End-of-training summary on the first ``eval.data_points`` test images (model in eval mode).
@@ -131,14 +130,30 @@ def evaluate_images(model: Model, source: Any, cfg: ExperimentConfig, *, device:
     reconstruction term, SPEC §1); mixtures: ``prior_entropy_norm`` and
     ``prior_active_components`` of the test set (MC ``eval.mc_samples``, SPEC §4). Plots:
     ``samples.png`` (prior samples; a row per component for mixtures) and ``reconstructions.png``
-    (test images over their reconstructions). Then the ``service.image_eval`` hook (module docstring).
+    (test images over their reconstructions). Then the ``service.image_eval`` hook (module docstring),
+    outside ``no_grad``: it may train its feature extractor.
     """
     import importlib
     import importlib.util
 
     was_training = model.training
+    with torch.no_grad():
+        metrics, extra, test = _image_summary(model, cfg, torch.device(device), plot_dir)
+    if importlib.util.find_spec("service.image_eval") is not None:
+        hook = getattr(importlib.import_module("service.image_eval"), "evaluate_after_training", None)
+        if hook is not None:
+            model.eval()
+            with torch.enable_grad():  # evaluate() runs under no_grad
+                metrics.update(hook(model, cfg, source, test, device=device, plot_dir=plot_dir))
+    model.train(was_training)
+    return metrics, extra
+
+
+def _image_summary(model: Model, cfg: ExperimentConfig, device: torch.device,
+                   plot_dir: str | Path | None) -> tuple[dict[str, float], dict[str, Any], Any]:
+    """The metrics and plots of ``evaluate_images`` (model in eval mode); also returns the test split."""
     model.eval()
-    ev, device = cfg.eval, torch.device(device)
+    ev = cfg.eval
     gen = torch.Generator(device=device).manual_seed(cfg.seed + EVAL_SEED_OFFSET)
     test = make_source(cfg.data, "test")
     x = test.get(torch.arange(min(ev.data_points, len(test))))[0]
@@ -169,9 +184,4 @@ def evaluate_images(model: Model, source: Any, cfg: ExperimentConfig, *, device:
         shown = x[:per_row].to(device)
         pairs = torch.cat([shown, reconstruct(model, shown, generator=gen)]).clamp(0, 1).cpu()
         save_image(pairs, out / "reconstructions.png", nrow=per_row, pad_value=1.0)
-    if importlib.util.find_spec("service.image_eval") is not None:
-        hook = getattr(importlib.import_module("service.image_eval"), "evaluate_after_training", None)
-        if hook is not None:
-            metrics.update(hook(model, cfg, source, test, device=device, plot_dir=plot_dir))
-    model.train(was_training)
-    return metrics, extra
+    return metrics, extra, test

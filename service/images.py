@@ -92,9 +92,12 @@ class ImageSource:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def get(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Images ``idx`` as float ``[0, 1]`` and their labels."""
-        return self.images[idx].float().div_(255.0), self.labels[idx]
+    def get(self, idx: Tensor, device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """Images ``idx`` as float ``[0, 1]`` and their labels, on ``device`` (uint8 is what travels)."""
+        images, labels = self.images[idx], self.labels[idx]
+        if device is not None:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        return images.float().div_(255.0), labels
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` images drawn without replacement (with replacement only when ``n > N``)."""
@@ -129,9 +132,9 @@ class ImageSource:
         return self.permutation(epoch, seed)[start:start + local]
 
     def batch_at(self, iteration: int, global_batch: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0) -> tuple[Tensor, Tensor]:
+                 seed: int = 0, device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
         """``(x (B, C, H, W) float in [0, 1], labels (B,))`` with ``B = global_batch // world_size``."""
-        return self.get(self.batch_indices(iteration, global_batch, rank, world_size, seed))
+        return self.get(self.batch_indices(iteration, global_batch, rank, world_size, seed), device)
 
 
 def is_image_dataset(cfg: DataConfig) -> bool:

@@ -61,11 +61,11 @@ def _restore_generators(gens: dict[str, torch.Generator], saved: dict[str, Any],
 
 
 def _batch(source: PointSource, cfg: ExperimentConfig, it: int, rank: int, world_size: int,
-           generator: torch.Generator) -> torch.Tensor:
-    """This rank's real batch: an epoch-based shard (images) or fresh samples (2D)."""
+           generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """This rank's real batch on ``device``: an epoch-based shard (images) or fresh samples (2D)."""
     if hasattr(source, "batch_at"):
-        return source.batch_at(it, cfg.data.batch_size, rank, world_size, seed=cfg.seed)[0]
-    return source.sample(cfg.data.batch_size // world_size, generator)[0]
+        return source.batch_at(it, cfg.data.batch_size, rank, world_size, seed=cfg.seed, device=device)[0]
+    return source.sample(cfg.data.batch_size // world_size, generator)[0].to(device)
 
 
 def _build(cfg: ExperimentConfig, source: PointSource, resume: dict[str, Any] | None) -> Model:
@@ -120,7 +120,7 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
     for it in range(start, sched.iterations):
         opt = _phase_change(model, opt, cfg, it)
         opt.set_lr(it, cfg.optim.milestones, cfg.optim.lr_decay)
-        x = _batch(source, cfg, it, rank, world_size, gens["data"]).to(device, non_blocking=True)
+        x = _batch(source, cfg, it, rank, world_size, gens["data"], device)
         step = vae_step if it < sched.warmup else introspective_step
         metrics = step(model, opt, x, cfg, generator=gens["noise"], iteration=it, grad_sync=grad_sync)
         done = it + 1
