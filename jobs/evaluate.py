@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -68,19 +67,11 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from service.checkpoint import CheckpointError, load, restore_model
     from service.config import ConfigError
-    from service.feature_extractor import ExtractorUnavailable
+    from service.feature_extractor import ExtractorUnavailable, file_sha256
     from service.image_eval import FID_SEED_OFFSET, evaluate_image_model, extractor_for
     from service.images import ImageSource, make_image_source
 
@@ -133,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                                    generator=gen, probe_train=probe_train, tsne_points=tsne_points, log=log)
     info = {"protocol": args.protocol, "extractor": extractor.info, "n_samples": int(metrics["fid_samples"]),
             "probe_train": probe_train or len(train), "test_images": len(test), "seed": args.seed,
-            "checkpoint": {"path": str(ckpt), "sha256": _sha256(ckpt), "iteration": state["iteration"],
+            "checkpoint": {"path": str(ckpt), "sha256": file_sha256(ckpt), "iteration": state["iteration"],
                            "preset": cfg.name}, "seconds": round(time.perf_counter() - t0, 1)}
     (out / "evaluation.json").write_text(json.dumps(info, indent=2) + "\n")
     if args.tracking_uri or args.run_id:

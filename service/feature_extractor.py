@@ -271,7 +271,8 @@ def cnn_accuracy(model: CnnClassifier, images: Tensor, labels: Tensor, batch: in
     return correct / len(images)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -316,6 +317,6 @@ def load_or_train_cnn(dataset: str, images: Tensor, labels: Tensor, *, recipe: C
         os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     for p in model.parameters():
         p.requires_grad_(False)
-    info = {"path": str(path), "sha256": _file_sha256(path), "key": key, "cached": cached,
+    info = {"path": str(path), "sha256": file_sha256(path), "key": key, "cached": cached,
             "recipe": vars(recipe).copy(), "train_images": len(images)}
     return model, info
