@@ -114,7 +114,7 @@ def fid_metrics(model: Model, real: Tensor, extractor: FeatureExtractor, generat
     fake = generate_uint8(model, n, generator, batch)
     rec = reconstruct_uint8(model, real, generator, batch)
     f_real, f_fake, f_rec = (extractor.features(x) for x in (real, fake, rec))
-    precision, recall = precision_recall(f_real, f_fake)
+    precision, recall = precision_recall(f_real, f_fake, device=_device(model))
     return {extractor.metric("fid"): fid_from_features(f_real, f_fake),
             extractor.metric("fid_rec"): fid_from_features(f_real, f_rec),
             extractor.metric("precision"): precision, extractor.metric("recall"): recall,
