@@ -90,20 +90,27 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created by the driver if needed (SQLite: artifacts next to the store, absolute)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if tracking_uri.startswith("sqlite:///"):  # keep artifacts next to the store, absolute
+        artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
 def start_mlflow_run(cfg: ExperimentConfig, tracking_uri: str, run_name: str,
                      tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
     """Create (or find, for a resumed run name) the MLflow run; the driver owns the experiment."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        artifacts = None
-        if tracking_uri.startswith("sqlite:///"):  # keep artifacts next to the store, absolute
-            artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
-        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
-    else:
-        exp_id = exp.experiment_id
+    exp_id = ensure_experiment(tracking_uri, cfg.tracking.experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'", max_results=1)
     if found:
         return found[0].info.run_id

@@ -137,31 +137,34 @@ def resolve_shrink(spec: SweepSpec, shrink: Shrink | None) -> Shrink:
     return shrink or ("smoke" if spec.smoke else "full")
 
 
-def _sweep_state(out: Path, spec: SweepSpec, shrink: Shrink, tracking_uri: str, experiment: str,
-                 name: str | None) -> dict[str, Any]:
-    """Create the parent MLflow run, or find it again when resuming into the same output dir."""
-    digest = hashlib.sha256(spec.text.encode()).hexdigest()
+def _resumed_state(out: Path, spec: SweepSpec, shrink: Shrink, name: str | None,
+                   tracking_uri: str | None) -> dict[str, Any] | None:
+    """``out/sweep.json`` of the same sweep (to resume), None for a new one; refuses a different sweep."""
     state_file = out / "sweep.json"
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        if (state["space_sha256"], state["shrink"]) != (digest, shrink):
-            raise SpaceError(f"{spec.source}: {out} holds a different sweep ({state['source']}, {state['shrink']}); "
-                             "use a new --output-dir")
-        if name and name != state["name"]:
-            raise SpaceError(f"--name {name!r}: {out} holds the sweep {state['name']!r}; resume it with that name "
-                             "or use a new --output-dir")
-        return state
+    if not state_file.exists():
+        return None
+    state = json.loads(state_file.read_text())
+    if (state["space_sha256"], state["shrink"]) != (hashlib.sha256(spec.text.encode()).hexdigest(), shrink):
+        raise SpaceError(f"{spec.source}: {out} holds a different sweep ({state['source']}, {state['shrink']}); "
+                         "use a new --output-dir")
+    if name and name != state["name"]:
+        raise SpaceError(f"--name {name!r}: {out} holds the sweep {state['name']!r}; resume it with that name "
+                         "or use a new --output-dir")
+    if tracking_uri and tracking_uri != state["tracking_uri"]:
+        raise SpaceError(f"--tracking-uri {tracking_uri!r}: {out} is tracked in {state['tracking_uri']!r}; "
+                         "resume with that one (or without the flag) or use a new --output-dir")
+    return state
+
+
+def _new_state(out: Path, spec: SweepSpec, shrink: Shrink, tracking_uri: str, experiment: str,
+               name: str | None) -> dict[str, Any]:
+    """Create the sweep's parent MLflow run and ``out/sweep.json`` (what a resume needs)."""
     from mlflow.tracking import MlflowClient
 
+    from .ray_train import ensure_experiment
+
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:  # same artifact rule as ray_train.start_mlflow_run: next to the sqlite store
-        root = None
-        if tracking_uri.startswith("sqlite:///"):
-            root = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=root)
-    else:
-        exp_id = exp.experiment_id
+    exp_id = ensure_experiment(tracking_uri, experiment)
     base = name or spec.name
     # the timestamp keeps trial run names (``<sweep>-v0001``) unique in a shared tracking store
     sweep_name = f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -171,10 +174,10 @@ def _sweep_state(out: Path, spec: SweepSpec, shrink: Shrink, tracking_uri: str, 
                        "trials": len(spec.variants), "varying": ",".join(spec.varying)}.items():
         client.log_param(run.info.run_id, f"sweep.{key}", value)
     state = {"name": base, "sweep_name": sweep_name, "parent_run_id": run.info.run_id, "source": spec.source,
-             "space_sha256": digest, "shrink": shrink, "tracking_uri": tracking_uri,
-             "metric": spec.metric, "mode": spec.mode}
+             "space_sha256": hashlib.sha256(spec.text.encode()).hexdigest(), "shrink": shrink,
+             "tracking_uri": tracking_uri, "metric": spec.metric, "mode": spec.mode}
     (out / "space.yaml").write_text(spec.text)
-    state_file.write_text(json.dumps(state, indent=2))
+    (out / "sweep.json").write_text(json.dumps(state, indent=2))
     return state
 
 
@@ -201,14 +204,17 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
     shrink = resolve_shrink(spec, shrink)
     configs = spec.configs(shrink)  # every variant validated before Ray starts
     out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking_uri or default_tracking_uri()
-    state = _sweep_state(out, spec, shrink, tracking_uri, configs[0].tracking.experiment, name)
+    state = _resumed_state(out, spec, shrink, name, tracking_uri)
     if not ray.is_initialized():
         ray.init()
     resources = ray.cluster_resources()
     workers = max(c.scaling.workers for c in configs)
     plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), workers, max_concurrent, gpus_per_trial)
+    if state is None:  # nothing is written before the checks above
+        out.mkdir(parents=True, exist_ok=True)
+        state = _new_state(out, spec, shrink, tracking_uri or default_tracking_uri(),
+                           configs[0].tracking.experiment, name)
+    tracking_uri = state["tracking_uri"]
     print(f"sweep: {len(spec.variants)} trials, {plan.max_concurrent} at a time; each Train worker asks for "
           f"{plan.cpus_per_worker:g} CPU ({plan.threads_per_worker} torch threads)"
           + (f" and {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")

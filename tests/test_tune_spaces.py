@@ -136,6 +136,22 @@ def test_sweep_command_rejects_a_bad_space_before_ray_starts_and_writes_nothing(
     assert not out.exists() and not ray.is_initialized()
 
 
+def test_sweep_command_refuses_to_resume_a_different_sweep_before_ray_starts(tmp_path, capsys):
+    import json
+
+    import ray
+
+    out = tmp_path / "out"
+    out.mkdir()
+    state = {"name": "smoke_grid", "space_sha256": "0" * 64, "shrink": "smoke", "source": "tune_spaces/smoke_grid.yaml",
+             "tracking_uri": "sqlite:////nowhere/mlflow.db"}
+    (out / "sweep.json").write_text(json.dumps(state))
+    assert sweep_job.main([str(SPACES / "smoke_seeds.yaml"), "--output-dir", str(out)]) == 2
+    assert re.search(r"smoke_seeds.yaml: .*/out holds a different sweep \(tune_spaces/smoke_grid.yaml, smoke\); "
+                     r"use a new --output-dir", capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json"] and not ray.is_initialized()
+
+
 def test_quick_and_smoke_flags_shrink_every_variant(tmp_path):
     spec = load_space(SPACES / "seeds_8gaussians.yaml")
     full, quick, smoke = (spec.configs(s) for s in ("full", "quick", "smoke"))
