@@ -11,6 +11,7 @@ checkpoint taken with N workers resumes with M workers on the same data order.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,22 @@ def _state(model: Model, opt: Optimizers, gens: dict[str, torch.Generator], cfg:
                       generators={k: g.get_state() for k, g in gens.items()}, extra=extra)
 
 
+def _evaluate_during_training(model: Model, source: PointSource, cfg: ExperimentConfig, device: torch.device,
+                              sink: MetricSink, done: int, world_size: int) -> None:
+    """The ``schedule.eval_every`` evaluation (main rank, no plots), logged as ``eval/*`` at ``done``.
+
+    The same metrics as the final evaluation (2D: SPEC §6.5; images: the summary, plus FID,
+    precision/recall and probes when ``eval.fid_protocol`` is set). It draws from its own seeded
+    generators, so training continues exactly as without it. With SyncBatchNorm on several
+    workers it runs on a copy with per-worker BatchNorm: the other ranks take no part.
+    """
+    probe = model
+    if cfg.network.sync_bn and world_size > 1:
+        probe = use_local_batchnorm(copy.deepcopy(model))
+    metrics, _ = evaluate(probe, source, cfg, device=device, plot_dir=None)
+    sink.log_metrics(done, {f"eval/{k}": v for k, v in metrics.items()})
+
+
 def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None = None,
           on_checkpoint: CheckpointHook | None = None, grad_sync: GradSync = no_sync, rank: int = 0,
           world_size: int = 1, device: str | torch.device = "cpu", resume: dict[str, Any] | None = None,
@@ -130,6 +147,8 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
             metrics["train/lr"] = opt.encoder.param_groups[0]["lr"]
             sink.log_metrics(done, metrics)
             tick = now
+        if is_main and sched.eval_every and done % sched.eval_every == 0 and done < sched.iterations:
+            _evaluate_during_training(model, source, cfg, device, sink, done, world_size)
         if on_checkpoint and sched.checkpoint_every and done % sched.checkpoint_every == 0 and done < sched.iterations:
             on_checkpoint(_state(model, opt, gens, user_cfg, source, done) if is_main else None, done, metrics, False)
     use_local_batchnorm(model)  # rank-0-only evaluation must not wait for other ranks

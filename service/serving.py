@@ -1,6 +1,6 @@
 """HTTP serving of a trained model: a Ray Serve deployment with a FastAPI ingress (STYLE §6.7).
 
-Launch (see docs/serving.md):
+Launch (see README "Serve"):
     python -m jobs.serve --checkpoint runs/demo/checkpoint.pt              # local Ray, 127.0.0.1:8000
     serve run service.serving:build_app checkpoint=/abs/runs/demo/checkpoint.pt
     serve deploy deploy/serve.yaml                                         # after `ray start --head`

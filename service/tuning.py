@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, flatten, to_dict
+from .ray_train import failure_text
 from .spaces import Shrink, SpaceError, SweepSpec, Variant
 from .tables import FINAL_METRICS, KNOWN_METRICS, Tables, aggregate, write_results
 
@@ -40,19 +41,6 @@ class _TrialContext:
     cpus_per_worker: float  # Ray resource per Train worker (the trial's share minus its driver's 0.01)
     threads_per_worker: int  # torch threads per Train worker (its whole CPUs)
     gpus_per_worker: float
-
-
-def _error_text(e: BaseException) -> str:
-    """``Type: message`` of the root cause (a worker's ``TrainingDiverged`` rather than the wrapper)."""
-    failures = list(getattr(e, "worker_failures", {}).values()) or [getattr(e, "controller_failure", None)]
-    root = failures[0] if failures[0] is not None else e
-    while getattr(root, "cause", None) is not None and root.cause is not root:
-        root = root.cause
-    name = getattr(root, "cause_cls", type(root)).__name__ if hasattr(root, "cause_cls") else type(root).__name__
-    lines = [ln for ln in str(root).splitlines() if ln.strip()]
-    message = next((ln for ln in reversed(lines) if name in ln), lines[-1] if lines else "")
-    message = message.split(f"{name}: ", 1)[-1]
-    return f"{name}: {message}"[:2000]
 
 
 def _trial(config: dict[str, Any], ctx: _TrialContext) -> None:
@@ -83,7 +71,7 @@ def _trial(config: dict[str, Any], ctx: _TrialContext) -> None:
         row.update(status="ok", error="", iteration=res["iteration"], output_dir=res["output_dir"], **res["metrics"])
     except Exception as e:  # noqa: BLE001 - a diverged (TrainingDiverged in a worker) or otherwise failed
         # run is recorded with its error, not retried, and the sweep goes on
-        row.update(status="failed", error=_error_text(e))
+        row.update(status="failed", error=failure_text(e))
         client = MlflowClient(ctx.tracking_uri)
         client.set_tag(run_id, "error", row["error"][:5000])
         client.set_terminated(run_id, status="FAILED")
@@ -271,7 +259,7 @@ def results_frame(spec: SweepSpec, configs: list[ExperimentConfig],
     for v, cfg in zip(spec.variants, configs):
         metrics, error = reported.get(v.id, ({}, None))
         status = metrics.get("status") or ("failed" if error is not None else "incomplete")
-        err = metrics.get("error") or (_error_text(error) if error is not None else "")
+        err = metrics.get("error") or (failure_text(error) if error is not None else "")
         if status == "incomplete":
             err = "not finished (the sweep was interrupted); run the same command again to resume"
         dataset, _, configuration = v.preset.partition("/")

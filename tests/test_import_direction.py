@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 CORE = ["service.config", "service.gaussian", "service.priors", "service.networks", "service.model",
         "service.objectives", "service.step", "service.loop", "service.data", "service.images",
         "service.sampling", "service.evaluation", "service.checkpoint", "service.presets", "service.tracking",
-        "service.distributed", "service.plots"]
+        "service.distributed", "service.plots", "service.feature_extractor", "service.image_eval",
+        "service.spaces", "service.tables"]
 METRICS = [f"service.metrics.{m.name}" for m in pkgutil.iter_modules(service.metrics.__path__)]
 FORBIDDEN = ("ray", "mlflow", "fastapi")
 
