@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import time
 
 import httpx
@@ -49,9 +50,12 @@ def _report(label: str, r: dict[str, float]) -> None:
           f"p99={r['p99_ms']:.1f} ms  {r['req_per_s']:.1f} req/s  {r['samples_per_s']:.0f} samples/s", flush=True)
 
 
-def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+def wait_healthy(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``GET /healthz`` until it answers 200; fail early if ``proc`` (the server) exits."""
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited early with {proc.returncode}")
         try:
             if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
                 return
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         for batching in (True, False):
             t2 = time.perf_counter()
             serve.run(build_app(ServeArgs(checkpoint=args.checkpoint, batching=batching, access_log=False)), name="introprior")
-            _wait_healthy(url)
+            wait_healthy(url)
             what = "cold start" if batching else "redeploy"
             print(f"{what}: {time.perf_counter() - t2:.2f} s to a healthy replica"
                   + (f" (ray.init + serve.start {t1 - t0:.2f} s before)" if batching else ""), flush=True)

@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -191,22 +191,27 @@ def write_points_parquet(path: str | os.PathLike, x: Tensor | np.ndarray,
     pq.write_table(pa.table(columns), str(path))
 
 
+def read_parquet(path: str, field: str) -> Any:
+    """The ``pyarrow.Table`` of ``path``; a missing or unreadable file raises ``ConfigError("<field>: <file>: ...")``."""
+    import pyarrow.parquet as pq
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{field}: {path}: file not found")
+    try:
+        return pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt or non-Parquet files
+        raise ConfigError(f"{field}: {path}: not a readable Parquet file ({e})") from None
+
+
 def load_points_parquet(path: str) -> tuple[Tensor, Tensor]:
     """Read and validate a points file: x (N, 2) float32, labels (N,) int64 (0 when absent).
 
     Every problem raises ``ConfigError("data.path: <file>: <problem>")``.
     """
-    import pyarrow.parquet as pq
-
     def fail(problem: str) -> ConfigError:
         return ConfigError(f"data.path: {path}: {problem}")
 
-    if not os.path.isfile(path):
-        raise fail("file not found")
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for corrupt or non-Parquet files
-        raise fail(f"not a readable Parquet file ({e})") from None
+    table = read_parquet(path, "data.path")
     found = table.column_names
     for name in ("x", "y"):
         if name not in found:

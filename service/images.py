@@ -310,20 +310,14 @@ def load_images_parquet(path: str, field: str = "data.path") -> tuple[Tensor, Te
 
     Every problem raises ``ConfigError("<field>: <file>: column 'image': <problem>")``.
     """
-    import pyarrow.parquet as pq
     import pyarrow.types as pat
 
-    from .data import _label_column
+    from .data import _label_column, read_parquet
 
     def fail(problem: str) -> ConfigError:
         return ConfigError(f"{field}: {path}: {problem}")
 
-    if not os.path.isfile(path):
-        raise fail("file not found")
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for corrupt or non-Parquet files
-        raise fail(f"not a readable Parquet file ({e})") from None
+    table = read_parquet(path, field)
     if "image" not in table.column_names:
         raise fail(f"column 'image' missing; columns found: {table.column_names} (need uint8 pixel arrays or "
                    f"PNG bytes in a column named 'image')")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from .config import (TOY_DATASETS, DataConfig, EvalConfig, ExperimentConfig, NetworkConfig, ObjectiveConfig,
+from .config import (TOY_DATASETS, DataConfig, ExperimentConfig, NetworkConfig, ObjectiveConfig,
                      OptimConfig, PriorConfig, ScheduleConfig)
 
 IMAGE_PRESET_DATASETS = ("mnist", "fmnist", "cifar10")

@@ -1,6 +1,7 @@
 """Shared test set-up: Ray auth off and identical for every process; no hidden downloads."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,3 +18,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smoke_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of a smoke-trained 8-component IP + LC model on 8gaussians (in process, seconds)."""
+    from service import checkpoint
+    from service.data import make_source
+    from service.loop import train
+    from service.presets import get_preset, smoke
+
+    cfg = smoke(get_preset("8gaussians/mog-ip-lc"))
+    path = tmp_path_factory.mktemp("smoke_checkpoint") / "checkpoint.pt"
+    checkpoint.save(path, train(cfg, make_source(cfg.data)).state)
+    return path

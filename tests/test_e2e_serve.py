@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jobs.load_test import wait_healthy
 from service import checkpoint
 
 pytestmark = pytest.mark.e2e
@@ -33,31 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout_s: float = 300.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc is None or proc.poll() is None, f"server exited early with {proc.returncode}"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url}/healthz did not answer within {timeout_s} s")
-
-
-@pytest.fixture(scope="module")
-def smoke_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from service.data import make_source
-    from service.loop import train
-    from service.presets import get_preset, smoke
-
-    cfg = smoke(get_preset("8gaussians/mog-ip-lc"))
-    path = tmp_path_factory.mktemp("serve") / "checkpoint.pt"
-    checkpoint.save(path, train(cfg, make_source(cfg.data)).state)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +53,7 @@ def test_jobs_serve_subprocess_serves_until_sigterm(smoke_checkpoint: Path) -> N
                              "--port", str(port), "--no-batching"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc=proc)
+        wait_healthy(f"http://127.0.0.1:{port}", timeout_s=300, proc=proc)
         info = httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=10).json()
         assert info["serving"]["batching"] is False and info["checkpoint"]["path"] == str(smoke_checkpoint)
         proc.send_signal(signal.SIGTERM)
@@ -111,7 +86,7 @@ def served(smoke_checkpoint: Path) -> Iterator[str]:
     serve.run(build_app({"checkpoint": str(smoke_checkpoint), "max_samples": 512, "max_body_bytes": 65536}),
               name="introprior", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
+    wait_healthy(url, timeout_s=300)
     yield url
     serve.shutdown()
     if started_ray:

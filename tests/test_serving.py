@@ -315,18 +315,6 @@ def test_serve_args_reject_unknown_and_bad_values() -> None:
     assert ServeArgs.model_validate({"checkpoint": "x", "batching": "false", "max_samples": "8"}).batching is False
 
 
-@pytest.fixture(scope="module")
-def smoke_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from service.data import make_source
-    from service.loop import train
-    from service.presets import get_preset, smoke
-
-    cfg = smoke(get_preset("8gaussians/mog-ip-lc"))
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    checkpoint.save(path, train(cfg, make_source(cfg.data)).state)
-    return path
-
-
 def test_builder_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
     import ray
 
