@@ -148,7 +148,9 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
             sink.log_metrics(done, metrics)
             tick = now
         if is_main and sched.eval_every and done % sched.eval_every == 0 and done < sched.iterations:
+            started = time.perf_counter()
             _evaluate_during_training(model, source, cfg, device, sink, done, world_size)
+            tick += time.perf_counter() - started  # train/iterations_per_s counts training time only
         if on_checkpoint and sched.checkpoint_every and done % sched.checkpoint_every == 0 and done < sched.iterations:
             on_checkpoint(_state(model, opt, gens, user_cfg, source, done) if is_main else None, done, metrics, False)
     use_local_batchnorm(model)  # rank-0-only evaluation must not wait for other ranks
