@@ -54,6 +54,25 @@ def _checkpoints(folder: Path, store: dict):
     return hook
 
 
+def test_evaluation_cadence_counts_epochs_for_images(tmp_path):
+    """``schedule.eval_every = 1`` on an epoch schedule evaluates after every epoch (4 iterations):
+    the test-set summary and prior usage as ``eval/*``, and the training itself is unchanged."""
+    from service.tracking import MemorySink
+
+    cfg = _tiny_cfg(_tiny_images(tmp_path))
+    source = make_source(cfg.data)
+    plain = train(cfg, source)
+    sink = MemorySink()
+    cadenced = train(apply_overrides(cfg, {"schedule.eval_every": 1}), source, sink=sink)
+    evals = [(step, m) for step, m in sink.metrics if any(k.startswith("eval/") for k in m)]
+    assert [step for step, _ in evals] == [4, 8, 12]
+    for _, m in evals:
+        assert {"eval/rec_error_test", "eval/prior_entropy_norm", "eval/prior_active_components"} <= set(m)
+        assert all(math.isfinite(v) for v in m.values())
+    expected = plain.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in cadenced.model.state_dict().items())
+
+
 def test_resume_continues_exactly(tmp_path):
     """One worker: a run resumed from its epoch-1 checkpoint ends bit-identical to the uninterrupted run."""
     cfg = _tiny_cfg(_tiny_images(tmp_path))
