@@ -112,6 +112,16 @@ def test_every_preset_and_its_shrunk_versions_validate_and_round_trip():
         assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg, name  # YAML is slow: once per preset
 
 
+def test_quick_schedule_shortens_2d_runs_and_halves_their_batch_only():
+    for name in ("8gaussians/mog-ip-lc", "rings/sintro", "checkerboard/vae"):
+        full, q = get_preset(name), quick(get_preset(name))
+        assert (q.schedule.iterations, q.data.batch_size, q.optim.milestones) == (5_000, 256, (3_000, 4_000))
+        assert (q.objective, q.prior.num_components, q.network) == (full.objective, full.prior.num_components,
+                                                                    full.network)  # the model is the paper's
+    image = get_preset("fmnist/mog10-ip-lc")
+    assert quick(image).data.batch_size == image.data.batch_size
+
+
 def test_unknown_preset_lists_the_valid_names():
     with pytest.raises(KeyError, match=r"preset: '8gaussians/nope' is unknown; valid presets are \[.*"
                                        r"'8gaussians/mog-ip-lc'"):
