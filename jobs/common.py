@@ -16,7 +16,7 @@ def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "8g
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set objective.beta_kl=0.5 (repeatable)")
     p.add_argument("--smoke", action="store_true", help="shrink to a seconds-long run (tests, CI)")
-    p.add_argument("--quick", action="store_true", help="shrink to a minutes-long schedule (5,000 iterations)")
+    p.add_argument("--quick", action="store_true", help="shrink to a minutes-long schedule (5,000 iterations; 2D batch 256)")
     p.add_argument("--workers", type=int, help="Ray Train workers (data parallel)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
     p.add_argument("--seed", type=int, help="random seed")
