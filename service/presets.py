@@ -126,10 +126,11 @@ def get_preset(name: str) -> ExperimentConfig:
 
 
 def _shrink(cfg: ExperimentConfig, iterations: int, warmup: int, mog_warmup: int, milestones: tuple[int, ...],
-            **eval_kw) -> ExperimentConfig:
+            batch: int | None = None, **eval_kw) -> ExperimentConfig:
     warm = iterations if cfg.is_vae else warmup
     return dataclasses.replace(
         cfg,
+        data=dataclasses.replace(cfg.data, batch_size=batch or cfg.data.batch_size),
         prior=dataclasses.replace(cfg.prior, mog_warmup=min(mog_warmup, warm)),
         optim=dataclasses.replace(cfg.optim, milestones=milestones),
         schedule=dataclasses.replace(cfg.schedule, iterations=iterations, warmup=warm,
@@ -168,8 +169,7 @@ def quick(cfg: ExperimentConfig) -> ExperimentConfig:
     """
     if cfg.data.is_image:
         return _shrink_images(cfg, subset=2_048, epochs=6, warmup=3, log_every=4, data_points=2_048, mc_samples=16)
-    cfg = _shrink(cfg, 5_000, 1_000, 100, (3_000, 4_000), mc_samples=16)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=min(256, cfg.data.batch_size)))
+    return _shrink(cfg, 5_000, 1_000, 100, (3_000, 4_000), batch=min(256, cfg.data.batch_size), mc_samples=16)
 
 
 def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -182,10 +182,9 @@ def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
         cfg = _shrink_images(cfg, subset=256, epochs=3, warmup=2, log_every=1, batch=64, small_networks=True,
                              data_points=256, mc_samples=8)
         return dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, mc_samples=8))
-    cfg = _shrink(cfg, 12, 6, 2, (9,), grid_size=32, data_points=256, hist_samples=512, mc_samples=8)
+    cfg = _shrink(cfg, 12, 6, 2, (9,), batch=32, grid_size=32, data_points=256, hist_samples=512, mc_samples=8)
     return dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, batch_size=32),
         network=dataclasses.replace(cfg.network, hidden=32),
         prior=dataclasses.replace(cfg.prior, num_components=min(cfg.prior.num_components, 8)),
         objective=dataclasses.replace(cfg.objective, mc_samples=8),
