@@ -1,4 +1,4 @@
-"""Evaluate a trained image model (SPEC §7.4): FID(GEN), FID(REC), precision / recall, latent probes,
+r"""Evaluate a trained image model (SPEC §7.4): FID(GEN), FID(REC), precision / recall, latent probes,
 prior usage, plots and a Parquet export of the latents.
 
     python -m jobs.evaluate --checkpoint runs/fmnist-mog10/checkpoint.pt --protocol cnn

@@ -1,4 +1,4 @@
-"""Run a search space from ``tune_spaces/`` with Ray Tune; every trial is a Ray Train run.
+r"""Run a search space from ``tune_spaces/`` with Ray Tune; every trial is a Ray Train run.
 
 Local (starts Ray on demand; MLflow in ./mlflow.db):
     python -m jobs.sweep tune_spaces/smoke_grid.yaml --output-dir runs/smoke_grid

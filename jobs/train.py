@@ -1,4 +1,4 @@
-"""Train one model through Ray Train, tracked in MLflow.
+r"""Train one model through Ray Train, tracked in MLflow.
 
 Local (starts Ray on demand; MLflow in ./mlflow.db):
     python -m jobs.train --preset 8gaussians/mog-ip-lc --quick --workers 2 --output-dir runs/demo

@@ -85,3 +85,14 @@ def test_bad_input_in_process(argv, field, tmp_path, capsys):
         train_job.main(argv + ["--output-dir", str(tmp_path / "out")])
     assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {field}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("job", sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem != "__init__"))
+def test_help_keeps_the_shell_line_continuations_of_its_examples(job):
+    """A ``\\`` ending a usage line in a job's docstring must reach ``--help``: a non-raw docstring
+    would join the two lines, and the example would no longer paste into a shell as written."""
+    source = (REPO / "jobs" / f"{job}.py").read_text()
+    written = source.split('"""')[1]  # the module docstring as it stands in the file
+    continued = [line for line in written.splitlines() if line.endswith("\\")]
+    doc = __import__(f"jobs.{job}", fromlist=["_"]).__doc__ or ""
+    assert [line for line in doc.splitlines() if line.endswith("\\")] == continued
