@@ -9,7 +9,7 @@ selection for the standard Gaussian (paper Table 3), the presets' official S-Int
 (SPEC §6.3) for the MoG configurations (the paper does not publish their selections). Every
 trial is a Ray Tune trial running one Ray Train run (``jobs.sweep`` underneath: same resources,
 MLflow parent run, resume by re-running with the same ``--output-dir``). Full schedule: 30,000
-iterations, roughly 30 min (SG) to 75 min (MoG IP + LC) per trial on 2 CPU threads.
+iterations, roughly 30 min (SG) to 51 min (MoG IP + LC) per trial alone on 2 CPU threads.
 """
 
 from __future__ import annotations
