@@ -162,7 +162,7 @@ def quick(cfg: ExperimentConfig) -> ExperimentConfig:
 
     Batch 256 instead of 512 halves the compute of a step (it is matmul-bound) for the same number
     of updates; at 5,000 iterations it was no worse (8gaussians IP + LC, one seed each: histogram
-    KL 11.3 at 256, 18.4 at 512, all 8 modes at 256, see README "Measured figures").
+    KL 12.6 at 256, 18.4 at 512, all 8 modes at 256; README "Measured figures", ``make run``).
     The gnELBO grid stays 1024 x 1024 (its normalisation depends on it) but uses 16 instead of
     100 Monte-Carlo draws for mixtures: about 6x faster to evaluate, noisier.
     Images: 6 epochs (warm-up 3) on the first 2,048 training images, full-size networks.
