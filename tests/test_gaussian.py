@@ -135,3 +135,72 @@ def test_mixture_of_one_standard_component_is_the_standard_normal():
     zeros = torch.zeros(1, 3, dtype=F64)
     log_p, _ = mixture_log_prob(z, zeros, zeros, torch.zeros(1, dtype=F64))
     torch.testing.assert_close(log_p, Normal(0.0, 1.0).log_prob(z).sum(-1), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Precision of the float32 mixture (issue: sharp priors): both paths against float64
+# --------------------------------------------------------------------------------------------
+
+def _sharp_case(logvar: float, scale: float, n: int = 51_200, m: int = 64, d: int = 2, seed: int = 0):
+    """Points drawn from a mixture whose components have log-variance ~``logvar`` and |mu| ~ ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    means = scale * torch.randn(m, d, generator=g, dtype=F64)
+    logvars = logvar + 0.3 * torch.randn(m, d, generator=g, dtype=F64)
+    log_w = torch.log_softmax(torch.randn(m, generator=g, dtype=F64), 0)
+    idx = torch.randint(0, m, (n,), generator=g)
+    z = means[idx] + torch.exp(0.5 * logvars[idx]) * torch.randn(n, d, generator=g, dtype=F64)
+    # the float32 inputs, and the same values in float64: the reference sees exactly what float32 sees
+    inputs32 = [t.float() for t in (z, means, logvars, log_w)]
+    return inputs32, [t.double() for t in inputs32], torch.randn(n, generator=g, dtype=F64)
+
+
+def _value_and_grads(fn, inputs, weight):
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*xs)
+    (out * weight.to(out.dtype)).sum().backward()
+    return [out.detach().double()] + [x.grad.double() for x in xs]
+
+
+def _fused(*a):
+    return mixture_log_prob(*a)[0]
+
+
+def _plain(*a):
+    return torch.logsumexp(mixture_component_log_prob(*a), -1)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+SHARP_REGIMES = [(0.0, 1.0), (-1.1, 1.5), (-4.0, 3.0), (-7.0, 5.0), (-9.0, 5.0)]
+
+
+@pytest.mark.parametrize("path", [_fused, _plain], ids=["fused", "plain"])
+@pytest.mark.parametrize("logvar,scale", SHARP_REGIMES)
+def test_float32_mixture_matches_float64_from_broad_to_sharp_components(path, logvar, scale):
+    inputs32, inputs64, weight = _sharp_case(logvar, scale)
+    got = _value_and_grads(path, inputs32, weight)
+    ref = _value_and_grads(_plain, inputs64, weight)  # float64 throughout
+    for name, a, b in zip(("log p", "d/dz", "d/dmu", "d/dlogvar", "d/dlog_w"), got, ref):
+        assert _rel(a, b) < 1e-4, f"{name}: relative error {_rel(a, b):.2e} at log-variance {logvar}"
+
+
+def test_the_precision_guard_is_what_keeps_sharp_components_exact(monkeypatch):
+    import service.gaussian as gaussian
+
+    inputs32, inputs64, weight = _sharp_case(-9.0, 5.0)
+    assert gaussian.accumulation_dtype(*inputs32[:3]) == F64  # the guard widens this case
+    ref = _value_and_grads(_plain, inputs64, weight)
+    monkeypatch.setattr(gaussian, "WIDE_TOLERANCE", float("inf"))  # force the float32 expansion
+    narrow = _value_and_grads(_fused, inputs32, weight)
+    assert _rel(narrow[3], ref[3]) > 1e-2  # the log-variance gradient is wrong without it
+
+
+def test_broad_components_stay_on_the_fast_float32_path():
+    import service.gaussian as gaussian
+
+    inputs32, _, _ = _sharp_case(0.0, 1.0)
+    assert gaussian.accumulation_dtype(*inputs32[:3]) == torch.float32
+    assert gaussian.accumulation_dtype(*[t.double() for t in inputs32[:3]]) == F64
+
