@@ -213,11 +213,17 @@ class EvalConfig:
     # images, after training: FID / precision-recall / probes (service.image_eval) with this protocol; "none" = off
     fid_protocol: FidProtocol = "none"
     fid_samples: int = 10_000  # images per FID set, and training latents of the probes
+    # mode purity (labelled data, mixtures; service.metrics.modes): decoded samples per component,
+    # and the k of the nearest-neighbour labelling of 2D samples by labelled real points
+    purity_samples: int = 400
+    purity_k: int = 15
 
     def __post_init__(self) -> None:
         for name in ("grid_size", "data_points", "hist_samples", "bins", "mc_samples", "fid_samples"):
             _check_range(f"eval.{name}", getattr(self, name), lo=2)
         _check_choice("eval.fid_protocol", self.fid_protocol, FidProtocol)
+        _check_range("eval.purity_samples", self.purity_samples, lo=1)
+        _check_range("eval.purity_k", self.purity_k, lo=1)
 
 
 @dataclass(frozen=True, kw_only=True)

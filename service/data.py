@@ -128,12 +128,15 @@ class PointSource:
     """A 2D point distribution: ``sample(n, generator) -> (x (n, 2), labels (n,))``.
 
     ``eval_range`` is L, the half-width of the evaluation square ``[-L, L]^2`` (SPEC §6.5).
+    ``labelled``: whether the labels name data modes (toy generators, a Parquet ``label`` column);
+    unlabelled sources give zeros, and mode purity is not reported for them.
     """
 
     name: str
     eval_range: float
     sampler: Sampler
     dim: int = 2
+    labelled: bool = True
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return self.sampler(n, generator)
@@ -161,10 +164,11 @@ def make_source(cfg: DataConfig, split: str = "train") -> PointSource:
         eval_range = cfg.eval_range or DEFAULT_EVAL_RANGE[cfg.dataset]
         return PointSource(cfg.dataset, eval_range, partial(sample_toy, cfg.dataset))
     assert cfg.path is not None  # DataConfig guarantees it for "parquet"
-    points, labels = load_points_parquet(cfg.path)
+    points, labels, labelled = load_points_parquet(cfg.path, with_flag=True)
     eval_range = cfg.eval_range or PARQUET_MARGIN * float(points.abs().max())
     # partial of a module-level function (not a closure) keeps the source picklable
-    return PointSource(f"parquet:{os.path.basename(cfg.path)}", eval_range, partial(_resample, points, labels))
+    return PointSource(f"parquet:{os.path.basename(cfg.path)}", eval_range, partial(_resample, points, labels),
+                       labelled=labelled)
 
 
 def _resample(points: Tensor, labels: Tensor, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -203,8 +207,10 @@ def read_parquet(path: str, field: str) -> Any:
         raise ConfigError(f"{field}: {path}: not a readable Parquet file ({e})") from None
 
 
-def load_points_parquet(path: str) -> tuple[Tensor, Tensor]:
+def load_points_parquet(path: str, with_flag: bool = False) -> Any:
     """Read and validate a points file: x (N, 2) float32, labels (N,) int64 (0 when absent).
+
+    ``with_flag=True`` adds a third value: whether the file has a ``label`` column.
 
     Every problem raises ``ConfigError("data.path: <file>: <problem>")``.
     """
@@ -219,7 +225,10 @@ def load_points_parquet(path: str) -> tuple[Tensor, Tensor]:
     if table.num_rows == 0:
         raise fail("file has no rows")
     x = np.stack([_float_column(table, name, fail) for name in ("x", "y")], axis=1)
-    labels = _label_column(table, fail) if "label" in found else np.zeros(len(x), dtype=np.int64)
+    labelled = "label" in found
+    labels = _label_column(table, fail) if labelled else np.zeros(len(x), dtype=np.int64)
+    if with_flag:
+        return torch.from_numpy(x), torch.from_numpy(labels), labelled
     return torch.from_numpy(x), torch.from_numpy(labels)
 
 

@@ -20,18 +20,24 @@ from .config import ExperimentConfig
 from .data import PointSource, make_source
 from .gaussian import LOG_2PI, kl_to_standard_normal, randn
 from .metrics.density import gnelbo_with_grid, histogram_jsd, histogram_kl
+from .metrics.modes import Purity, knn_labels, mode_purity
 from .model import Model
 from .priors import active_components, normalized_entropy
 from .sampling import prior_usage, reconstruct, sample
 
 EVAL_SEED_OFFSET = 7_919  # evaluation draws never reuse the training streams
+PURITY_SEED_OFFSET = 104_729  # mode purity has its own stream: adding it changed no other metric
+PURITY_REFERENCE_POINTS = 5_000  # labelled real points that label the decoded samples (k-NN)
 
 
-def energy_fn(model: Model, mc_samples: int, generator: torch.Generator | None) -> Callable[[Tensor], Tensor]:
+def energy_fn(model: Model, mc_samples: int, generator: torch.Generator | None,
+              kl_estimator: str = "closed") -> Callable[[Tensor], Tensor]:
     """``W(x) = KL[q(z|x) || p] + ||x - D(mu(x))||^2`` with betas 1 (SPEC §6.5): (B, d_x) -> (B,).
 
-    Standard Gaussian: closed-form KL. Mixtures: MC with the *same* ``mc_samples`` noise draws
-    for every point. The posterior log-variance is clamped at -80 from below.
+    Standard Gaussian: closed-form KL, or MC when ``kl_estimator == "mc"`` (the run's
+    ``objective.kl_estimator``: the paper's Table 1 SG column is MC, T = 100). Mixtures: always
+    MC. MC uses the *same* ``mc_samples`` noise draws for every point. The posterior
+    log-variance is clamped at -80 from below.
     """
     noise: dict[str, Tensor] = {}
     chunk = max(1, 262_144 // mc_samples)  # points per block: T * chunk rows of (rows, M) responsibilities
@@ -40,7 +46,7 @@ def energy_fn(model: Model, mc_samples: int, generator: torch.Generator | None) 
         mu, logvar = model.encoder(x)
         logvar = logvar.clamp(min=-80.0)
         rec = (x - model.decoder(mu)).pow(2).flatten(1).sum(1)
-        if not model.prior.is_mixture:
+        if not model.prior.is_mixture and kl_estimator != "mc":
             return kl_to_standard_normal(mu, logvar) + rec
         if "eps" not in noise:
             noise["eps"] = randn((mc_samples, 1, mu.shape[-1]), generator, mu)
@@ -70,7 +76,8 @@ def evaluate(model: Model, source: PointSource, cfg: ExperimentConfig, *, device
     ev, L = cfg.eval, source.eval_range
     gen = torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET)
     data = source.sample(ev.data_points, gen)[0]
-    gnelbo, grid_w = gnelbo_with_grid(energy_fn(model, ev.mc_samples, gen), data, L, ev.grid_size, device=device)
+    energy = energy_fn(model, ev.mc_samples, gen, cfg.objective.kl_estimator)
+    gnelbo, grid_w = gnelbo_with_grid(energy, data, L, ev.grid_size, device=device)
 
     def draw() -> tuple[np.ndarray, np.ndarray]:
         real = source.sample(ev.hist_samples, gen)[0].numpy()
@@ -86,14 +93,44 @@ def evaluate(model: Model, source: PointSource, cfg: ExperimentConfig, *, device
         metrics["prior_entropy_norm"] = float(normalized_entropy(usage))
         metrics["prior_active_components"] = float(active_components(usage))
         extra["usage"] = usage.cpu()
+        purity = component_purity(model, source, cfg, usage=extra["usage"])
+        if purity is not None:
+            metrics |= purity.metrics()
+            extra |= {"mode_purity": purity.purity, "majority_mode": purity.majority}
     if plot_dir is not None and ev.plots:
-        _plots(model, source, real, fake, grid_w, extra.get("usage"), Path(plot_dir), gen)
+        _plots(model, source, real, fake, grid_w, extra.get("usage"), Path(plot_dir), gen, metrics, extra)
     model.train()
     return metrics, extra
 
 
+@torch.no_grad()
+def component_purity(model: Model, source: PointSource, cfg: ExperimentConfig, *, usage: Tensor | None = None,
+                     temperature: float = 1.0) -> Purity | None:
+    """Mode purity of a mixture prior on labelled 2D data (``service.metrics.modes``); None otherwise.
+
+    ``eval.purity_samples`` decoded samples per component at ``temperature``, each labelled by the
+    majority of its ``eval.purity_k`` nearest labelled real points; active components are those
+    with usage >= 1e-2 (SPEC §4; by weight when no usage is given).
+    """
+    if not model.prior.is_mixture or not getattr(source, "labelled", False):
+        return None
+    ev = cfg.eval
+    gen = torch.Generator().manual_seed(cfg.seed + PURITY_SEED_OFFSET)
+    device = next(model.parameters()).device
+    ref, ref_labels = source.sample(PURITY_REFERENCE_POINTS, gen)
+    m = model.prior.num_components
+    comps = torch.arange(m).repeat_interleave(ev.purity_samples)
+    x = sample(model, m * ev.purity_samples, component=comps.to(device), generator=gen, temperature=temperature)[0]
+    labels = knn_labels(ref.to(device), ref_labels.to(device), x, k=ev.purity_k).cpu()
+    weights = model.prior.components(detach=True).weights.cpu()
+    active = (usage.cpu() if usage is not None else weights) >= 1e-2
+    return mode_purity(labels.reshape(m, ev.purity_samples), weights, active,
+                       num_modes=len(set(ref_labels.tolist())))
+
+
 def _plots(model: Model, source: PointSource, real: np.ndarray, fake: np.ndarray, grid_w: Tensor,
-           usage: Tensor | None, out: Path, gen: torch.Generator) -> None:
+           usage: Tensor | None, out: Path, gen: torch.Generator, metrics: dict[str, float] | None = None,
+           extra: dict[str, Any] | None = None) -> None:
     from . import plots  # matplotlib only when plotting
 
     out.mkdir(parents=True, exist_ok=True)
@@ -108,6 +145,10 @@ def _plots(model: Model, source: PointSource, real: np.ndarray, fake: np.ndarray
         comps = model.prior.components(detach=True)
         kw = {"means": comps.means.cpu().numpy(), "weights": comps.weights.cpu().numpy(),
               "active": (usage >= 1e-2).numpy() if usage is not None else None}
+        if extra and "majority_mode" in extra and metrics:
+            kw["majority"] = np.asarray(extra["majority_mode"])
+            kw["title"] = (f"latent space: mode purity {metrics['mode_purity']:.2f}, "
+                           f"{int(metrics['modes_covered'])} modes covered")
     d = mu.shape[1]
 
     def log_density(z2: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ long sweep does not accumulate open figures.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import matplotlib
 
@@ -78,15 +78,25 @@ def _prior_contours(ax: plt.Axes, log_density: LogDensity, bounds: tuple[float, 
     ax.contour(gx, gy, density, levels=8, colors="k", linewidths=0.6, alpha=0.6)
 
 
-def _components(ax: plt.Axes, means: np.ndarray, weights: np.ndarray | None, active: np.ndarray | None) -> None:
-    """Component means as markers with area proportional to weight; inactive ones as grey x."""
+def _components(ax: plt.Axes, means: np.ndarray, weights: np.ndarray | None, active: np.ndarray | None,
+                majority: np.ndarray | None = None, norm: Any = None) -> None:
+    """Component means as markers with area proportional to weight; inactive ones as grey x.
+
+    With ``majority`` (the data mode each component's samples mostly decode to) the marker is
+    filled with that mode's colour (the colour scale of the points), edged in red.
+    """
     means = np.asarray(means)[:, :2]
     m = len(means)
     weights = np.full(m, 1.0 / m) if weights is None else np.asarray(weights, dtype=np.float64)
     active = np.ones(m, dtype=bool) if active is None else np.asarray(active, dtype=bool)
     sizes = 20.0 + 600.0 * weights / max(weights.max(), 1e-12)
-    ax.scatter(means[active, 0], means[active, 1], s=sizes[active], facecolors="none",
-               edgecolors="red", linewidths=1.2, label="component (active)")
+    if majority is not None:
+        face = plt.get_cmap("tab10")(norm(np.asarray(majority)[active]))
+        ax.scatter(means[active, 0], means[active, 1], s=sizes[active], c=face, edgecolors="red",
+                   linewidths=1.2, alpha=0.8, label="component (active; fill: its majority mode)")
+    else:
+        ax.scatter(means[active, 0], means[active, 1], s=sizes[active], facecolors="none",
+                   edgecolors="red", linewidths=1.2, label="component (active)")
     if (~active).any():
         ax.scatter(means[~active, 0], means[~active, 1], s=40, marker="x", color="grey",
                    linewidths=1.2, label="component (inactive)")
@@ -95,7 +105,7 @@ def _components(ax: plt.Axes, means: np.ndarray, weights: np.ndarray | None, act
 def plot_latent(mu: np.ndarray, labels: np.ndarray, path: PathLike, *, means: np.ndarray | None = None,
                 weights: np.ndarray | None = None, active: np.ndarray | None = None,
                 log_density: LogDensity | None = None, title: str = "latent space",
-                axis_labels: tuple[str, str] = ("z_1", "z_2")) -> None:
+                axis_labels: tuple[str, str] = ("z_1", "z_2"), majority: np.ndarray | None = None) -> None:
     """Latent space (SPEC §6.6): posterior means by label, prior components and density contours.
 
     mu: (N, D) posterior means of real points, labels: (N,) integer colours; only the first two
@@ -104,6 +114,7 @@ def plot_latent(mu: np.ndarray, labels: np.ndarray, path: PathLike, *, means: np
     maps (K, 2) points to (K,) log prior densities; for D > 2 the caller passes the density of
     the first two dimensions (a marginal), since the contours live in that plane. ``title`` and
     ``axis_labels`` name the plane (e.g. a t-SNE embedding instead of latent dimensions).
+    majority: (M,) data-mode label of each component's samples (mode purity), drawn as the fill.
     """
     mu = np.asarray(mu)[:, :2]
     labels = np.asarray(labels)
@@ -116,7 +127,7 @@ def plot_latent(mu: np.ndarray, labels: np.ndarray, path: PathLike, *, means: np
     if len(np.unique(labels)) > 1:
         fig.colorbar(scatter, ax=ax, fraction=0.046, pad=0.04, label="label")
     if means is not None:
-        _components(ax, means, weights, active)
+        _components(ax, means, weights, active, majority, scatter.norm)
         legend = ax.legend(loc="upper right", fontsize=7)
         for handle in legend.legend_handles:  # one marker size in the legend, whatever the weights
             handle.set_sizes([40])

@@ -1,0 +1,107 @@
+"""Mode purity (service.metrics.modes, evaluation.component_purity): hand-computed cases and a real model."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from service.data import PointSource, make_source, sample_toy, write_points_parquet
+from service.config import DataConfig
+from service.evaluation import component_purity
+from service.metrics.modes import knn_labels, mode_purity
+from service.model import build_model
+from service.presets import get_preset, smoke
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_purity_by_hand():
+    # component 0: 3 of 4 samples in mode 2; component 1: all in mode 5; component 2: 2/4 in mode 1
+    labels = torch.tensor([[2, 2, 2, 0], [5, 5, 5, 5], [1, 1, 3, 4]])
+    weights = torch.tensor([2.0, 1.0, 1.0])  # normalised to 0.5, 0.25, 0.25
+    p = mode_purity(labels, weights, num_modes=8)
+    assert p.majority == [2, 5, 1]
+    assert p.purity == pytest.approx([0.75, 1.0, 0.5])
+    assert p.mode_purity == pytest.approx(0.5 * 0.75 + 0.25 * 1.0 + 0.25 * 0.5)
+    assert p.modes_covered == 3 and p.num_modes == 8
+    assert p.metrics() == {"mode_purity": pytest.approx(0.75), "modes_covered": 3.0}
+
+
+def test_modes_covered_counts_active_components_only_and_distinct_modes():
+    labels = torch.tensor([[0, 0], [0, 0], [1, 1], [2, 2]])
+    p = mode_purity(labels, torch.ones(4), active=torch.tensor([True, True, True, False]))
+    assert p.modes_covered == 2  # modes 0 (twice) and 1; component 3 is inactive
+    assert p.mode_purity == 1.0
+
+
+def test_knn_labels_take_the_majority_of_the_nearest_points():
+    ref = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 5.0], [5.1, 5.0], [5.0, 5.1]])
+    lab = torch.tensor([0, 0, 1, 3, 3, 3])
+    got = knn_labels(ref, lab, torch.tensor([[0.05, 0.02], [4.9, 5.2]]), k=3)
+    assert got.tolist() == [0, 3]
+    with pytest.raises(ValueError, match="k: 7"):
+        knn_labels(ref, lab, ref, k=7)
+
+
+class _FixedDecoder(torch.nn.Module):
+    """Decodes component k's latents to data mode k of 8gaussians (ignores the noise)."""
+
+    def __init__(self, centres):
+        super().__init__()
+        self.centres = centres
+
+    def forward(self, z):
+        return self.centres[z[:, 0].round().long().clamp(0, len(self.centres) - 1)]
+
+
+def _tiny_model(num_components):
+    cfg = smoke(get_preset("8gaussians/mog-ip-lc"))
+    cfg = dataclasses.replace(cfg, prior=dataclasses.replace(cfg.prior, num_components=num_components))
+    model = build_model(cfg, (2,), prior_type="mog")
+    return cfg, model
+
+
+def test_a_prior_whose_components_decode_to_one_mode_each_has_purity_one():
+    cfg, model = _tiny_model(8)
+    src = make_source(cfg.data)
+    x, labels = sample_toy("8gaussians", 4000, torch.Generator().manual_seed(0))
+    centres = torch.stack([x[labels == k].mean(0) for k in range(8)])
+    with torch.no_grad():
+        model.prior.means.copy_(torch.stack([torch.arange(8.0), torch.zeros(8)], 1))
+        model.prior.logvars.fill_(-8.0)  # sigma 0.02: every sample rounds to its own component
+    model.decoder = _FixedDecoder(centres)
+    p = component_purity(model, src, cfg)
+    assert p.mode_purity == pytest.approx(1.0) and p.modes_covered == 8 and p.num_modes == 8
+    assert p.majority == list(range(8))
+    # broad components (sigma 3) decode all over: purity drops towards 1/8
+    with torch.no_grad():
+        model.prior.logvars.fill_(2 * torch.log(torch.tensor(3.0)))
+    assert component_purity(model, src, cfg).mode_purity < 0.5
+
+
+def test_purity_is_absent_for_unlabelled_points_and_for_the_standard_gaussian(tmp_path):
+    cfg, model = _tiny_model(4)
+    x, _ = sample_toy("8gaussians", 500, torch.Generator().manual_seed(1))
+    write_points_parquet(tmp_path / "unlabelled.parquet", x)
+    unlabelled = make_source(DataConfig(dataset="parquet", path=str(tmp_path / "unlabelled.parquet")))
+    assert unlabelled.labelled is False
+    assert component_purity(model, unlabelled, cfg) is None
+    write_points_parquet(tmp_path / "labelled.parquet", x, labels=torch.zeros(500, dtype=torch.long))
+    assert make_source(DataConfig(dataset="parquet", path=str(tmp_path / "labelled.parquet"))).labelled is True
+    sg = build_model(smoke(get_preset("8gaussians/sintro")), (2,))
+    assert component_purity(sg, make_source(cfg.data), cfg) is None
+    assert isinstance(make_source(cfg.data), PointSource) and make_source(cfg.data).labelled
+
+
+def test_sg_energy_honours_the_mc_kl_estimator():
+    """Standard Gaussian: the MC energy (kl_estimator='mc', the paper's Table 1 SG) converges to the closed form."""
+    from service.evaluation import energy_fn
+
+    cfg = smoke(get_preset("8gaussians/sintro"))
+    model = build_model(cfg, (2,)).double()
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    closed = energy_fn(model, 8, None)(x)
+    mc_few = energy_fn(model, 8, torch.Generator().manual_seed(0), "mc")(x)
+    mc_many = energy_fn(model, 20_000, torch.Generator().manual_seed(0), "mc")(x)
+    assert not torch.allclose(mc_few, closed)  # a different estimator, not the closed form renamed
+    torch.testing.assert_close(mc_many, closed, rtol=0, atol=0.05)
