@@ -128,6 +128,10 @@ class PriorConfig:
     carry_logits: bool = False  # SPEC §3.4: False = reference (old probabilities become logits)
     soft_clip: bool | None = None  # SPEC §4; None = on for trainable priors
     softclip_k: float = 10.0  # K, soft-clip steepness
+    # SPEC §4 clips both ways (the paper); False = an option beside it: only the upper bound (the
+    # paper's motivation, exploding variances, appendix C.4), so components may sharpen below the
+    # range frozen at the end of the warm-up (sharper modes; measured in README "Mode purity")
+    softclip_lower: bool = True
     lr: float = 2e-4  # SPEC §5, prior learning rate
 
     def __post_init__(self) -> None:

@@ -35,7 +35,7 @@ def build_prior(prior_type: str, cfg: ExperimentConfig, encoder: nn.Module, data
     if prior_type == "mog":
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         return MixturePrior(p.num_components, d, learnable_weights=p.learnable_weights, softclip_k=p.softclip_k,
-                            generator=gen)
+                            softclip_lower=p.softclip_lower, generator=gen)
     if prior_type == "vamp":
         u = init_points if init_points is not None else torch.zeros(p.num_components, *data_shape)
         return VampPrior(u, encoder, learnable_weights=p.learnable_weights, clamp_unit=len(data_shape) > 1)
@@ -60,4 +60,5 @@ def build_model(cfg: ExperimentConfig, data_shape: tuple[int, ...], init_points:
 def convert_prior(model: Model, cfg: ExperimentConfig) -> None:
     """Replace the VampPrior by the MoG ``encoder(u_k)`` in place (SPEC §3.4)."""
     assert isinstance(model.prior, VampPrior)
-    model.prior = vamp_to_mixture(model.prior, softclip_k=cfg.prior.softclip_k, carry_logits=cfg.prior.carry_logits)
+    model.prior = vamp_to_mixture(model.prior, softclip_k=cfg.prior.softclip_k, carry_logits=cfg.prior.carry_logits,
+                                  softclip_lower=cfg.prior.softclip_lower)

@@ -114,17 +114,21 @@ class StandardNormalPrior(Prior):
 # Soft-clipping (SPEC §4)
 # --------------------------------------------------------------------------------------------
 
-def soft_clip(x: Tensor, lo: Tensor, hi: Tensor, k: float = 10.0) -> Tensor:
+def soft_clip(x: Tensor, lo: Tensor, hi: Tensor, k: float = 10.0, lower: bool = True) -> Tensor:
     """``fc(x) = x + softplus_b(lo - x) - softplus_b(x - hi)``, ``b = K / (hi - lo)`` per dim.
 
     x: (M, D); lo, hi: (D,). Where ``hi == lo`` the result is ``hi``. With K = 10 at least 85%
-    of the range [lo, hi] is kept (paper eq. 52).
+    of the range [lo, hi] is kept (paper eq. 52). ``lower=False`` drops the ``lo`` term (only the
+    upper bound, same steepness; a degenerate range then clips at ``hi`` from above only).
     """
     width = hi - lo
     degenerate = width <= 0
     beta = k / torch.where(degenerate, torch.ones_like(width), width)
     # softplus_beta(y) = softplus(beta * y) / beta (torch's form is numerically stable)
-    clipped = x + F.softplus(beta * (lo - x)) / beta - F.softplus(beta * (x - hi)) / beta
+    clipped = x - F.softplus(beta * (x - hi)) / beta
+    if not lower:
+        return torch.where(degenerate, torch.minimum(x, hi), clipped)
+    clipped = clipped + F.softplus(beta * (lo - x)) / beta
     return torch.where(degenerate, hi.expand_as(x), clipped)
 
 
@@ -137,12 +141,13 @@ class MixturePrior(Prior):
     """
 
     def __init__(self, num_components: int, latent_dim: int, *, learnable_weights: bool = False,
-                 softclip_k: float = 10.0, generator: torch.Generator | None = None):
+                 softclip_k: float = 10.0, softclip_lower: bool = True, generator: torch.Generator | None = None):
         super().__init__()
         self.means = nn.Parameter(torch.randn(num_components, latent_dim, generator=generator))
         self.logvars = nn.Parameter(torch.zeros(num_components, latent_dim))
         self.logits = nn.Parameter(torch.zeros(num_components), requires_grad=learnable_weights)
         self.softclip_k = softclip_k
+        self.softclip_lower = softclip_lower  # from the config (not a buffer): old checkpoints load as before
         self.register_buffer("clip_lo", torch.zeros(latent_dim))
         self.register_buffer("clip_hi", torch.zeros(latent_dim))
         self.register_buffer("clip_on", torch.tensor(False))
@@ -164,7 +169,7 @@ class MixturePrior(Prior):
 
     def effective_logvars(self) -> Tensor:
         if bool(self.clip_on):
-            return soft_clip(self.logvars, self.clip_lo, self.clip_hi, self.softclip_k)
+            return soft_clip(self.logvars, self.clip_lo, self.clip_hi, self.softclip_k, self.softclip_lower)
         return self.logvars
 
     def components(self, detach: bool = False) -> Components:
@@ -202,7 +207,8 @@ class VampPrior(Prior):
         return comps
 
 
-def vamp_to_mixture(vamp: VampPrior, *, softclip_k: float = 10.0, carry_logits: bool = False) -> MixturePrior:
+def vamp_to_mixture(vamp: VampPrior, *, softclip_k: float = 10.0, carry_logits: bool = False,
+                    softclip_lower: bool = True) -> MixturePrior:
     """Turn a VampPrior into a MoG with means/log-variances ``encoder(u_k)`` (SPEC §3.4).
 
     The link to the encoder is cut (values are copied). With learnable weights the reference
@@ -212,7 +218,8 @@ def vamp_to_mixture(vamp: VampPrior, *, softclip_k: float = 10.0, carry_logits: 
     with torch.no_grad():
         comps = vamp.components(detach=True)
         m, d = comps.means.shape
-        mog = MixturePrior(m, d, learnable_weights=vamp.logits.requires_grad, softclip_k=softclip_k)
+        mog = MixturePrior(m, d, learnable_weights=vamp.logits.requires_grad, softclip_k=softclip_k,
+                           softclip_lower=softclip_lower)
         mog = mog.to(device=comps.means.device, dtype=comps.means.dtype)  # before copying: keep float64 exact
         mog.means.copy_(comps.means)
         mog.logvars.copy_(comps.logvars)

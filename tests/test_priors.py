@@ -296,3 +296,32 @@ def test_active_components_counts_usage_of_at_least_one_percent():
     assert active_components(torch.tensor([0.5, 0.48, 0.01, 0.0099, 0.0001])) == 3
     assert active_components(torch.full((64,), 1 / 64)) == 64
     assert active_components(torch.tensor([1.0, 0.0, 0.0])) == 1
+
+
+def test_upper_only_soft_clip_lets_log_variances_sharpen_below_the_range():
+    from service.priors import soft_clip
+
+    lo, hi = torch.tensor([-1.0]), torch.tensor([0.5])
+    x = torch.tensor([[-6.0], [-1.0], [0.0], [3.0]], dtype=torch.float64)
+    both = soft_clip(x, lo.double(), hi.double())
+    upper = soft_clip(x, lo.double(), hi.double(), lower=False)
+    assert float(both[0]) > -1.2  # the paper's clip holds the sharp component near lo
+    assert float(upper[0]) == pytest.approx(-6.0, abs=1e-9)  # upper-only: free to sharpen
+    assert float(upper[3]) < 0.5 and float(upper[3]) == pytest.approx(float(both[3]), abs=1e-6)  # same upper bound
+    # degenerate range: upper-only is min(x, hi)
+    deg = soft_clip(x, hi.double(), hi.double(), lower=False)
+    assert deg.flatten().tolist() == [-6.0, -1.0, 0.0, 0.5]
+
+
+def test_softclip_lower_reaches_the_prior_through_the_config_and_conversion():
+    import dataclasses
+
+    from service.model import build_model, convert_prior
+    from service.presets import get_preset, smoke
+
+    cfg = smoke(get_preset("8gaussians/mog-ip-lc"))
+    cfg = dataclasses.replace(cfg, prior=dataclasses.replace(cfg.prior, softclip_lower=False))
+    model = build_model(cfg, (2,), init_points=torch.randn(cfg.prior.num_components, 2))
+    convert_prior(model, cfg)
+    assert model.prior.softclip_lower is False
+    assert build_model(cfg, (2,), prior_type="mog").prior.softclip_lower is False
