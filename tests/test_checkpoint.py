@@ -115,6 +115,63 @@ def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_the_temp_file_is_fsynced_before_it_replaces_the_checkpoint(tmp_path, monkeypatch):
+    _, _, state = _state()
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    save(tmp_path / "checkpoint.pt", state)
+    (kind0, tmp0), (kind1, tmp1), (kind2, folder) = events[:3]
+    assert (kind0, kind1) == ("fsync", "replace") and tmp0 == tmp1 and ".tmp" in tmp0  # file fsynced, then renamed
+    assert kind2 == "fsync" and folder == os.path.realpath(tmp_path)  # then the rename made durable
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_never_checkpointed(tmp_path, bad):
+    _, _, state = _state()
+    path = save(tmp_path / "checkpoint.pt", state)
+    good = path.read_bytes()
+    poisoned = {**state, "iteration": 7, "model": dict(state["model"])}
+    name = next(k for k, v in poisoned["model"].items() if v.is_floating_point() and v.numel() > 1)
+    poisoned["model"][name] = poisoned["model"][name].clone()
+    poisoned["model"][name].view(-1)[1] = bad
+    with pytest.raises(checkpoint.NonFiniteCheckpointError,
+                       match=rf"refusing to write .*non-finite \(NaN/Inf\) values in {name} at iteration 7; "
+                             "the previous checkpoint is kept"):
+        save(path, poisoned)
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert issubclass(checkpoint.NonFiniteCheckpointError, CheckpointError)
+
+
+def test_atomic_copy_and_text_write_leave_whole_files_and_no_temp_files(tmp_path, monkeypatch):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    dst = tmp_path / "out" / "dst.bin"
+    checkpoint.atomic_copy(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    checkpoint.atomic_write_text(tmp_path / "out" / "m.json", '{"a": 1}')
+    assert (tmp_path / "out" / "m.json").read_text() == '{"a": 1}'
+
+    def broken(fd):
+        raise OSError("I/O error")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", broken)  # fails after all bytes were written
+    with pytest.raises(OSError, match="I/O error"):
+        checkpoint.atomic_write_text(tmp_path / "out" / "m.json", '{"a": 2}')
+    assert (tmp_path / "out" / "m.json").read_text() == '{"a": 1}'
+    assert sorted(os.listdir(tmp_path / "out")) == ["dst.bin", "m.json"]
+
+
 # --------------------------------------------------------------------------------------------
 # Safe loading and clear errors
 # --------------------------------------------------------------------------------------------
