@@ -1,0 +1,70 @@
+"""2D presets: SG as the paper ran it (paper Table 3), the official S-Intro VAE betas by name, MoG unchanged."""
+
+import dataclasses
+
+import pytest
+
+from jobs import train as train_job
+from service.config import TOY_DATASETS
+from service.presets import (CONFIGURATIONS, MOG_BETAS, PRESETS, SINTRO_BETAS, SINTRO_OFFICIAL_BETAS,
+                             TOY_CONFIGURATIONS, __doc__ as PRESETS_DOC, get_preset)
+
+# (beta_rec, beta_kl, beta_neg)
+PAPER_TABLE3 = {"8gaussians": (0.2, 0.3, 0.9), "2spirals": (0.2, 0.05, 0.2), "checkerboard": (0.05, 0.2, 0.8),
+                "rings": (0.2, 0.2, 0.6)}
+OFFICIAL = {"8gaussians": (0.2, 0.3, 0.9), "2spirals": (0.2, 0.5, 1.0), "checkerboard": (0.2, 0.1, 0.2),
+            "rings": (0.2, 0.2, 1.0)}  # SPEC §6.3 (listed there as beta_kl, beta_rec, beta_neg)
+VAE = {"8gaussians": (0.8, 0.05), "2spirals": (1.0, 0.05), "checkerboard": (0.8, 0.1), "rings": (0.8, 0.05)}
+
+
+def _betas(name):
+    o = get_preset(name).objective
+    return o.beta_rec, o.beta_kl, o.beta_neg
+
+
+@pytest.mark.parametrize("dataset", TOY_DATASETS)
+def test_sintro_uses_the_papers_grid_picks_and_sintro_official_the_official_code(dataset):
+    assert _betas(f"{dataset}/sintro") == PAPER_TABLE3[dataset] == SINTRO_BETAS[dataset]
+    assert _betas(f"{dataset}/sintro-official") == OFFICIAL[dataset] == SINTRO_OFFICIAL_BETAS[dataset]
+    sg, official = get_preset(f"{dataset}/sintro"), get_preset(f"{dataset}/sintro-official")
+    assert official.name == f"{dataset}/sintro-official"
+    # the same SG model and schedule: only the name and the three betas differ
+    assert dataclasses.replace(official, name=sg.name, objective=sg.objective) == sg
+    assert sg.prior.kind == "standard" and not sg.is_vae
+
+
+@pytest.mark.parametrize("dataset", TOY_DATASETS)
+def test_mog_presets_keep_the_official_betas_and_the_vae_its_own(dataset):
+    for configuration in ("mog-fixed", "mog-fixed-lc", "mog-ip", "mog-ip-lc"):
+        assert _betas(f"{dataset}/{configuration}") == OFFICIAL[dataset] == MOG_BETAS[dataset]
+    vae = get_preset(f"{dataset}/vae")
+    assert (vae.objective.beta_rec, vae.objective.beta_kl) == VAE[dataset] and vae.is_vae
+
+
+def test_the_official_variant_is_2d_only_and_no_table1_configuration():
+    assert list(CONFIGURATIONS) == ["vae", "sintro", "mog-fixed", "mog-fixed-lc", "mog-ip", "mog-ip-lc"]
+    assert set(TOY_CONFIGURATIONS) == set(CONFIGURATIONS) | {"sintro-official"}
+    official = sorted(k for k in PRESETS if k.endswith("/sintro-official"))
+    assert official == sorted(f"{d}/sintro-official" for d in TOY_DATASETS)
+    with pytest.raises(KeyError, match=r"'fmnist/sintro-official' is unknown"):
+        get_preset("fmnist/sintro-official")
+
+
+def test_list_presets_shows_the_paper_and_the_official_sg_presets(tmp_path, capsys):
+    assert train_job.main(["--list-presets", "--output-dir", str(tmp_path / "out")]) == 0
+    names = capsys.readouterr().out.splitlines()
+    assert names == sorted(PRESETS)
+    for dataset in TOY_DATASETS:
+        assert f"{dataset}/sintro" in names and f"{dataset}/sintro-official" in names
+
+
+def test_module_docstring_table_matches_the_presets():
+    rows = {}
+    for line in PRESETS_DOC.splitlines():
+        cells = [c.strip() for c in line.split("  ") if c.strip()]
+        if cells and cells[0] in TOY_DATASETS:
+            rows[cells[0]] = [tuple(float(x) for x in c.split(" / ")) for c in cells[1:]]
+    assert set(rows) == set(TOY_DATASETS)
+    for dataset, (sg, official, mog) in rows.items():
+        assert (sg, official, mog) == (_betas(f"{dataset}/sintro"), _betas(f"{dataset}/sintro-official"),
+                                       _betas(f"{dataset}/mog-ip-lc"))
