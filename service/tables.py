@@ -1,10 +1,21 @@
 """Sweep results -> the paper's tables: selection per (dataset, configuration), mean ± s.e. over seeds.
 
 SPEC §6.4: per dataset and prior configuration the hyperparameters with the lowest mean
-histogram KL are selected; their seeds are reported as mean ± standard error (``std / sqrt(n)``)
-of gnELBO x 1e7, KL and JSD in the layout of the paper's Table 1, next to the paper's values
-(SPEC §8). Input: the results frame of ``service.tuning`` (one row per trial; ``results.parquet``).
-Plain pandas, no Ray or MLflow.
+histogram KL are selected; their seeds are reported as mean ± standard error of gnELBO x 1e7, KL
+and JSD in the layout of the paper's Table 1, next to the paper's values (SPEC §8). Input: the
+results frame of ``service.tuning`` (one row per trial; ``results.parquet``). Plain pandas, no
+Ray or MLflow.
+
+Two standard errors, both in the summary and in ``table.md`` (``standard_errors``):
+
+- ``se``, "s.e. (ddof=1)": ``std(ddof=1) / sqrt(n)``, the unbiased-variance convention; the
+  cells of the Table 1 / Table 2 layouts use it.
+- ``se_paper``, "s.e. (paper: std ddof=0 / sqrt(n))": the population standard deviation
+  (``numpy.std``'s default ddof = 0) over ``sqrt(n)``, the paper's convention for its Table 1; smaller by
+  ``sqrt((n - 1) / n)`` (x 0.816 for 3 seeds, x 0.894 for 5). Compare this one with the paper's
+  s.e. in parentheses.
+
+Both are NaN (not shown) for a single seed.
 """
 
 from __future__ import annotations
@@ -30,8 +41,14 @@ KNOWN_METRICS = tuple(dict.fromkeys(FINAL_METRICS + IMAGE_METRICS))
 
 TABLE_COLUMNS = {"vae": "VAE", "sintro": "SG", "mog-fixed": "fixed", "mog-ip": "IP", "mog-fixed-lc": "fixed LC",
                  "mog-ip-lc": "IP LC"}  # SPEC §8 column order
+# 2D configurations that are no column of the paper's Table 1 (service/presets.py): extra columns
+# after the six, without paper values; any other configuration is labelled by its name.
+EXTRA_COLUMNS = {"sintro-official": "SG official"}
+SE_LABEL = "s.e. (ddof=1)"
+SE_PAPER_LABEL = "s.e. (paper: std ddof=0 / sqrt(n))"
 TABLE_METRICS = {"gnelbo_x1e7": "gnELBO", "hist_kl": "KL", "hist_jsd": "JSD"}
-# Paper Table 1 (mean, s.e. over 5 seeds), columns as TABLE_COLUMNS. Means: SPEC §8; s.e.: the paper's table.
+# Paper Table 1 (mean, s.e. over 5 seeds), columns as TABLE_COLUMNS. Means: SPEC §8; s.e.: the paper's table
+# (its convention: std ddof=0 / sqrt(n), our ``se_paper``).
 PAPER_TABLE1 = {
     ("8gaussians", "gnelbo_x1e7"): [(7.48, .03), (.51, .07), (3.62, .31), (4.8, .15), (.25, .02), (.26, .04)],
     ("8gaussians", "hist_kl"): [(6.94, .36), (1.23, .05), (4.46, 2.63), (2.36, .3), (1.94, .33), (2.24, .71)],
@@ -51,7 +68,7 @@ PAPER_TABLE1 = {
 @dataclass
 class Tables:
     selected: "pd.DataFrame"  # per (dataset, configuration): hparams, score, seeds, failed
-    summary: "pd.DataFrame"  # per (dataset, configuration, metric): mean, se, n, paper_mean, paper_se
+    summary: "pd.DataFrame"  # per (dataset, configuration, metric): mean, se, se_paper, n, paper_mean, paper_se
     markdown: str
 
 
@@ -74,8 +91,24 @@ def select_best(df: "pd.DataFrame", metric: str = "hist_kl", mode: str = "min") 
         columns=["dataset", "configuration", "hparams", "score", "seeds", "failed"])
 
 
+def standard_errors(values) -> tuple[float, float]:
+    """(``std(ddof=1) / sqrt(n)``, ``std(ddof=0) / sqrt(n)``) of ``values``; both NaN for fewer than 2 values.
+
+    The first is the tables' s.e. (ddof=1); the second the paper's convention. E.g. 1, 2, 4:
+    sqrt(7/3) / sqrt(3) = 0.882 and sqrt(14/9) / sqrt(3) = 0.720.
+    """
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n < 2:
+        return math.nan, math.nan
+    mean = sum(xs) / n
+    ss = sum((x - mean) ** 2 for x in xs)
+    return math.sqrt(ss / (n - 1)) / math.sqrt(n), math.sqrt(ss / n) / math.sqrt(n)
+
+
 def summarize(df: "pd.DataFrame", selected: "pd.DataFrame") -> "pd.DataFrame":
-    """Mean ± standard error (``std(ddof=1) / sqrt(n)``; NaN for n = 1) of every metric of the selected trials."""
+    """Mean and both standard errors (``se``: std(ddof=1)/sqrt(n); ``se_paper``: std(ddof=0)/sqrt(n);
+    NaN for n = 1) of every metric of the selected trials, with the paper's Table 1 value where it has one."""
     import pandas as pd
 
     metrics = [m for m in KNOWN_METRICS if m in df.columns]
@@ -88,14 +121,15 @@ def summarize(df: "pd.DataFrame", selected: "pd.DataFrame") -> "pd.DataFrame":
             n = len(values)
             if n == 0:
                 continue
-            se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+            se, se_paper = standard_errors(values)
             paper = PAPER_TABLE1.get((sel.dataset, metric))
             col = list(TABLE_COLUMNS).index(sel.configuration) if sel.configuration in TABLE_COLUMNS else None
             p_mean, p_se = paper[col] if paper and col is not None else (math.nan, math.nan)
             rows.append({"dataset": sel.dataset, "configuration": sel.configuration, "metric": metric,
-                         "mean": float(values.mean()), "se": se, "n": n, "paper_mean": p_mean, "paper_se": p_se})
-    return pd.DataFrame(rows, columns=["dataset", "configuration", "metric", "mean", "se", "n", "paper_mean",
-                                       "paper_se"])
+                         "mean": float(values.mean()), "se": se, "se_paper": se_paper, "n": n,
+                         "paper_mean": p_mean, "paper_se": p_se})
+    return pd.DataFrame(rows, columns=["dataset", "configuration", "metric", "mean", "se", "se_paper", "n",
+                                       "paper_mean", "paper_se"])
 
 
 def _cell(mean: float, se: float, digits: int = 2) -> str:
@@ -104,19 +138,32 @@ def _cell(mean: float, se: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if math.isnan(se) else f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
+def _label(configuration: str) -> str:
+    return TABLE_COLUMNS.get(configuration) or EXTRA_COLUMNS.get(configuration, configuration)
+
+
+def _extra_configurations(summary: "pd.DataFrame", datasets: list[str]) -> list[str]:
+    """Configurations of ``datasets`` in the summary that are no paper column: known variants first."""
+    found = set(summary.loc[summary["dataset"].isin(datasets), "configuration"]) - set(TABLE_COLUMNS)
+    return [c for c in EXTRA_COLUMNS if c in found] + sorted(found - set(EXTRA_COLUMNS))
+
+
 def _table1(summary: "pd.DataFrame", datasets: list[str]) -> list[str]:
-    """Paper Table 1 layout: rows dataset x metric, columns the six configurations, paper in parentheses."""
-    lines = ["| dataset | metric | " + " | ".join(TABLE_COLUMNS.values()) + " |",
-             "| --- | --- |" + " --- |" * len(TABLE_COLUMNS)]
+    """Paper Table 1 layout: rows dataset x metric, columns the six configurations (paper in parentheses),
+    then any other configuration run (e.g. ``sintro-official``), which has no paper value."""
+    extra = _extra_configurations(summary, datasets)
+    columns = list(TABLE_COLUMNS) + extra
+    lines = ["| dataset | metric | " + " | ".join(_label(c) for c in columns) + " |",
+             "| --- | --- |" + " --- |" * len(columns)]
     by_key = {(r.dataset, r.configuration, r.metric): r for r in summary.itertuples()}
     for dataset in datasets:
         for m, label in TABLE_METRICS.items():
             paper = PAPER_TABLE1.get((dataset, m))
             cells = []
-            for i, conf in enumerate(TABLE_COLUMNS):
+            for i, conf in enumerate(columns):
                 r = by_key.get((dataset, conf, m))
                 ours = _cell(r.mean, r.se) if r is not None else "—"
-                cells.append(f"{ours} ({_cell(*paper[i])})" if paper else ours)
+                cells.append(f"{ours} ({_cell(*paper[i])})" if paper and i < len(TABLE_COLUMNS) else ours)
             lines.append(f"| {dataset} | {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -143,7 +190,8 @@ def render_markdown(df: "pd.DataFrame", selected: "pd.DataFrame", summary: "pd.D
              + (f", {counts['incomplete']} incomplete" if counts.get("incomplete", 0) else "") + ". "
              f"Selection: per (dataset, configuration) the hyperparameters with the "
              f"{'lowest' if mode == 'min' else 'highest'} mean `{metric}` over their completed seeds; cells are "
-             "mean ± s.e. over those seeds (s.e. = std/sqrt(n), none for n = 1).", ""]
+             f"mean ± {SE_LABEL} over those seeds (std(ddof=1)/sqrt(n), none for n = 1). The paper's convention, "
+             f"{SE_PAPER_LABEL}, is beside it under \"Standard errors\" below.", ""]
     if metric not in df.columns or df[metric].isna().all():
         lines += [f"No completed trial reported `{metric}`: nothing to select.", ""]
     datasets = sorted(df["dataset"].unique())
@@ -151,8 +199,17 @@ def render_markdown(df: "pd.DataFrame", selected: "pd.DataFrame", summary: "pd.D
     if toy:
         lines += ["Paper (Table 1, SPEC §8) in parentheses. Lower is better; gnELBO x 1e7.", ""]
         lines += _table1(summary, toy) + [""]
+        lines += [f"Our cells: mean ± {SE_LABEL}. The paper's ± is its {SE_PAPER_LABEL}, smaller than "
+                  "ddof = 1 by sqrt((n - 1)/n) (x 0.816 for 3 seeds, x 0.894 for 5); for a like-for-like "
+                  "comparison read our s.e. in the paper's convention under \"Standard errors\".", ""]
     for dataset in (d for d in datasets if d not in toy):
         lines += _table2(summary, dataset)
+    if len(summary):
+        lines += ["## Standard errors", "",
+                  f"Each selected cell with both standard errors: {SE_LABEL} = std(ddof=1)/sqrt(n), as in the "
+                  f"tables above; {SE_PAPER_LABEL} = std(ddof=0)/sqrt(n), the paper's convention. "
+                  "Paper: its Table 1 (5 seeds), mean ± its s.e.", ""]
+        lines += render_comparison(summary).splitlines() + [""]
     lines += ["## Selected hyperparameters", "",
               f"| dataset | configuration | hyperparameters | mean {metric} | seeds | failed trials |",
               "| --- | --- | --- | --- | --- | --- |"]
@@ -169,18 +226,27 @@ def render_markdown(df: "pd.DataFrame", selected: "pd.DataFrame", summary: "pd.D
 
 
 def render_comparison(summary: "pd.DataFrame") -> str:
-    """One row per (dataset, configuration, metric): ours (mean ± s.e., n seeds) beside the paper's."""
-    lines = ["| dataset | configuration | metric | ours: mean ± s.e. | seeds | paper (Table 1, 5 seeds) |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    order = {c: i for i, c in enumerate(TABLE_COLUMNS)}
-    metrics = list(TABLE_METRICS)
-    rows = summary[summary["metric"].isin(metrics)].copy()
+    """One row per (dataset, configuration, metric): ours as mean ± s.e. (ddof=1), our s.e. in the paper's
+    convention (std ddof=0 / sqrt(n)), the number of seeds, and the paper's Table 1 value (mean ± its s.e.).
+
+    2D datasets: gnELBO x 1e7, KL and JSD (2 decimals); image datasets: every metric (3 decimals).
+    """
+    lines = [f"| dataset | configuration | metric | ours: mean ± {SE_LABEL} | {SE_PAPER_LABEL} | seeds | "
+             "paper (Table 1, 5 seeds): mean ± s.e. |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    order = {c: i for i, c in enumerate([*TABLE_COLUMNS, *EXTRA_COLUMNS])}
+    metrics = list(dict.fromkeys([*TABLE_METRICS, *KNOWN_METRICS]))
+    toy = {d for d, _ in PAPER_TABLE1}
+    keep = summary["metric"].isin(TABLE_METRICS) | ~summary["dataset"].isin(toy)
+    rows = summary[keep & summary["metric"].isin(metrics)].copy()
     rows["_c"] = rows["configuration"].map(lambda c: order.get(c, len(order)))
     rows["_m"] = rows["metric"].map(metrics.index)
-    for r in rows.sort_values(["dataset", "_c", "_m"]).itertuples():
-        label = f"{TABLE_COLUMNS.get(r.configuration, r.configuration)} ({r.configuration})"
-        lines.append(f"| {r.dataset} | {label} | {TABLE_METRICS[r.metric]} | {_cell(r.mean, r.se)} | {r.n} | "
-                     f"{_cell(r.paper_mean, r.paper_se)} |")
+    for r in rows.sort_values(["dataset", "_c", "configuration", "_m"]).itertuples():
+        digits = 2 if r.dataset in toy else 3
+        label = f"{_label(r.configuration)} ({r.configuration})"
+        se_paper = "—" if math.isnan(r.se_paper) else f"{r.se_paper:.{digits}f}"
+        lines.append(f"| {r.dataset} | {label} | {TABLE_METRICS.get(r.metric, r.metric)} | "
+                     f"{_cell(r.mean, r.se, digits)} | {se_paper} | {r.n} | {_cell(r.paper_mean, r.paper_se)} |")
     return "\n".join(lines) + "\n"
 
 
