@@ -5,7 +5,11 @@ Local (starts Ray on demand; MLflow in ./mlflow.db):
 On a cluster (after ``ray start --head``; use absolute paths):
     ray job submit --working-dir . -- python -m jobs.train --preset 8gaussians/sintro \
         --output-dir /abs/runs/sg --set tracking.tracking_uri=sqlite:////abs/mlflow.db
-A re-run with the same ``--run-name`` resumes from its latest checkpoint.
+The same command again resumes from the latest checkpoint: the default run name is
+``<preset>-<config hash>`` (another config is another run). Re-using a run name with another
+config is refused (the differing fields are listed) unless ``--allow-config-change``.
+A killed worker restarts from the last checkpoint (``--max-failures``, default 2); a diverged
+run fails at once. Ctrl-C / SIGTERM stop the run and mark its MLflow run KILLED.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-import time
 from pathlib import Path
 
 from jobs.common import add_config_args, config_or_exit
@@ -24,28 +28,48 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--output-dir", help="where checkpoint.pt, metrics.json, config.yaml and plots go")
-    p.add_argument("--run-name", help="Ray Train / MLflow run name; re-using one resumes that run")
+    p.add_argument("--run-name", help="Ray Train / MLflow run name; re-using one resumes that run "
+                                      "(default: <preset>-<hash of the config>, so the same command resumes)")
     p.add_argument("--storage-path", help="Ray Train storage (default: <output-dir>/../ray_results)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts from the last checkpoint")
+    p.add_argument("--max-failures", type=int, default=None,
+                   help="worker-group restarts from the last checkpoint after a worker dies (default 2; -1: "
+                        "unlimited); a diverged run or a bad checkpoint is never retried")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume --run-name although its config changed (the change is logged to MLflow)")
     args = p.parse_args(argv)
     if (cfg := config_or_exit(args)) is None:
         return 0
     from ray.train import TrainingFailedError  # Ray is imported only once the config is valid
 
-    from service.ray_train import failure_text, fit
+    from service.ray_train import (DEFAULT_MAX_FAILURES, ConfigChanged, config_fingerprint, failure_text, fit,
+                                   is_non_retryable)
 
-    run_name = args.run_name or cfg.tracking.run_name or f"{cfg.name.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = args.run_name or cfg.tracking.run_name or f"{cfg.name.replace('/', '-')}-{config_fingerprint(cfg)}"
     out = Path(args.output_dir or Path("runs") / run_name).resolve()
     storage = Path(args.storage_path or out.parent / "ray_results").resolve()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    max_failures = DEFAULT_MAX_FAILURES if args.max_failures is None else args.max_failures
+    if any((storage / run_name).glob("checkpoint_*")):
+        print(f"run {run_name!r}: resuming from its latest checkpoint in {storage / run_name}", file=sys.stderr)
     try:
         result = fit(cfg, output_dir=out, run_name=run_name, storage_path=storage, tracking_uri=args.tracking_uri,
-                     max_failures=args.max_failures)
+                     max_failures=max_failures, allow_config_change=args.allow_config_change)
+    except ConfigChanged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except TrainingFailedError as e:
-        print(f"error: run {run_name!r} failed: {failure_text(e)}\n(the MLflow run is marked FAILED; "
-              f"a re-run with --run-name {run_name} resumes from its last checkpoint)", file=sys.stderr)
+        root = getattr(e, "controller_failure", None)
+        again = ("not retried: it would fail the same way again" if root is not None and is_non_retryable(root)
+                 else f"a re-run with --run-name {run_name} resumes from its last checkpoint")
+        print(f"error: run {run_name!r} failed: {failure_text(e)}\n(the MLflow run is marked FAILED; {again})",
+              file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C (Ray aborts the run) or SIGTERM
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\nrun {run_name!r} stopped by {signal.Signals(signum).name}; the MLflow run is marked KILLED; "
+              f"the same command resumes it from its last checkpoint", file=sys.stderr)
+        return 128 + int(signum)
     print(f"results: {result['output_dir']}  (mlflow run {result['mlflow_run_id']})")
     print(json.dumps(result["metrics"], indent=2))
     return 0

@@ -32,6 +32,14 @@ from .tracking import MetricSink, NullSink
 # on_checkpoint(state, iteration, metrics, final) is called on *every* rank at the same iterations
 # (Ray Train's report is a barrier); only the main rank's state is complete.
 CheckpointHook = Callable[[dict[str, Any] | None, int, dict[str, float], bool], None]
+# gather(obj) is a collective called on every rank at the same iterations; it returns every rank's
+# obj in rank order (the Ray Train adapter fills it with all_gather_object).
+Gather = Callable[[Any], list[Any]]
+
+
+def gather_local(obj: Any) -> list[Any]:
+    """Single process: the only rank's object."""
+    return [obj]
 
 
 @dataclass
@@ -51,14 +59,25 @@ def _generators(cfg: ExperimentConfig, rank: int, device: torch.device) -> dict[
 
 
 def _restore_generators(gens: dict[str, torch.Generator], saved: dict[str, Any], cfg: ExperimentConfig, rank: int,
-                        iteration: int) -> None:
-    """Rank 0 continues its saved streams; other ranks (whose streams were not saved, and whose
-    number may have changed) reseed from (seed, rank, iteration), so ranks never draw alike."""
+                        iteration: int, rank_states: list[dict[str, Any]] | None = None,
+                        world_size: int = 1) -> None:
+    """Rank 0 continues its saved streams. Other ranks continue theirs when the checkpoint carries
+    every rank's streams (``rank_states``) from a run with the same number of ranks, so a resumed
+    multi-worker run is bit-identical to an uninterrupted one; otherwise (an older checkpoint, or
+    another number of workers) they reseed from (seed, rank, iteration), so ranks never draw alike."""
+    same_world = rank_states is not None and len(rank_states) == world_size
     for name, g in gens.items():
         if rank == 0:
             g.set_state(saved[name])
+        elif same_world and name in rank_states[rank]:
+            g.set_state(rank_states[rank][name])
         else:
             g.manual_seed(cfg.seed * 1_000_003 + 10_007 * (name == "noise") + rank + 7_919 * iteration)
+
+
+def _gather_generators(gens: dict[str, torch.Generator], gather: Gather) -> list[dict[str, torch.Tensor]]:
+    """Every rank's generator states, in rank order (a collective: all ranks call it together)."""
+    return gather({name: g.get_state() for name, g in gens.items()})
 
 
 def _batch(source: PointSource, cfg: ExperimentConfig, it: int, rank: int, world_size: int,
@@ -115,8 +134,12 @@ def _evaluate_during_training(model: Model, source: PointSource, cfg: Experiment
 def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None = None,
           on_checkpoint: CheckpointHook | None = None, grad_sync: GradSync = no_sync, rank: int = 0,
           world_size: int = 1, device: str | torch.device = "cpu", resume: dict[str, Any] | None = None,
-          plot_dir: str | Path | None = None) -> TrainResult:
-    """Train ``cfg`` on ``source``; returns the model and the final evaluation (main rank)."""
+          plot_dir: str | Path | None = None, gather: Gather = gather_local) -> TrainResult:
+    """Train ``cfg`` on ``source``; returns the model and the final evaluation (main rank).
+
+    ``gather`` collects every rank's generator states at each checkpoint (``extra["rank_generators"]``
+    of the main rank's state), so that every rank resumes its own random streams.
+    """
     device, sink, is_main = torch.device(device), sink or NullSink(), rank == 0
     user_cfg = cfg  # checkpoints keep the config as given (epochs stay epochs)
     if hasattr(source, "steps_per_epoch"):
@@ -132,7 +155,8 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
         for name, o in opt.items():
             if name in resume["optimizers"]:
                 o.load_state_dict(resume["optimizers"][name])
-        _restore_generators(gens, resume["generators"], cfg, rank, start)
+        _restore_generators(gens, resume["generators"], cfg, rank, start,
+                            rank_states=resume.get("extra", {}).get("rank_generators"), world_size=world_size)
     sched, metrics, tick = cfg.schedule, {}, time.perf_counter()
     for it in range(start, sched.iterations):
         opt = _phase_change(model, opt, cfg, it)
@@ -152,14 +176,18 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
             _evaluate_during_training(model, source, cfg, device, sink, done, world_size)
             tick += time.perf_counter() - started  # train/iterations_per_s counts training time only
         if on_checkpoint and sched.checkpoint_every and done % sched.checkpoint_every == 0 and done < sched.iterations:
-            on_checkpoint(_state(model, opt, gens, user_cfg, source, done) if is_main else None, done, metrics, False)
+            ranks = {"rank_generators": _gather_generators(gens, gather)}
+            on_checkpoint(_state(model, opt, gens, user_cfg, source, done, extra=ranks) if is_main else None,
+                          done, metrics, False)
+    # every rank's streams, gathered before the main rank's evaluation (which draws from its own generators)
+    ranks = {"rank_generators": _gather_generators(gens, gather)} if on_checkpoint else {}
     use_local_batchnorm(model)  # rank-0-only evaluation must not wait for other ranks
     final: dict[str, float] = {}
     extra: dict[str, Any] = {}
     if is_main:
         final, extra = evaluate(model, source, cfg, device=device, plot_dir=plot_dir)
         sink.log_metrics(sched.iterations, {f"eval/{k}": v for k, v in final.items()})
-    state = (_state(model, opt, gens, user_cfg, source, sched.iterations, extra={**extra, "metrics": final})
+    state = (_state(model, opt, gens, user_cfg, source, sched.iterations, extra={**extra, "metrics": final, **ranks})
              if is_main else None)
     if on_checkpoint:
         on_checkpoint(state, sched.iterations, final, True)

@@ -8,46 +8,99 @@ Every rank calls ``ray.train.report`` at the same iterations (it is a barrier); 
 the checkpoint directory and logs metrics to MLflow. The driver (``fit``) creates the MLflow run,
 runs the ``TorchTrainer``, then copies the final checkpoint directory to the output folder and
 logs it as MLflow artifacts.
+
+Faults: a worker that dies (a killed process, a lost node) restarts the worker group from the
+last checkpoint, up to ``max_failures`` times; every rank's random streams travel in the
+checkpoint, so the resumed run is bit-identical to an uninterrupted one. Deterministic failures
+(a diverged run, a non-finite or unreadable checkpoint, a bad config) end the run at once:
+retrying them only fails again. A re-used run name must mean the same experiment (the config is
+recorded next to Ray's checkpoints). MLflow outages are buffered (``MlflowSink``); a run stopped
+by SIGINT/SIGTERM is marked KILLED.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import yaml
 
 from . import checkpoint
-from .config import ExperimentConfig, dump_yaml, flatten, from_dict, to_dict
+from .config import ConfigError, ExperimentConfig, dump_yaml, flatten, from_dict, to_dict
 from .data import make_source
 from .distributed import allreduce_mean
 from .loop import train
-from .tracking import ConsoleSink, FanoutSink, MlflowSink, NullSink
+from .tracking import ConsoleSink, FanoutSink, MlflowSink, NullSink, _fail_fast_requests
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
+UNLOGGED_FILE = "unlogged_metrics.jsonl"  # metric values MLflow never received (an outage at the end)
+RUN_RECORD = "introprior-config.yaml"  # the experiment a Ray Train run name stands for, next to its checkpoints
+DEFAULT_MAX_FAILURES = 2  # worker-group restarts from the last checkpoint after an infrastructure failure
+# Failures that recur on every retry (the same checkpoint, config and seeds): never retried.
+NON_RETRYABLE = ("TrainingDiverged", "CheckpointError", "ConfigError")
+# Fields that may differ when a run name is re-used: where and how fast it runs, how often it logs,
+# where it is tracked. Everything else defines the experiment.
+RESUME_EXEMPT = ("scaling.workers", "scaling.threads_per_worker", "scaling.use_gpu", "schedule.log_every",
+                 "schedule.eval_every", "schedule.checkpoint_every", "tracking.*")
+MLFLOW_FINAL_WAIT_S = 120.0  # how long the end of a run waits for an unreachable MLflow before warning
+
+
+class ConfigChanged(ConfigError):
+    """A re-used run name with a different config (resuming would mix two experiments)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT or SIGTERM; its MLflow run is marked KILLED."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 # --------------------------------------------------------------------------------------------
 # Worker side
 # --------------------------------------------------------------------------------------------
 
-def _report_hook(rank: int, plot_dir: Path):
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (``all_gather_object``); ``[obj]`` without a process group."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _report_hook(rank: int, plot_dir: Path, mlflow_sink: MlflowSink | None = None, mlflow_wait_s: float = 60.0):
     import ray.train
 
     def on_checkpoint(state: dict[str, Any] | None, iteration: int, metrics: dict[str, float], final: bool) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0 and state is not None:
-                checkpoint.save(Path(tmp) / CHECKPOINT_FILE, state)
+                checkpoint.save(Path(tmp) / CHECKPOINT_FILE, state)  # refuses non-finite weights
                 if final:
-                    (Path(tmp) / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+                    checkpoint.atomic_write_text(Path(tmp) / METRICS_FILE, json.dumps(metrics, indent=2))
                     for png in plot_dir.glob("*.png"):
                         shutil.copy(png, tmp)
+                    if mlflow_sink is not None and mlflow_sink.flush(mlflow_wait_s):
+                        # MLflow is still unreachable: keep the values with the results (the driver retries)
+                        lines = [json.dumps(dict(zip(("key", "value", "timestamp", "step"), m)))
+                                 for m in mlflow_sink.pending()]
+                        checkpoint.atomic_write_text(Path(tmp) / UNLOGGED_FILE, "\n".join(lines) + "\n")
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({"iteration": iteration, "final": final, **metrics}, checkpoint=ckpt)
 
@@ -69,16 +122,19 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
             resume = checkpoint.load(Path(d) / CHECKPOINT_FILE)
-    sink = NullSink()
+    sink, mlflow_sink = NullSink(), None
     if rank == 0:
         sinks = [ConsoleSink()]
         if config.get("mlflow_run_id"):
-            sinks.append(MlflowSink(config["tracking_uri"], config["mlflow_run_id"]))
+            mlflow_sink = MlflowSink(config["tracking_uri"], config["mlflow_run_id"])
+            sinks.append(mlflow_sink)
         sink = FanoutSink(*sinks)
+    hook_wait = float(config.get("mlflow_wait_s", 60.0))
     with tempfile.TemporaryDirectory() as plot_dir:
-        train(cfg, make_source(cfg.data), sink=sink, on_checkpoint=_report_hook(rank, Path(plot_dir)),
+        train(cfg, make_source(cfg.data), sink=sink,
+              on_checkpoint=_report_hook(rank, Path(plot_dir), mlflow_sink, hook_wait),
               grad_sync=allreduce_mean, rank=rank, world_size=world, device=device, resume=resume,
-              plot_dir=plot_dir)
+              plot_dir=plot_dir, gather=gather_objects)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,13 +197,142 @@ def _cpus_per_worker(cfg: ExperimentConfig) -> int:
     return max(1, min(total // cfg.scaling.workers, cfg.scaling.threads_per_worker or total))
 
 
+# --------------------------------------------------------------------------------------------
+# Same experiment on resume
+# --------------------------------------------------------------------------------------------
+
+def experiment_fields(cfg: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
+    """The flattened config without ``RESUME_EXEMPT`` fields: what a run name stands for."""
+    flat = flatten(cfg if isinstance(cfg, dict) else to_dict(cfg))
+    return {k: v for k, v in flat.items() if not any(fnmatch.fnmatchcase(k, pat) for pat in RESUME_EXEMPT)}
+
+
+def config_fingerprint(cfg: ExperimentConfig) -> str:
+    """10 hex digits of a SHA-256 over ``experiment_fields``: equal for equal experiments."""
+    text = json.dumps(experiment_fields(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def config_diff(old: dict[str, Any], new: ExperimentConfig) -> list[tuple[str, Any, Any]]:
+    """``(field, recorded, now)`` for every experiment field that differs (missing = None)."""
+    a, b = experiment_fields(old), experiment_fields(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config a run name was started with: its record, else (runs older than the record) the
+    config in its latest Ray checkpoint; None for a new run name."""
+    record = run_dir / RUN_RECORD
+    if record.is_file():
+        return yaml.safe_load(record.read_text())
+    found = sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+    return checkpoint.load(found[-1])["config"] if found else None
+
+
+def check_same_experiment(cfg: ExperimentConfig, run_dir: Path, run_name: str,
+                          allow_change: bool = False) -> list[tuple[str, Any, Any]]:
+    """Raise ``ConfigChanged`` listing the differing fields when ``run_name`` was started with another
+    config, unless ``allow_change``; returns the differences (empty for a new or the same experiment)."""
+    old = recorded_config(run_dir)
+    diff = config_diff(old, cfg) if old is not None else []
+    if diff and not allow_change:
+        shown = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diff)
+        raise ConfigChanged(f"run {run_name!r} exists with another config; resuming it would mix two experiments. "
+                            f"Differing fields (recorded -> now):\n{shown}\nUse another run name, or "
+                            "--allow-config-change if the change is intended (it is logged to MLflow).")
+    return diff
+
+
+# --------------------------------------------------------------------------------------------
+# Fault handling
+# --------------------------------------------------------------------------------------------
+
+def is_non_retryable(error: BaseException) -> bool:
+    """A failure that recurs on every retry (``NON_RETRYABLE`` or a subclass), by class name: the
+    controller may see the worker's exception without the project importable."""
+    return any(c.__name__ in NON_RETRYABLE for c in type(error).__mro__)
+
+
+def _fail_fast_callback():
+    """A Ray Train ``UserCallback`` that ends the run at once on a deterministic worker failure.
+
+    Ray 2.60's failure policy retries every worker-group error (up to ``max_failures``) and has no
+    per-exception setting. A callback that raises in ``after_exception`` becomes a
+    ``ControllerError``, which the default policy never retries (only worker-group start-up
+    failures are retryable controller errors); ``fit`` then raises it with the worker's exception
+    as its ``controller_failure``.
+    """
+    from ray.train import UserCallback
+
+    class FailFast(UserCallback):
+        def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+            for _, error in sorted(worker_exceptions.items()):
+                if is_non_retryable(error):
+                    raise error
+
+    return FailFast()
+
+
+def mlflow_retry(fn: Callable[[], Any], what: str, wait_s: float = MLFLOW_FINAL_WAIT_S, every_s: float = 5.0,
+                 stream=None) -> bool:
+    """Call ``fn`` until it succeeds or ``wait_s`` has passed (then warn and return False)."""
+    deadline, warned = time.monotonic() + wait_s, False
+    while True:
+        try:
+            with _fail_fast_requests(10):
+                fn()
+            return True
+        except Exception as e:  # noqa: BLE001 - tracking must not lose the run's results
+            if time.monotonic() >= deadline:
+                print(f"warning: MLflow: could not {what} ({type(e).__name__}: {str(e)[:300]}); the results on disk "
+                      "are complete", file=stream or sys.stderr, flush=True)
+                return False
+            if not warned:
+                print(f"warning: MLflow unreachable while trying to {what}; retrying for up to {wait_s:.0f} s",
+                      file=stream or sys.stderr, flush=True)
+                warned = True
+            time.sleep(min(every_s, max(0.0, deadline - time.monotonic())))
+
+
+class _Interrupts:
+    """While training: SIGTERM is handled like Ctrl-C (Ray's SIGINT handler aborts the run
+    gracefully), and the signal is remembered so that the MLflow run can be marked KILLED."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = None
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():  # signal handlers: main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum: int, frame) -> None:
+        self.signum = signum
+        handler = signal.getsignal(signal.SIGINT)  # Ray's, during TorchTrainer.fit
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signal.SIGINT, frame)
+        raise TrainingInterrupted(signum)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def fit(cfg: ExperimentConfig, *, output_dir: str | Path, run_name: str, storage_path: str | Path,
-        tracking_uri: str | None = None, max_failures: int = 0, cpus_per_worker: int | None = None,
+        tracking_uri: str | None = None, max_failures: int = DEFAULT_MAX_FAILURES, cpus_per_worker: int | None = None,
         callbacks: list | None = None, mlflow_run_id: str | None = None,
-        gpus_per_worker: float | None = None) -> dict[str, Any]:
+        gpus_per_worker: float | None = None, allow_config_change: bool = False,
+        mlflow_wait_s: float = MLFLOW_FINAL_WAIT_S) -> dict[str, Any]:
     """Train ``cfg`` with a ``TorchTrainer``; leave checkpoint, metrics, plots and config in ``output_dir``.
 
-    A second call with the same ``run_name`` and ``storage_path`` resumes from the latest checkpoint.
+    A second call with the same ``run_name`` and ``storage_path`` resumes from the latest checkpoint;
+    with another config it raises ``ConfigChanged`` (before anything starts) unless
+    ``allow_config_change`` (the change is then logged to the MLflow run). A worker that dies
+    restarts the worker group from the last checkpoint up to ``max_failures`` times; a diverged run
+    or a bad checkpoint is never retried. SIGINT/SIGTERM stop the run, mark the MLflow run KILLED
+    and raise ``TrainingInterrupted`` (SIGTERM) or what Ray raised (SIGINT). An MLflow outage is
+    waited out for up to ``mlflow_wait_s`` at the end, then the run finishes with a warning.
     ``gpus_per_worker`` (with ``scaling.use_gpu``) may be a fraction: several sweep trials share a GPU.
     Returns ``{"metrics", "output_dir", "mlflow_run_id", "iteration"}``.
     """
@@ -155,44 +340,86 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path, run_name: str, storage
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    storage = Path(storage_path).resolve()
+    run_dir = storage / run_name
+    changes = check_same_experiment(cfg, run_dir, run_name, allow_config_change)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     tracking_uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri()
     run_id = mlflow_run_id or start_mlflow_run(cfg, tracking_uri, run_name)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if changes:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        record = [{"field": k, "recorded": a, "now": b} for k, a, b in changes]
+        mlflow_retry(lambda: client.log_dict(run_id, {"resumed_at": stamp, "changes": record},
+                                             f"config_changes/{stamp}.json"), "log the config change", mlflow_wait_s)
+        mlflow_retry(lambda: client.set_tag(run_id, "config_changed", ", ".join(k for k, _, _ in changes)[:5000]),
+                     "tag the config change", mlflow_wait_s)
+        print(f"warning: run {run_name!r} resumes with a changed config: "
+              + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes), file=sys.stderr, flush=True)
+    checkpoint.atomic_write_text(run_dir / RUN_RECORD, dump_yaml(cfg))
     cpus = cpus_per_worker or _cpus_per_worker(cfg)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
-                           "cpus_per_worker": cpus},
+                           "cpus_per_worker": cpus, "mlflow_wait_s": min(60.0, mlflow_wait_s)},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": gpus_per_worker}
                                                                           if gpus_per_worker else {})}),
-        run_config=RunConfig(name=run_name, storage_path=str(Path(storage_path).resolve()),
+        run_config=RunConfig(name=run_name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             callbacks=callbacks or None),
+                             callbacks=[*(callbacks or []), _fail_fast_callback()]),
     )
+    interrupts = _Interrupts()
     try:
-        result = trainer.fit()
-    except Exception as e:  # the MLflow run says why it stopped; the caller gets Ray's error
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        client.set_tag(run_id, "error", failure_text(e)[:5000])
-        client.set_terminated(run_id, status="FAILED")
+        with interrupts:
+            result = trainer.fit()
+    except BaseException as e:  # the MLflow run says why it stopped; the caller gets the error
+        killed = interrupts.signum is not None or isinstance(e, (KeyboardInterrupt, SystemExit))
+        why = (f"stopped by {signal.Signals(interrupts.signum or signal.SIGINT).name}" if killed
+               else failure_text(e)[:5000])
+        mlflow_retry(lambda: client.set_tag(run_id, "error", why), "record why the run stopped",
+                     10.0 if killed else mlflow_wait_s)
+        mlflow_retry(lambda: client.set_terminated(run_id, status="KILLED" if killed else "FAILED"),
+                     "mark the run KILLED" if killed else "mark the run FAILED", 10.0 if killed else mlflow_wait_s)
+        if interrupts.signum is not None and not isinstance(e, TrainingInterrupted):
+            raise TrainingInterrupted(interrupts.signum) from e
         raise
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:
         for f in Path(d).iterdir():
-            shutil.copy(f, out / f.name)
-    (out / "config.yaml").write_text(dump_yaml(cfg))
+            checkpoint.atomic_copy(f, out / f.name)  # a reader never sees half a file
+    checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     metrics = json.loads((out / METRICS_FILE).read_text())
-    sink = MlflowSink(tracking_uri, run_id)
-    for f in sorted(out.iterdir()):
-        sink.log_artifact(f, "checkpoint" if f.suffix == ".pt" else None)
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri).set_terminated(run_id)
+    _finish_tracking(client, run_id, out, mlflow_wait_s)
     return {"metrics": metrics, "output_dir": str(out), "mlflow_run_id": run_id,
             "iteration": int(result.metrics.get("iteration", cfg.schedule.iterations))}
+
+
+def _finish_tracking(client, run_id: str, out: Path, wait_s: float) -> None:
+    """Metric values the worker could not log, the output files as artifacts, then FINISHED;
+    each waits up to ``wait_s`` for an unreachable MLflow, then warns (the files are complete)."""
+    from mlflow.entities import Metric
+
+    unlogged = out / UNLOGGED_FILE
+    if unlogged.is_file():
+        rows = [json.loads(line) for line in unlogged.read_text().splitlines() if line.strip()]
+        metrics = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in rows]
+
+        def send() -> None:
+            for i in range(0, len(metrics), 500):
+                client.log_batch(run_id, metrics=metrics[i:i + 500])
+
+        if mlflow_retry(send, f"log {len(metrics)} buffered metric values", wait_s):
+            unlogged.unlink()
+    for f in sorted(out.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if not mlflow_retry(lambda f=f: client.log_artifact(run_id, str(f), "checkpoint" if f.suffix == ".pt" else None),
+                            f"log the artifact {f.name}", wait_s):
+            wait_s = 0.0  # do not wait once per file
+    mlflow_retry(lambda: client.set_terminated(run_id), "mark the run FINISHED", max(wait_s, 10.0))

@@ -5,10 +5,14 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 # Every metric name the service logs (MLflow-valid: letters, digits, '_', '/', no '@').
 METRIC_NAMES = (
@@ -100,13 +104,42 @@ class FanoutSink(NullSink):
             s.log_artifact(path, artifact_path)
 
 
-class MlflowSink(NullSink):
-    """Logs to an active MLflow run (``run_id``) through the client API; mlflow imported lazily."""
+@contextlib.contextmanager
+def _fail_fast_requests(timeout_s: int) -> Iterator[None]:
+    """MLflow's HTTP client retries a refused request for about 4 minutes by default (7 retries,
+    backoff 2): the sink retries on its own schedule instead, so each attempt fails in at most
+    ``timeout_s``. Variables the user has set are kept."""
+    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+
+class MlflowSink(NullSink):
+    """Logs to an active MLflow run (``run_id``) through the client API; mlflow imported lazily.
+
+    Metric logging survives tracking outages: values are queued, sent in order, and a failed send
+    keeps them queued and is retried at most every ``retry_every_s`` seconds (training goes on;
+    one warning when the outage starts, one when it ends). At most ``max_buffer`` values are kept
+    (the oldest are dropped, counted in ``dropped``). ``flush(wait_s)`` retries for up to
+    ``wait_s`` seconds and returns what is still queued (``pending()``).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, retry_every_s: float = 5.0, request_timeout_s: int = 10,
+                 max_buffer: int = 1_000_000, stream=None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.retry_every_s, self.request_timeout_s, self.max_buffer = retry_every_s, request_timeout_s, max_buffer
+        self.stream = stream or sys.stderr
+        self.dropped = 0
+        self._queue: collections.deque = collections.deque()
+        self._down_since: float | None = None
+        self._next_try = 0.0
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -116,14 +149,54 @@ class MlflowSink(NullSink):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+        now = int(time.time() * 1000)  # the time of the measurement, not of a late send
+        self._queue.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if len(self._queue) > self.max_buffer:
+            n = len(self._queue) - self.max_buffer
+            for _ in range(n):
+                self._queue.popleft()
+            self.dropped += n
+        if time.monotonic() >= self._next_try:
+            self._send()
+
+    def pending(self) -> list[tuple[str, float, int, int]]:
+        """Queued values as ``(key, value, timestamp_ms, step)``."""
+        return [(m.key, m.value, m.timestamp, m.step) for m in self._queue]
+
+    def flush(self, wait_s: float = 0.0) -> int:
+        """Send what is queued, retrying for up to ``wait_s`` seconds; returns the number still queued."""
+        deadline = time.monotonic() + wait_s
+        while self._queue and not self._send():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(self.retry_every_s, left))
+        return len(self._queue)
+
+    def _send(self) -> bool:
+        try:
+            with _fail_fast_requests(self.request_timeout_s):
+                while self._queue:
+                    batch = [self._queue[i] for i in range(min(500, len(self._queue)))]
+                    self.client.log_batch(self.run_id, metrics=batch)
+                    for _ in batch:
+                        self._queue.popleft()
+        except Exception as e:  # noqa: BLE001 - any tracking failure: keep the values, keep training
+            self._next_try = time.monotonic() + self.retry_every_s
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                print(f"warning: MLflow logging failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
+                      f"training continues, {len(self._queue)} metric values queued, retrying every "
+                      f"{self.retry_every_s:g} s", file=self.stream, flush=True)
+            return False
+        if self._down_since is not None:
+            print(f"warning: MLflow reachable again after {time.monotonic() - self._down_since:.0f} s; queued metric "
+                  f"values logged{f' ({self.dropped} oldest dropped)' if self.dropped else ''}",
+                  file=self.stream, flush=True)
+            self._down_since = None
+        return True
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

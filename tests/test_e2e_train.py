@@ -74,9 +74,20 @@ def test_mlflow_run_has_params_metrics_and_artifacts(smoke_run):
     assert run.info.status == "FINISHED"
 
 
+def test_rerun_with_same_name_and_another_config_is_refused_listing_the_fields(smoke_run, capsys):
+    root, args = smoke_run
+    before = (root / "out" / "checkpoint.pt").read_bytes()
+    assert train_job.main(args + ["--set", "schedule.iterations=18", "--set", "objective.beta_kl=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "error: run 'e2e' exists with another config" in err
+    assert "  objective.beta_kl: 0.3 -> 0.5\n" in err and "  schedule.iterations: 12 -> 18\n" in err
+    assert "--allow-config-change" in err
+    assert (root / "out" / "checkpoint.pt").read_bytes() == before  # nothing ran
+
+
 def test_rerun_with_same_name_resumes_and_continues(smoke_run):
     root, args = smoke_run
-    assert train_job.main(args + ["--set", "schedule.iterations=18"]) == 0
+    assert train_job.main(args + ["--set", "schedule.iterations=18", "--allow-config-change"]) == 0
     state = checkpoint.load(root / "out" / "checkpoint.pt")
     assert state["iteration"] == 18
     client = _client(root)
@@ -85,6 +96,10 @@ def test_rerun_with_same_name_resumes_and_continues(smoke_run):
     assert len(runs) == 1  # the same MLflow run continues
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss_encoder"))
     assert steps == list(range(7, 19))  # 13..18 appended, nothing re-run
+    assert runs[0].data.tags["config_changed"] == "schedule.iterations"  # the intended change is on record
+    (change,) = client.list_artifacts(runs[0].info.run_id, "config_changes")
+    logged = json.loads(Path(client.download_artifacts(runs[0].info.run_id, change.path, str(root))).read_text())
+    assert logged["changes"] == [{"field": "schedule.iterations", "recorded": 12, "now": 18}]
 
 
 def test_cli_as_module_lists_presets_and_rejects_bad_values():
@@ -104,7 +119,7 @@ def test_shipped_config_yaml_is_loadable(smoke_run):
     assert data["name"] == "8gaussians/mog-ip-lc" and data["scaling"]["workers"] == 2
 
 
-def test_diverged_run_exits_1_with_the_cause_and_marks_mlflow_failed(ray_local, tmp_path, capsys):
+def test_diverged_run_exits_1_at_once_with_the_cause_and_marks_mlflow_failed(ray_local, tmp_path, capsys):
     args = ["--preset", "8gaussians/sintro", "--smoke", "--workers", "1", "--run-name", "diverge",
             "--set", "optim.lr_encoder=1e6", "--set", "optim.lr_decoder=1e6",
             "--output-dir", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"),
@@ -112,6 +127,7 @@ def test_diverged_run_exits_1_with_the_cause_and_marks_mlflow_failed(ray_local, 
     assert train_job.main(args) == 1
     err = capsys.readouterr().err
     assert "error: run 'diverge' failed: TrainingDiverged: loss_vae is nan at iteration 1" in err
+    assert "not retried" in err  # --max-failures defaults to 2, but a diverged run fails at once
     assert not (tmp_path / "out").exists()  # no results of a failed run
     (run,) = _client(tmp_path).search_runs(
         [e.experiment_id for e in _client(tmp_path).search_experiments()],

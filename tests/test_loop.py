@@ -146,6 +146,35 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(reference):
     assert all(torch.equal(v, expected[k]) for k, v in _params(resumed.model).items())
 
 
+def test_checkpoints_carry_every_ranks_generator_states(reference):
+    _, _, _, checkpoints, _ = reference
+    for _, _, state in checkpoints:  # one process: rank 0's streams, the same as state["generators"]
+        (ranks,) = state["extra"]["rank_generators"]
+        assert ranks.keys() == state["generators"].keys()
+        assert all(torch.equal(ranks[k], state["generators"][k]) for k in ranks)
+
+
+def test_other_ranks_continue_their_saved_streams_when_the_world_size_is_unchanged():
+    cfg = _cfg()
+    saved = [{k: g.get_state() for k, g in loop_module._generators(cfg, r, torch.device("cpu")).items()}
+             for r in range(2)]
+    mid = loop_module._generators(cfg, 1, torch.device("cpu"))
+    for g in mid.values():
+        torch.rand(5, generator=g)
+    saved[1] = {k: g.get_state() for k, g in mid.items()}
+    expected = {k: torch.rand(3, generator=g) for k, g in mid.items()}
+
+    same = loop_module._generators(cfg, 1, torch.device("cpu"))
+    loop_module._restore_generators(same, saved[0], cfg, 1, 6, rank_states=saved, world_size=2)
+    assert all(torch.equal(torch.rand(3, generator=g), expected[k]) for k, g in same.items())
+
+    for states, world in ((saved, 3), (None, 2)):  # other world size, or an older checkpoint: reseeded
+        other = loop_module._generators(cfg, 1, torch.device("cpu"))
+        loop_module._restore_generators(other, saved[0], cfg, 1, 6, rank_states=states, world_size=world)
+        reseeded = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 1 + 7_919 * 6)
+        assert torch.equal(torch.rand(3, generator=other["data"]), torch.rand(3, generator=reseeded))
+
+
 # --------------------------------------------------------------------------------------------
 # Divergence (SPEC §2)
 # --------------------------------------------------------------------------------------------
