@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +126,8 @@ def test_encode_request_dtype(data: Any, reason: str) -> None:
 
 def test_encode_request_shape() -> None:
     r = EncodeRequest(data=[[0, 1], [2, 3]])
-    assert r.data.dtype == np.float32 and r.data.shape == (2, 2)
     r.check(LIMITS)
+    assert r.data.dtype == np.float32 and r.data.shape == (2, 2)
     with pytest.raises(RequestError, match=r"^data: has shape \[1, 3\]; allowed \[B, 2\] with 1 <= B <= 10$"):
         EncodeRequest(data=[[0, 1, 2]]).check(LIMITS)
     with pytest.raises(RequestError, match=r"has shape \[11, 2\]"):
@@ -213,21 +214,31 @@ def test_info(sampler: Sampler) -> None:
     assert info["data_shape"] == [2] and info["checkpoint"]["iteration"] == 3
 
 
+def _json(rendered) -> Any:
+    assert rendered.media_type == "application/json"
+    return json.loads(rendered.body)
+
+
 def test_interpolate_runs_between_the_means(sampler: Sampler) -> None:
-    out = sampler.interpolate(InterpolateRequest(from_mode=0, to_mode=1, steps=5))
+    out = _json(sampler.interpolate(InterpolateRequest(from_mode=0, to_mode=1, steps=5)))
     assert out["t"] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
     assert np.allclose(out["samples"], [[-5, 0], [-2.5, 0], [0, 0], [2.5, 0], [5, 0]], atol=1e-6)
 
 
+def _checked(r: EncodeRequest) -> EncodeRequest:
+    r.check(Limits(100, 10, 16, 2, (2,)))
+    return r
+
+
 def test_encode_and_reconstruct(sampler: Sampler) -> None:
     data = [[-5.0, 0.1], [4.8, 0.0], [5.2, -0.3]]
-    enc = sampler.encode(EncodeRequest(data=data))
+    enc = _json(sampler.encode(_checked(EncodeRequest(data=data))))
     assert enc["component"] == [0, 1, 1]
     assert np.allclose(np.sum(enc["responsibilities"], axis=1), 1.0)
     assert np.allclose(enc["mean"], data) and np.allclose(enc["logvar"], -6.0)
-    rec = sampler.reconstruct(ReconstructRequest(data=data))
+    rec = _json(sampler.reconstruct(_checked(ReconstructRequest(data=data))))
     assert np.allclose(rec["reconstructions"], data) and rec["component"] == [0, 1, 1]
-    noisy = [sampler.reconstruct(ReconstructRequest(data=data, stochastic=True, seed=4))["reconstructions"]
+    noisy = [_json(sampler.reconstruct(_checked(ReconstructRequest(data=data, stochastic=True, seed=4))))["reconstructions"]
              for _ in range(2)]
     assert noisy[0] == noisy[1] and not np.allclose(noisy[0], data, atol=1e-4)
 
@@ -250,7 +261,7 @@ def test_npy_and_npz_encodings() -> None:
     npy = render_samples(res, "npy", 2)
     assert npy.media_type == "application/octet-stream"
     assert np.array_equal(np.load(io.BytesIO(npy.body)), res.x.numpy())
-    assert npy.headers["x-components"] == "0,1,0,1,0,1" and npy.headers["x-seed"] == "0"
+    assert npy.headers["X-Components"] == "0,1,0,1,0,1" and npy.headers["X-Seed"] == "0"
     npz = np.load(io.BytesIO(render_samples(res, "npz", 2).body))
     assert np.array_equal(npz["component"], [0, 1, 0, 1, 0, 1]) and npz["samples"].shape == (6, 2)
 
@@ -284,7 +295,7 @@ def test_api_routes_and_errors(sampler: Sampler) -> None:
     assert ok.status_code == 200 and ok.json()["component"] == [1, 1, 1, 1]
     assert bad_mode.status_code == 422
     assert bad_mode.json() == {"detail": [{"field": "mode", "message": "mode: 2 is out of range; allowed [0, 1]"}]}
-    assert bad_json.status_code == 422 and bad_json.json()["detail"][0]["message"].startswith("body: malformed JSON")
+    assert bad_json.status_code == 400 and bad_json.json()["detail"][0]["message"].startswith("body: malformed JSON")
     for r in (too_large, chunked_large):
         assert r.status_code == 413 and r.json()["detail"][0]["field"] == "body"
         assert "allowed at most 2097152 bytes" in r.json()["detail"][0]["message"]
