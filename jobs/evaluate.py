@@ -1,5 +1,5 @@
 r"""Evaluate a trained image model (SPEC §7.4): FID(GEN), FID(REC), precision / recall, latent probes,
-prior usage, plots and a Parquet export of the latents.
+prior usage, mode purity (mixtures, labelled images), plots and a Parquet export of the latents.
 
     python -m jobs.evaluate --checkpoint runs/fmnist-mog10/checkpoint.pt --protocol cnn
     python -m jobs.evaluate --checkpoint ckpt.pt --protocol paper --n-samples 50000 \
@@ -9,6 +9,11 @@ Protocols: ``clean`` (default; clean-fid's InceptionV3), ``paper`` (the paper's 
 Inception, comparable with its tables), ``cnn`` (offline: a classifier trained by the project on the
 dataset, reported as ``fid_<dataset>_cnn``, not FID). The Inception weights must be downloadable
 or already in place (see ``service.feature_extractor``); no protocol falls back to another.
+
+Mixture priors on labelled images also get ``mode_purity`` / ``modes_covered``: ``--purity-samples``
+decoded images per component (default ``eval.purity_samples``, 50 with ``--smoke``, 0 skips),
+labelled by the offline classifier of the ``cnn`` protocol (whatever ``--protocol``; trained and
+cached on first use); the per-component lists go to ``evaluation.json``.
 
 Writes ``metrics.json``, ``evaluation.json`` (protocol, extractor, checkpoint provenance), the plots
 and ``latents.parquet`` into ``--output-dir`` (default ``<checkpoint folder>/eval-<protocol>``),
@@ -41,6 +46,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; allowed integers >= 0")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of an image run")
@@ -53,12 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-train", type=_positive, help="training latents for the probes (default: the whole split)")
     p.add_argument("--tsne-points", type=_positive, help="test latents in the t-SNE plot (default 2,000)")
     p.add_argument("--extractor-train-images", type=_positive,
-                   help="cnn: train the classifier on the first N training images (default: all)")
-    p.add_argument("--cache-dir", help="cnn: extractor cache (default $INTROPRIOR_CACHE_DIR or ~/.cache/introprior/extractors)")
+                   help="cnn and mode purity: train the classifier on the first N training images (default: all)")
+    p.add_argument("--cache-dir", help="cnn and mode purity: classifier cache "
+                                       "(default $INTROPRIOR_CACHE_DIR or ~/.cache/introprior/extractors)")
+    p.add_argument("--purity-samples", type=_non_negative,
+                   help="mixtures: decoded images per component for mode purity (default eval.purity_samples, "
+                        "50 with --smoke; 0 skips)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="seed of every evaluation draw")
     p.add_argument("--smoke", action="store_true",
-                   help="seconds-long check: 200 FID images, 500 probe latents, 300 test images, 200 t-SNE points")
+                   help="seconds-long check: 200 FID images, 500 probe latents, 300 test images, 200 t-SNE points, "
+                        "50 purity samples per component")
     return p.parse_args(argv)
 
 
@@ -72,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.checkpoint import CheckpointError, load, restore_model
     from service.config import ConfigError
     from service.feature_extractor import ExtractorUnavailable, file_sha256
-    from service.image_eval import FID_SEED_OFFSET, evaluate_image_model, extractor_for
+    from service.image_eval import FID_SEED_OFFSET, classifier_for, evaluate_image_model, extractor_for
     from service.images import ImageSource, make_image_source
 
     ckpt = Path(args.checkpoint).resolve()
@@ -104,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     n_samples = args.n_samples or (200 if args.smoke else DEFAULT_SAMPLES[args.protocol])
     probe_train = args.probe_train or (500 if args.smoke else None)
     tsne_points = args.tsne_points or (200 if args.smoke else 2000)
+    purity_samples = args.purity_samples if args.purity_samples is not None else (
+        min(50, cfg.eval.purity_samples) if args.smoke else cfg.eval.purity_samples)
     try:  # the full training split: FID statistics and the extractor never depend on data.subset
         data_cfg = dataclasses.replace(cfg.data, subset=None)
         train, test = make_image_source(data_cfg, "train"), make_image_source(data_cfg, "test")
@@ -117,15 +136,26 @@ def main(argv: list[str] | None = None) -> int:
                                       train_images=args.extractor_train_images, log=log)
         except ValueError as e:  # unlabelled images
             return _fail(str(e), 2)
+    classifier = None
+    if model.prior.is_mixture and purity_samples > 0:  # the cnn protocol's file: a cache hit after the extractor
+        classifier = classifier_for(cfg, train, device=args.device, cache_dir=args.cache_dir,
+                                    train_images=args.extractor_train_images, log=log)
+        if classifier is None:
+            log("evaluate: mode purity skipped (the train labels hold one class)")
     out = Path(args.output_dir or ckpt.parent / f"eval-{args.protocol}").resolve()
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed + FID_SEED_OFFSET + args.seed)
+    extra: dict = {}
     metrics = evaluate_image_model(model, cfg, train, test, extractor=extractor, n_samples=n_samples, out_dir=out,
-                                   generator=gen, probe_train=probe_train, tsne_points=tsne_points, log=log)
+                                   generator=gen, probe_train=probe_train, tsne_points=tsne_points,
+                                   classifier=classifier, purity_samples=purity_samples, extra=extra, log=log)
     info = {"protocol": args.protocol, "extractor": extractor.info, "n_samples": int(metrics["fid_samples"]),
             "probe_train": probe_train or len(train), "test_images": len(test), "seed": args.seed,
             "checkpoint": {"path": str(ckpt), "sha256": file_sha256(ckpt), "iteration": state["iteration"],
                            "preset": cfg.name}, "seconds": round(time.perf_counter() - t0, 1)}
+    if "mode_purity" in extra:  # per component, in component order
+        info["purity"] = {"samples_per_component": purity_samples, "classifier": classifier.info,
+                          "per_component": extra["mode_purity"], "majority_class": extra["majority_mode"]}
     (out / "evaluation.json").write_text(json.dumps(info, indent=2) + "\n")
     if args.tracking_uri or args.run_id:
         run_id = _log_to_mlflow(args, cfg, out, metrics, int(state["iteration"]))

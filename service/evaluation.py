@@ -172,7 +172,9 @@ def evaluate_images(model: Model, source: Any, cfg: ExperimentConfig, *, device:
     ``prior_active_components`` of the test set (MC ``eval.mc_samples``, SPEC §4). Plots:
     ``samples.png`` (prior samples; a row per component for mixtures) and ``reconstructions.png``
     (test images over their reconstructions). Then the ``service.image_eval`` hook (module docstring),
-    outside ``no_grad``: it may train its feature extractor.
+    outside ``no_grad``: it may train its feature extractor. The hook returns its metrics, or
+    ``(metrics, extra)``: that ``extra`` (e.g. per-component ``mode_purity`` / ``majority_mode``
+    lists, which are no MLflow metrics) joins this function's ``extra`` (the checkpoint's).
     """
     import importlib
     import importlib.util
@@ -185,7 +187,10 @@ def evaluate_images(model: Model, source: Any, cfg: ExperimentConfig, *, device:
         if hook is not None:
             model.eval()
             with torch.enable_grad():  # evaluate() runs under no_grad
-                metrics.update(hook(model, cfg, source, test, device=device, plot_dir=plot_dir))
+                result = hook(model, cfg, source, test, device=device, plot_dir=plot_dir)
+            hook_metrics, hook_extra = result if isinstance(result, tuple) else (result, {})
+            metrics.update(hook_metrics)
+            extra.update(hook_extra)
     model.train(was_training)
     return metrics, extra
 

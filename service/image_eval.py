@@ -13,19 +13,27 @@ protocol, ``fid_fmnist_cnn`` ... for the offline classifier (never reported as p
 | ``precision[_tag]``, ``recall[_tag]`` | k-NN manifolds (k = 3) of real vs generated features |
 | ``svm_2k_acc`` ... ``knn_100_acc`` | probes on one stochastic latent per train / test image |
 | ``prior_entropy_norm``, ``prior_active_components`` | test set, MC ``eval.mc_samples`` (mixtures) |
+| ``mode_purity``, ``modes_covered`` | mixtures with a classifier: classified samples of each component |
 | ``fid_samples`` | n, the number of images per FID set |
 
 Every random draw comes from ``generator`` (CPU). With the ``paper`` protocol the VAE runs in
 train mode (BatchNorm batch statistics, batches of ``data.batch_size``) on a copy of the model,
 as in the paper's code; otherwise in eval mode.
+
+Mode purity (``service.metrics.modes``) needs labelled images and a mixture prior: the offline
+CNN of the ``cnn`` protocol (``classifier_for``; the same cached file, trained from the train
+split's labels for the other protocols too) labels every decoded sample of every component; the
+draws come from their own stream (the evaluation seed + ``PURITY_SEED_OFFSET``), so adding purity
+changed no other number. No classifier (unlabelled images) or no mixture: the keys are absent.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +43,7 @@ from .config import ExperimentConfig
 from .feature_extractor import FeatureExtractor, quantize
 from .gaussian import randn, reparameterize
 from .metrics.fid import fid_from_features
+from .metrics.modes import Purity, mode_purity
 from .metrics.precision_recall import precision_recall
 from .metrics.probes import MIN_TRAIN, probe_accuracies
 from .model import Model
@@ -43,6 +52,14 @@ from .sampling import encode, prior_usage, reconstruct, sample
 
 CHUNK = 500  # images per forward pass where the protocol does not fix the batch
 FID_SEED_OFFSET = 104_729  # evaluation draws never reuse the training streams (same offset as jobs.evaluate)
+PURITY_SEED_OFFSET = 15_485_863  # mode purity draws from its own stream (added to the evaluation seed)
+
+# names of the classes in plots (datasets with fixed classes; others show the label number)
+CLASS_NAMES = {
+    "fmnist": ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"),
+    "mnist": tuple(str(i) for i in range(10)),
+    "cifar10": ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
 
 
 class ImageSplit(Protocol):
@@ -50,6 +67,34 @@ class ImageSplit(Protocol):
 
     images: Tensor  # uint8 (N, C, H, W)
     labels: Tensor  # int64 (N,)
+
+
+@dataclass
+class ImageClassifier:
+    """Class labels of uint8 images: ``fn`` maps a batch ``(B, C, H, W)`` to int labels ``(B,)``.
+
+    ``num_classes`` (the data's number of modes), ``info`` (provenance: file, sha256, ...) and
+    optional ``class_names`` for plots.
+    """
+
+    fn: Callable[[Tensor], Tensor]
+    num_classes: int
+    info: dict[str, Any] = field(default_factory=dict)
+    class_names: tuple[str, ...] | None = None
+    batch_size: int = 512
+
+    @torch.no_grad()
+    def labels(self, images: Tensor) -> Tensor:
+        """int64 labels ``(N,)`` on the CPU of uint8 images ``(N, C, H, W)``, batch by batch."""
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images: expected uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        out = [self.fn(images[i:i + self.batch_size]).long().cpu().reshape(-1)
+               for i in range(0, len(images), self.batch_size)]
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+    def name(self, label: int) -> str:
+        names = self.class_names
+        return names[label] if names is not None and 0 <= label < len(names) else str(label)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,6 +152,25 @@ def _subset(split: ImageSplit, n: int | None, generator: torch.Generator) -> tup
     return split.images[idx], split.labels[idx]
 
 
+@torch.no_grad()
+def image_purity(model: Model, classifier: ImageClassifier | None, samples_per_component: int,
+                 generator: torch.Generator, *, usage: Tensor | None = None, batch: int = CHUNK) -> Purity | None:
+    """Mode purity of a mixture prior on images; None without a mixture or a classifier.
+
+    ``samples_per_component`` decoded images ``D(z), z ~ N(mu_k, var_k)`` per component ``k``,
+    quantised to uint8 (as for FID), each labelled by ``classifier``; weights: the mixture
+    weights; active components: ``usage >= 1e-2`` (test-set usage; by weight when not given).
+    """
+    if not model.prior.is_mixture or classifier is None or samples_per_component < 1:
+        return None
+    m = model.prior.num_components
+    labels = torch.stack([classifier.labels(generate_uint8(model, samples_per_component, generator, batch,
+                                                            component=k)) for k in range(m)])  # (M, S)
+    weights = model.prior.components(detach=True).weights.cpu()
+    active = (usage.cpu() if usage is not None else weights) >= 1e-2
+    return mode_purity(labels, weights, active, num_modes=classifier.num_classes)
+
+
 def fid_metrics(model: Model, real: Tensor, extractor: FeatureExtractor, generator: torch.Generator, *,
                 batch: int = CHUNK) -> dict[str, float]:
     """FID(GEN), FID(REC), precision and recall of ``model`` against uint8 ``real`` images."""
@@ -128,12 +192,19 @@ def fid_metrics(model: Model, real: Tensor, extractor: FeatureExtractor, generat
 def evaluate_image_model(model: Model, cfg: ExperimentConfig, train_source: ImageSplit, test_source: ImageSplit, *,
                          extractor: FeatureExtractor, n_samples: int, out_dir: str | Path | None,
                          generator: torch.Generator, probe_train: int | None = None,
-                         tsne_points: int = 2000, write_metrics: bool = True, log=print) -> dict[str, float]:
+                         tsne_points: int = 2000, write_metrics: bool = True,
+                         classifier: ImageClassifier | None = None, purity_samples: int | None = None,
+                         extra: dict[str, Any] | None = None, log=print) -> dict[str, float]:
     """All metrics of SPEC §7.4; plots, ``metrics.json`` and ``latents.parquet`` into ``out_dir``.
 
     ``n_samples`` images per FID set (capped at the training set size); ``probe_train`` limits
     the training latents of the probes (None = the whole train split); the probes are skipped
     when the train labels hold a single class (e.g. unlabelled Parquet images).
+
+    With a ``classifier`` and a mixture prior: ``mode_purity`` and ``modes_covered`` of
+    ``purity_samples`` (default ``eval.purity_samples``; 0 skips) decoded images per component
+    (``image_purity``, eval mode, its own stream). ``extra``, when given, receives the
+    per-component lists ``mode_purity`` and ``majority_mode`` (as the 2D evaluation's checkpoint extra).
     """
     was_training = model.training
     model.eval()
@@ -159,6 +230,16 @@ def evaluate_image_model(model: Model, cfg: ExperimentConfig, train_source: Imag
         metrics["prior_entropy_norm"] = float(normalized_entropy(usage))
         metrics["prior_active_components"] = float(active_components(usage))
 
+    purity = None
+    n_purity = cfg.eval.purity_samples if purity_samples is None else purity_samples
+    if classifier is not None and model.prior.is_mixture and n_purity > 0:
+        log(f"evaluate: mode purity, {n_purity} samples per component")
+        purity_gen = torch.Generator().manual_seed(generator.initial_seed() + PURITY_SEED_OFFSET)
+        purity = image_purity(model, classifier, n_purity, purity_gen, usage=usage)
+        metrics.update(purity.metrics())
+        if extra is not None:
+            extra.update({"mode_purity": purity.purity, "majority_mode": purity.majority})
+
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +249,8 @@ def evaluate_image_model(model: Model, cfg: ExperimentConfig, train_source: Imag
                       {"train": (mu_train, r_train, train_y), "test": (mu_test, r_test, test_source.labels)})
         if cfg.eval.plots:
             log("evaluate: plots")
-            image_plots(model, test_source, mu_test, usage, out, generator, tsne_points=tsne_points)
+            image_plots(model, test_source, mu_test, usage, out, generator, tsne_points=tsne_points,
+                        purity=purity, classifier=classifier)
     model.train(was_training)
     return metrics
 
@@ -184,21 +266,51 @@ def extractor_for(protocol: str, cfg: ExperimentConfig, train_source: ImageSplit
     if protocol != "cnn":
         return build_extractor(protocol, batch_size=cfg.data.batch_size, device=device, log=log)
     assert train_source is not None, "protocol 'cnn' trains on the train split"
-    images = train_source.images[:train_images] if train_images else train_source.images
-    dataset = cfg.data.dataset if cfg.data.dataset != "parquet_images" else getattr(train_source, "name", "parquet")
-    return build_extractor("cnn", dataset=dataset, train_images=images, train_labels=train_source.labels[:len(images)],
+    dataset, images, labels = _cnn_data(cfg, train_source, train_images)
+    return build_extractor("cnn", dataset=dataset, train_images=images, train_labels=labels,
                            device=device, cache_dir=cache_dir, log=log)
 
 
+def _cnn_data(cfg: ExperimentConfig, train_source: ImageSplit, train_images: int | None) -> tuple[str, Tensor, Tensor]:
+    """The offline CNN's dataset name and training images / labels (the cache key's inputs)."""
+    images = train_source.images[:train_images] if train_images else train_source.images
+    dataset = cfg.data.dataset if cfg.data.dataset != "parquet_images" else getattr(train_source, "name", "parquet")
+    return dataset, images, train_source.labels[:len(images)]
+
+
+def classifier_for(cfg: ExperimentConfig, train_source: ImageSplit, *, device: str | torch.device = "cpu",
+                   cache_dir: str | Path | None = None, train_images: int | None = None,
+                   log=print) -> ImageClassifier | None:
+    """The offline CNN (``service.feature_extractor``) as a classifier for mode purity: the same
+    cached file as the ``cnn`` protocol's extractor for the same arguments, trained on a miss.
+
+    None when the training labels hold fewer than two classes (unlabelled images).
+    """
+    from .feature_extractor import load_or_train_cnn
+
+    dataset, images, labels = _cnn_data(cfg, train_source, train_images)
+    if len(torch.unique(labels)) < 2:
+        return None
+    net, info = load_or_train_cnn(dataset, images, labels, cache_dir=cache_dir, log=log)
+    net = net.to(device)
+    names = CLASS_NAMES.get(cfg.data.dataset)
+    return ImageClassifier(lambda x: net(x.to(device)).argmax(1), net.head.out_features, info,
+                           class_names=names if names is not None and len(names) == net.head.out_features else None)
+
+
 def evaluate_after_training(model: Model, cfg: ExperimentConfig, train_source: ImageSplit, test_source: ImageSplit,
-                            *, device: str | torch.device = "cpu", plot_dir: str | Path | None = None) -> dict[str, float]:
+                            *, device: str | torch.device = "cpu", plot_dir: str | Path | None = None
+                            ) -> tuple[dict[str, float], dict[str, Any]]:
     """The end-of-training hook of ``service.evaluation.evaluate_images``: the full evaluation when
     ``eval.fid_protocol`` is set (``"none"``, the default, costs nothing).
 
     FID statistics and the ``cnn`` extractor use the whole training split, whatever ``data.subset``
     trained on, so numbers of different runs are comparable. ``eval.fid_samples`` images per FID
-    set and training latents for the probes. Plots and ``latents.parquet`` go to ``plot_dir``
-    (``metrics.json`` is left to the caller, which merges these metrics into its own).
+    set and training latents for the probes. Mixtures on labelled images: mode purity with the
+    offline CNN (any protocol; trained once and cached when missing). Plots and ``latents.parquet``
+    go to ``plot_dir`` (``metrics.json`` is left to the caller, which merges these metrics into its
+    own). Returns ``(metrics, extra)``: ``extra`` holds the per-component ``mode_purity`` and
+    ``majority_mode`` lists (for the checkpoint) when purity was measured.
     """
     import dataclasses
 
@@ -206,13 +318,16 @@ def evaluate_after_training(model: Model, cfg: ExperimentConfig, train_source: I
 
     protocol = cfg.eval.fid_protocol
     if protocol == "none":
-        return {}
+        return {}, {}
     full = make_image_source(dataclasses.replace(cfg.data, subset=None), "train") if cfg.data.subset else train_source
     extractor = extractor_for(protocol, cfg, full, device=device)
+    classifier = classifier_for(cfg, full, device=device) if model.prior.is_mixture else None
     gen = torch.Generator().manual_seed(cfg.seed + FID_SEED_OFFSET)
-    return evaluate_image_model(model, cfg, full, test_source, extractor=extractor, n_samples=cfg.eval.fid_samples,
-                                out_dir=plot_dir, generator=gen, probe_train=cfg.eval.fid_samples,
-                                write_metrics=False)
+    extra: dict[str, Any] = {}
+    metrics = evaluate_image_model(model, cfg, full, test_source, extractor=extractor, n_samples=cfg.eval.fid_samples,
+                                   out_dir=plot_dir, generator=gen, probe_train=cfg.eval.fid_samples,
+                                   write_metrics=False, classifier=classifier, extra=extra)
+    return metrics, extra
 
 
 def write_latents(path: str | Path, splits: dict[str, tuple[Tensor, Tensor, Tensor]]) -> Path:
@@ -261,9 +376,11 @@ def _image_rows(rows: list[Tensor], row_labels: list[str], path: Path, title: st
 
 @torch.no_grad()
 def image_plots(model: Model, test_source: ImageSplit, mu_test: Tensor, usage: Tensor | None, out: Path,
-                generator: torch.Generator, *, per_row: int = 8, tsne_points: int = 2000) -> None:
-    """``samples.png`` (a row per prior component, mode-conditioned), ``reconstructions.png``,
-    ``latent.png`` (first two latent dims, component means sized by weight) and ``tsne.png``."""
+                generator: torch.Generator, *, per_row: int = 8, tsne_points: int = 2000,
+                purity: Purity | None = None, classifier: ImageClassifier | None = None) -> None:
+    """``samples.png`` (a row per prior component, mode-conditioned; with ``purity``, each row's
+    majority class and purity in its label), ``reconstructions.png``, ``latent.png`` (first two
+    latent dims, component means sized by weight) and ``tsne.png``."""
     from . import plots
 
     device = _device(model)
@@ -275,7 +392,13 @@ def image_plots(model: Model, test_source: ImageSplit, mu_test: Tensor, usage: T
         idx = torch.arange(m_all).repeat_interleave(per_row)  # one decoder pass for every row
         rows = list(sample(model, m_all * per_row, component=idx, generator=generator)[0].cpu().split(per_row))
         labels = [f"{m}: w={weights[m]:.2f}" for m in range(len(rows))]
-        _image_rows(rows, labels, out / "samples.png", "samples per prior component (row = component)")
+        title = "samples per prior component (row = component)"
+        if purity is not None:
+            name = classifier.name if classifier is not None else str
+            labels = [f"{lab}, {name(purity.majority[m])} {purity.purity[m]:.0%}" for m, lab in enumerate(labels)]
+            title += (f"\nclassified: mode purity {purity.mode_purity:.2f}, "
+                      f"{purity.modes_covered} / {purity.num_modes} classes covered")
+        _image_rows(rows, labels, out / "samples.png", title)
         active = (usage >= 1e-2).numpy() if usage is not None else None
         kw = {"means": comps.means.cpu().numpy(), "weights": weights, "active": active}
     else:

@@ -45,10 +45,13 @@ def test_train_with_two_workers_then_evaluate_offline(tmp_path: Path, capsys) ->
                           "--run-id", run.info.run_id]) == 0
     metrics = json.loads(capsys.readouterr().out)
     expected = {"fid_fmnist_cnn", "fid_rec_fmnist_cnn", "precision_fmnist_cnn", "recall_fmnist_cnn", "svm_2k_acc",
-                "svm_10k_acc", "knn_5_acc", "knn_100_acc", "prior_entropy_norm", "prior_active_components"}
+                "svm_10k_acc", "knn_5_acc", "knn_100_acc", "prior_entropy_norm", "prior_active_components",
+                "mode_purity", "modes_covered"}
     assert expected <= set(metrics) and all(math.isfinite(v) for v in metrics.values()), metrics
     assert metrics["fid_fmnist_cnn"] > 0 and 0 <= metrics["prior_entropy_norm"] <= 1
+    assert 0.1 <= metrics["mode_purity"] <= 1 and 1 <= metrics["modes_covered"] <= 10
     info = json.loads((out / "evaluation.json").read_text())
+    assert len(info["purity"]["per_component"]) == 10 and info["purity"]["samples_per_component"] == 50
     assert info["checkpoint"]["iteration"] == 12 and info["checkpoint"]["preset"] == "fmnist/mog10-ip-lc"
     latents = pq.read_table(out / "latents.parquet")
     assert latents.num_rows == 500 + 300 and len(latents.column("mu")[0]) == 32
@@ -56,6 +59,7 @@ def test_train_with_two_workers_then_evaluate_offline(tmp_path: Path, capsys) ->
     logged = client.get_run(run.info.run_id).data.metrics
     assert {f"eval/{k}" for k in expected} <= set(logged)
     assert logged["eval/fid_fmnist_cnn"] == pytest.approx(metrics["fid_fmnist_cnn"])
+    assert logged["eval/mode_purity"] == pytest.approx(metrics["mode_purity"])
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {f"evaluation/{n}" for n in ("metrics.json", "evaluation.json", "latents.parquet", "samples.png",
                                          "reconstructions.png", "latent.png", "tsne.png")} <= artifacts

@@ -40,11 +40,18 @@ def test_evaluate_job_smoke(image_checkpoint: Path, tmp_path: Path, capsys) -> N
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == pytest.approx(json.loads((out / "metrics.json").read_text()))
-    assert {"fid_fmnist_cnn", "fid_rec_fmnist_cnn", "knn_5_acc", "prior_entropy_norm"} <= set(printed)
+    assert {"fid_fmnist_cnn", "fid_rec_fmnist_cnn", "knn_5_acc", "prior_entropy_norm", "mode_purity",
+            "modes_covered"} <= set(printed)
     assert "fid" not in printed and all(np.isfinite(v) for v in printed.values())
     assert printed["fid_samples"] == 200
+    assert 0.1 <= printed["mode_purity"] <= 1 and 1 <= printed["modes_covered"] <= 10
     info = json.loads((out / "evaluation.json").read_text())
     assert info["protocol"] == "cnn" and info["checkpoint"]["iteration"] == 7 and len(info["extractor"]["sha256"]) == 64
+    # mode purity: the cnn protocol's classifier (the same file), 50 samples per component with --smoke
+    purity = info["purity"]
+    assert purity["classifier"]["sha256"] == info["extractor"]["sha256"] and purity["samples_per_component"] == 50
+    assert len(purity["per_component"]) == len(purity["majority_class"]) == 10
+    assert all(round(p * 50) == pytest.approx(p * 50) for p in purity["per_component"])
     assert pq.read_metadata(out / "latents.parquet").num_rows == 500 + 300
     assert {p.name for p in out.glob("*.png")} == {"samples.png", "reconstructions.png", "latent.png", "tsne.png"}
 
@@ -109,7 +116,7 @@ def test_end_of_training_hook_runs_the_configured_protocol(tmp_path: Path, monke
     cfg = apply_overrides(smoke(get_preset("fmnist/mog10-ip-lc")), {
         "data.path": str(tmp_path / "tiny.parquet"), "data.subset": None, "data.batch_size": 32,
         "network.channels": [4, 8], "network.latent_dim": 4, "eval.data_points": 64, "eval.plots": False,
-        "eval.fid_protocol": "cnn", "eval.fid_samples": 100})
+        "eval.fid_protocol": "cnn", "eval.fid_samples": 100, "eval.purity_samples": 20})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small model on a shared machine
     try:
@@ -120,4 +127,9 @@ def test_end_of_training_hook_runs_the_configured_protocol(tmp_path: Path, monke
              "rec_error_test", "prior_entropy_norm"}
     assert names <= set(result.metrics) and all(np.isfinite(result.metrics[k]) for k in names)
     assert result.metrics["fid_samples"] == 100
-    assert len(list((tmp_path / "cache").glob("parquet_tiny-cnn-*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("parquet_tiny-cnn-*.pt"))) == 1  # extractor and purity: one file
+    # mode purity of the 4 labelled classes, per component into the checkpoint's extra
+    assert 0.25 <= result.metrics["mode_purity"] <= 1 and 1 <= result.metrics["modes_covered"] <= 4
+    m = cfg.prior.num_components
+    assert len(result.state["extra"]["mode_purity"]) == len(result.state["extra"]["majority_mode"]) == m
+    assert set(result.state["extra"]["majority_mode"]) <= {0, 1, 2, 3}

@@ -268,15 +268,19 @@ def _image_model(prior: str = "mog") -> tuple[ExperimentConfig, Model]:
 
 
 def test_evaluate_image_model_writes_everything(cnn, fmnist_test, tmp_path: Path) -> None:
-    fx, _ = cnn
+    fx, cache = cnn
     x, y = fmnist_test
     train, test = ImageSource("fmnist", x[:300], y[:300]), ImageSource("fmnist:test", x[600:750], y[600:750])
     cfg, model = _image_model()
+    from service.image_eval import classifier_for  # the cnn protocol's network as the purity classifier
+
+    clf = classifier_for(cfg, ImageSource("fmnist", x[:512], y[:512]), cache_dir=cache)
     metrics = evaluate_image_model(model, cfg, train, test, extractor=fx, n_samples=100, out_dir=tmp_path,
-                                   generator=torch.Generator().manual_seed(0), tsne_points=120, log=lambda s: None)
+                                   generator=torch.Generator().manual_seed(0), tsne_points=120, log=lambda s: None,
+                                   classifier=clf, purity_samples=20)
     expected = {"fid_fmnist_cnn", "fid_rec_fmnist_cnn", "precision_fmnist_cnn", "recall_fmnist_cnn", "fid_samples",
                 "svm_2k_acc", "svm_10k_acc", "knn_5_acc", "knn_100_acc", "prior_entropy_norm",
-                "prior_active_components"}
+                "prior_active_components", "mode_purity", "modes_covered"}
     assert set(metrics) == expected and all(np.isfinite(v) for v in metrics.values()), metrics
     assert metrics["fid_samples"] == 100 and 0 <= metrics["prior_entropy_norm"] <= 1
     assert 1 <= metrics["prior_active_components"] <= 10
@@ -307,3 +311,158 @@ def test_paper_mode_runs_a_copy_in_train_mode(fmnist_test) -> None:
     assert {"fid_paper", "fid_rec_paper", "precision_paper", "recall_paper"} <= set(metrics)
     assert "prior_entropy_norm" not in metrics  # a standard Gaussian has no responsibilities
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and not model.training
+
+
+# --------------------------------------------------------------------------------------------
+# Mode purity of a mixture prior on images (a classifier labels each component's samples)
+# --------------------------------------------------------------------------------------------
+
+class _ComponentPrior(torch.nn.Module):
+    """A stand-in mixture: a sample of component k is the latent z = k (one dimension)."""
+
+    is_mixture = True
+
+    def __init__(self, weights: list[float]):
+        super().__init__()
+        self.register_buffer("w", torch.tensor(weights))
+
+    @property
+    def num_components(self) -> int:
+        return len(self.w)
+
+    def components(self, detach: bool = False):
+        from types import SimpleNamespace
+        return SimpleNamespace(weights=self.w)
+
+    def sample(self, n, generator=None, *, component=None, deterministic=False, temperature=1.0):
+        idx = torch.full((n,), int(component)) if not isinstance(component, torch.Tensor) else component
+        return idx.float().unsqueeze(1), idx
+
+
+class _PixelDecoder(torch.nn.Module):
+    """z = k -> a 4x4 grey image of pixel value k / 255 (quantises back to k)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (z / 255.0).reshape(-1, 1, 1, 1).expand(-1, 1, 4, 4)
+
+
+class _FakeMixtureModel(torch.nn.Module):
+    def __init__(self, weights: list[float]):
+        super().__init__()
+        self.prior, self.decoder = _ComponentPrior(weights), _PixelDecoder()
+
+
+# what the scripted classifier answers for the samples of each component, in the order it sees them
+SCRIPT = {0: [2, 2, 2, 5], 1: [1, 1, 1, 1], 2: [2, 2, 7, 9]}
+
+
+def _scripted_classifier():
+    from service.image_eval import ImageClassifier
+
+    seen = {k: 0 for k in SCRIPT}
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and x.shape[1:] == (1, 4, 4)
+        out = []
+        for img in x:
+            k = int(img[0, 0, 0])  # the component that decoded this image
+            assert (img == k).all()
+            out.append(SCRIPT[k][seen[k]])
+            seen[k] += 1
+        return torch.tensor(out)
+
+    return ImageClassifier(fn, num_classes=10, batch_size=3), seen
+
+
+def test_image_purity_by_hand() -> None:
+    from service.image_eval import image_purity
+
+    model = _FakeMixtureModel([0.5, 0.3, 0.2])
+    classifier, seen = _scripted_classifier()
+    purity = image_purity(model, classifier, 4, torch.Generator().manual_seed(0), batch=3)
+    assert seen == {0: 4, 1: 4, 2: 4}  # 4 samples of every component, each classified once
+    # component 0: three 2s of 4 -> 0.75 (majority 2); 1: all 1s -> 1.0; 2: two 2s of 4 -> 0.5 (majority 2)
+    assert purity.purity == pytest.approx([0.75, 1.0, 0.5]) and purity.majority == [2, 1, 2]
+    assert purity.mode_purity == pytest.approx(0.5 * 0.75 + 0.3 * 1.0 + 0.2 * 0.5)  # 0.775
+    assert purity.modes_covered == 2 and purity.num_modes == 10
+    assert purity.metrics() == pytest.approx({"mode_purity": 0.775, "modes_covered": 2.0})
+    # component 1 unused on the test set: it covers no class
+    classifier, _ = _scripted_classifier()
+    inactive = image_purity(model, classifier, 4, torch.Generator(), usage=torch.tensor([0.7, 0.005, 0.295]))
+    assert inactive.modes_covered == 1 and inactive.mode_purity == pytest.approx(0.775)
+
+
+def test_image_purity_absent_without_mixture_or_classifier() -> None:
+    from service.image_eval import image_purity
+
+    model = _FakeMixtureModel([0.5, 0.5])
+    assert image_purity(model, None, 4, torch.Generator()) is None
+    model.prior.is_mixture = False
+    assert image_purity(model, _scripted_classifier()[0], 4, torch.Generator()) is None
+
+
+def test_classifier_for_reuses_the_cnn_protocols_file(cnn, fmnist_test) -> None:
+    from service.image_eval import classifier_for
+
+    fx, cache = cnn
+    x, y = fmnist_test
+    cfg, _ = _image_model()
+    clf = classifier_for(cfg, ImageSource("fmnist", x[:512], y[:512]), cache_dir=cache,
+                         log=lambda s: pytest.fail(f"retrained: {s}"))
+    assert clf.info["sha256"] == fx.info["sha256"] and clf.num_classes == 10
+    assert clf.name(1) == "trouser" and clf.name(12) == "12"
+    pred = clf.labels(x[5000:5600])
+    assert pred.shape == (600,) and pred.dtype == torch.int64
+    assert float((pred == y[5000:5600]).float().mean()) > 0.3  # 4 Adam steps on 512 images; chance 0.1
+    unlabelled = ImageSource("fmnist", x[:64], torch.zeros(64, dtype=torch.int64))
+    assert classifier_for(cfg, unlabelled, cache_dir=cache) is None
+
+
+def test_evaluate_image_model_reports_mode_purity(fmnist_test, monkeypatch, tmp_path: Path) -> None:
+    from service import image_eval
+    from service.image_eval import ImageClassifier
+
+    x, y = fmnist_test
+    train, test = ImageSource("fmnist", x[:200], y[:200]), ImageSource("fmnist:test", x[600:700], y[600:700])
+    # a stand-in classifier: the mean brightness in 10 bins
+    clf = ImageClassifier(lambda b: (b.float().mean((1, 2, 3)) / 25.6).long().clamp(max=9), 10,
+                          class_names=image_eval.CLASS_NAMES["fmnist"])
+    fx = FeatureExtractor("cnn", "toy", lambda b: b.float().flatten(1)[:, ::49], batch_size=64)
+    cfg, model = _image_model()
+
+    def run(**kw) -> dict[str, float]:
+        return evaluate_image_model(model, cfg, train, test, extractor=fx, n_samples=100, out_dir=None,
+                                    generator=torch.Generator().manual_seed(3), probe_train=150,
+                                    log=lambda s: None, **kw)
+
+    plain = run()
+    assert "mode_purity" not in plain and "modes_covered" not in plain
+    extra: dict = {}
+    metrics = run(classifier=clf, purity_samples=30, extra=extra)
+    assert set(metrics) == set(plain) | {"mode_purity", "modes_covered"}
+    assert {k: metrics[k] for k in plain} == plain  # purity has its own stream: no other number moved
+    assert 0.1 <= metrics["mode_purity"] <= 1.0 and 1 <= metrics["modes_covered"] <= 10
+    assert len(extra["mode_purity"]) == len(extra["majority_mode"]) == 10
+    assert all(p * 30 == pytest.approx(round(p * 30)) for p in extra["mode_purity"])  # shares of 30 samples
+    weights = model.prior.components(detach=True).weights
+    assert metrics["mode_purity"] == pytest.approx(float((weights.double() * torch.tensor(extra["mode_purity"],
+                                                          dtype=torch.float64)).sum() / weights.sum()))
+    assert "mode_purity" not in run(classifier=clf, purity_samples=0)
+
+    # the per-component sample grid carries each row's majority class and purity
+    rows: dict = {}
+    monkeypatch.setattr(image_eval, "_image_rows",
+                        lambda r, labels, path, title: rows.setdefault(path.name, (labels, title)))
+    monkeypatch.setattr(image_eval, "tsne_plot", lambda *a, **k: None)
+    purity = image_eval.image_purity(model, clf, 30, torch.Generator().manual_seed(0))
+    _, mu, _ = image_eval.stochastic_latents(model, test.images, torch.Generator().manual_seed(0))
+    image_eval.image_plots(model, test, mu, None, tmp_path, torch.Generator().manual_seed(0),
+                           purity=purity, classifier=clf)
+    labels, title = rows["samples.png"]
+    assert len(labels) == 10 and f"mode purity {purity.mode_purity:.2f}" in title
+    k = purity.majority[0]
+    assert labels[0].endswith(f"{clf.name(k)} {purity.purity[0]:.0%}")
+
+    # a standard Gaussian prior has no components: no purity, even with a classifier
+    cfg, model = _image_model("standard")
+    assert "mode_purity" not in run(classifier=clf)
