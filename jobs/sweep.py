@@ -2,14 +2,19 @@ r"""Run a search space from ``tune_spaces/`` with Ray Tune; every trial is a Ray
 
 Local (starts Ray on demand; MLflow in ./mlflow.db):
     python -m jobs.sweep tune_spaces/smoke_grid.yaml --output-dir runs/smoke_grid
+    python -m jobs.sweep tune_spaces/smoke_staged.yaml --output-dir runs/smoke_staged   # a staged protocol
 On a cluster (``ray start --head``, ``ray up deploy/cluster.yaml`` or KubeRay; absolute paths):
     ray job submit --working-dir . -- python -m jobs.sweep tune_spaces/grid_8gaussians.yaml \
         --output-dir /abs/runs/grid_8gaussians --tracking-uri sqlite:////abs/mlflow.db
 
-Leaves ``results.parquet`` (every trial's config, metrics and status) and ``table.md`` (paper
-Table 1 layout) in ``--output-dir``, and logs both to the sweep's parent MLflow run. Running the
-same command again resumes an interrupted sweep. The space is validated before Ray starts: a bad
-file exits with status 2 and a message naming the file, the key and the allowed values.
+Leaves ``results.parquet`` (every trial's config, hyperparameter columns, metrics and status),
+``table.md`` (paper Table 1 layout) and ``selection.md`` (the ranking of each stage and the pick)
+in ``--output-dir``, and logs them to the sweep's parent MLflow run. Every trial reports its
+evaluation to Tune every ``schedule.eval_every`` iterations (a ``scheduler:`` such as ASHA stops
+poor trials early); a ``stages:`` space re-runs the best settings of each stage in the next.
+Running the same command again resumes an interrupted sweep; a second sweep on a folder in use is
+refused (``sweep.lock``). The space is validated before Ray starts: a bad file exits with status 2
+and a message naming the file, the key and the allowed values.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 from service.config import ConfigError
 from service.spaces import SpaceError, load_space
-from service.tuning import resolve_shrink, run_sweep
+from service.tuning import run_sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,26 +55,34 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--max-concurrent: {args.max_concurrent} is invalid; allowed integers >= 1")
     if args.gpus_per_trial < 0:
         p.error(f"--gpus-per-trial: {args.gpus_per_trial} is invalid; allowed numbers >= 0")
-    try:  # validate every variant before anything is written or Ray starts
+    try:  # validate every variant of every stage, and the schedulers, before anything is written or Ray starts
         spec = load_space(args.space)
-        spec.configs(resolve_shrink(spec, args.shrink))
+        spec.validate(args.shrink)
     except (SpaceError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's CLIReporter: one column per hyperparameter
     try:
         df = run_sweep(spec, output_dir=args.output_dir, shrink=args.shrink, max_concurrent=args.max_concurrent,
                        gpus_per_trial=args.gpus_per_trial, tracking_uri=args.tracking_uri, name=args.name)
-    except ConfigError as e:  # a different sweep in --output-dir; more GPUs asked for than the cluster has
+    except ConfigError as e:  # a different sweep or a live one in --output-dir; more GPUs than the cluster has
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.output_dir).resolve()
     print((out / "table.md").read_text())
-    ok, incomplete = int((df["status"] == "ok").sum()), int((df["status"] == "incomplete").sum())
-    print(f"{ok}/{len(df)} trials completed; results: {out / 'results.parquet'}, {out / 'table.md'}")
+    print((out / "selection.md").read_text())
+    counts = df["status"].value_counts()
+    ok, incomplete = int(counts.get("ok", 0)), int(counts.get("incomplete", 0))
+    stopped = f", {int(counts['stopped'])} stopped early" if counts.get("stopped", 0) else ""
+    print(f"{ok}/{len(df)} trials completed{stopped}; results: {out / 'results.parquet'}, {out / 'table.md'}, "
+          f"{out / 'selection.md'}")
     if incomplete:
         print(f"{incomplete} trials did not finish: run the same command again to resume", file=sys.stderr)
-    return 0 if ok and not incomplete else 1
+    missing = df.attrs.get("stages", 1) - df.attrs.get("stages_run", 1)
+    if missing and not incomplete:
+        print(f"{missing} stage(s) could not run (see selection.md)", file=sys.stderr)
+    return 0 if ok and not incomplete and not missing else 1
 
 
 if __name__ == "__main__":

@@ -1,34 +1,68 @@
 """Ray Tune adapter: one Tune trial per space variant, each trial one Ray Train run (SPEC §6.4, §7.3).
 
 ``run_sweep`` runs the variants of a validated space (``service.spaces``) as Tune trials: a
-0.01-CPU function trainable that calls ``ray_train.fit`` (the Train V2 pattern of STACK.md) and
-reports once at the end. A diverged or failed training run is reported as ``status="failed"``
-with its error, and the sweep goes on. Concurrency and per-worker CPUs/GPUs come from
-``plan_resources`` so that drivers plus Train workers never exceed the cluster. Each trial's
-MLflow run is nested under one parent run per sweep, which receives ``results.parquet``,
-``table.md`` (``service.tables``) and the table's cells as metrics. Re-running into the same
-output directory resumes (``Tuner.restore``).
+0.01-CPU function trainable that calls ``ray_train.fit`` (the Train V2 pattern of STACK.md).
+
+- **Intermediate reports.** Rank 0 evaluates every ``schedule.eval_every`` iterations and logs
+  ``eval/*`` to the trial's MLflow run. A Ray Train callback (``TuneReportCallback``, which runs in
+  the Train controller) reads those new values at every Train report and forwards them to Tune as
+  ``{iteration, hist_kl, hist_jsd, gnelbo_x1e7, ...}``; so a scheduler (ASHA) can stop a trial on
+  them with ``iteration`` as its time attribute. Checkpoints are taken at every evaluation (the
+  trial's ``checkpoint_every`` becomes ``gcd(checkpoint_every, eval_every)``) so reports are prompt.
+  The trial's last report is its final row (status, metrics, error).
+- **Columns.** Tune's config holds the variant id plus every hyperparameter as its own key
+  (``preset``, ``seed``, ``objective.beta_kl``, ...): Tune's dataframe, progress table and
+  ``results.parquet`` show them as columns.
+- **Failures.** A diverged run (``TrainingDiverged``) or any other deterministic error is final
+  (``status="failed"``, ``failure`` diverged/error): it would fail again. A lost worker, node or
+  controller (``failure="infrastructure"``) is retried by calling ``fit`` again, which resumes
+  the Ray Train run from its last checkpoint (``INFRA_RETRIES`` times); a Tune trial whose own
+  actor dies is restarted by Tune (``FailureConfig``) and resumes the same way.
+- **Stages.** A staged space runs its stages in order; each later stage's variants are the
+  ``top_k`` settings of the previous stage (``spaces.pick_candidates``), saved before it starts. A
+  trial whose config equals a finished (or diverged) trial of an earlier stage is not run again:
+  its row is reused (``reused_from``). Re-running the command continues where it stopped.
+- **Lock.** ``out/sweep.lock`` (pid, host) keeps a second sweep out of a folder in use; a lock
+  left by a dead process is taken over.
+
+Concurrency and per-worker CPUs/GPUs come from ``plan_resources``. Each trial's MLflow run is
+nested under one parent run per sweep, which receives ``results.parquet``, ``table.md``
+(``service.tables``), the selection, and the table's cells as metrics.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import hashlib
 import json
 import math
+import os
+import socket
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, flatten, to_dict
 from .ray_train import failure_text
-from .spaces import Shrink, SpaceError, SweepSpec, Variant
+from .spaces import (OPTIONAL_METRICS, Shrink, SpaceError, Stage, SweepSpec, Variant, constrained_frame,
+                     pick_candidates, rank_settings, stage_variants)
 from .tables import FINAL_METRICS, KNOWN_METRICS, Tables, aggregate, write_results
 
 if TYPE_CHECKING:
     import pandas as pd
 
+REPORTED = tuple(dict.fromkeys(FINAL_METRICS + OPTIONAL_METRICS))  # eval/* names forwarded to Tune
+INFRA_RETRIES = 2  # fit() again (resuming from the last checkpoint) after a lost worker/node/controller
+TUNE_MAX_FAILURES = 2  # Tune restarts of a trial whose own actor died
+LOCK_FILE = "sweep.lock"
+PROGRESS_FILE = "progress.json"
+
+
+# --------------------------------------------------------------------------------------------
+# The trial
+# --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _TrialContext:
@@ -41,43 +75,167 @@ class _TrialContext:
     cpus_per_worker: float  # Ray resource per Train worker (the trial's share minus its driver's 0.01)
     threads_per_worker: int  # torch threads per Train worker (its whole CPUs)
     gpus_per_worker: float
+    metric: str = "hist_kl"
+    stage: int = 1
+    stage_name: str = "sweep"
+    stage_overrides: dict[str, Any] = field(default_factory=dict)
+    variants: tuple[dict[str, Any], ...] = ()  # the stage's variants (``dataclasses.asdict``), by id
+    run_prefix: str = ""  # "" for a plain space, "s2-" for stage 2 (MLflow / Ray Train run names)
+    retries: int = INFRA_RETRIES
 
 
-def _trial(config: dict[str, Any], ctx: _TrialContext) -> None:
-    """Tune trial: build the variant's config, train it with Ray Train, report once (ok or failed)."""
+def trial_config(v: Variant, shrink: Shrink, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The variant's config in a stage, with a checkpoint (a Train report) at every evaluation."""
+    cfg = v.config(shrink, overrides)
+    s = cfg.schedule
+    if s.eval_every and (not s.checkpoint_every or s.eval_every % s.checkpoint_every):
+        cfg = apply_overrides(cfg, {"schedule.checkpoint_every": math.gcd(s.eval_every, s.checkpoint_every)})
+    return cfg
+
+
+def config_sha(cfg: ExperimentConfig) -> str:
+    """16 hex digits over the whole flattened config: equal configs train identically (reuse key)."""
+    text = json.dumps(flatten(to_dict(cfg)), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _walk_errors(e: BaseException) -> list[BaseException]:
+    """The exceptions behind a failed ``fit``: worker failures, the controller's, causes, unwrapped."""
+    out, todo, seen = [], [e], set()
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        out.append(err)
+        todo += list(getattr(err, "worker_failures", {}).values())
+        todo += [getattr(err, name, None) for name in ("controller_failure", "health_check_failure", "cause",
+                                                       "__cause__", "_base_exc")]
+    return out
+
+
+def failure_kind(e: BaseException) -> str:
+    """``diverged`` (a ``TrainingDiverged`` anywhere: final), ``infrastructure`` (a lost worker, node,
+    controller or object: retried from the last checkpoint) or ``error`` (any other exception of the
+    training code: final, it would recur)."""
+    import ray.exceptions as rex
+
+    infra: tuple[type, ...] = (rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError, rex.ObjectLostError,
+                               rex.OutOfMemoryError, rex.RaySystemError)
+    try:
+        from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerGroupStartupTimeoutError
+        from ray.train.v2.api.exceptions import PreemptionError
+
+        infra += (WorkerHealthCheckFailedError, WorkerGroupStartupTimeoutError, PreemptionError)
+    except ImportError:  # another Ray version: the ray.exceptions above still classify
+        pass
+    errors = _walk_errors(e)
+    names = {c.__name__ for err in errors for c in type(err).__mro__}
+    names |= {getattr(err, "cause_cls", type(None)).__name__ for err in errors}
+    if "TrainingDiverged" in names:
+        return "diverged"
+    if any(isinstance(err, infra) for err in errors):
+        return "infrastructure"
+    return "error"
+
+
+def new_evaluations(client: Any, run_id: str, after: int, before: int) -> list[dict[str, Any]]:
+    """The intermediate evaluations rank 0 logged to MLflow (``eval/<name>`` at step ``iteration``)
+    with ``after < iteration < before``, oldest first: ``[{"iteration": 1000, "hist_kl": ...}, ...]``."""
+    history: dict[str, dict[int, float]] = {}
+    for name in REPORTED:
+        history[name] = {int(m.step): float(m.value) for m in client.get_metric_history(run_id, f"eval/{name}")
+                         if after < m.step < before}
+    steps = sorted(set().union(*history.values()))
+    return [{"iteration": s, **{n: h[s] for n, h in history.items() if s in h}} for s in steps]
+
+
+def _eval_forwarder(tracking_uri: str, run_id: str, metric: str, iterations: int, constants: dict[str, Any]):
+    """A Ray Train callback (it runs in the Train controller) that forwards each new intermediate
+    evaluation to the Tune trial, at the Train report (checkpoint) that follows it."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvalForwarder(TuneReportCallback):
+        def __init__(self) -> None:
+            TuneReportCallback.__init__(self)  # grabs the Tune session's queue (in the trial)
+            self.after, self.client = -1, None
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if not metrics or metrics[0].get("final"):
+                return  # the final values reach Tune in the trial's own last report
+            try:
+                if self.client is None:
+                    from mlflow.tracking import MlflowClient
+
+                    self.client = MlflowClient(tracking_uri)
+                found = new_evaluations(self.client, run_id, self.after, iterations)
+            except Exception as e:  # noqa: BLE001 - tracking hiccup: forwarded at the next report
+                print(f"warning: could not read the evaluations of {run_id} from MLflow ({e!r:.300})", file=sys.stderr)
+                return
+            for report in found:
+                TuneReportCallback.after_report(self, run_context, [{metric: math.nan, **report, **constants}], None)
+                self.after = report["iteration"]
+
+    return EvalForwarder()
+
+
+def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[str, Any]] | None = None) -> None:
+    """Tune trial: build the variant's config, train it with Ray Train (intermediate evaluations are
+    forwarded to Tune), retry infrastructure failures, report the final row (ok or failed)."""
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from .ray_train import fit, start_mlflow_run
+    from .ray_train import start_mlflow_run
 
-    v = Variant(**config["variant"])
-    cfg = v.config(ctx.shrink)
+    if fit is None:
+        from .ray_train import fit
+    raw = config["variant"]
+    v = Variant(**(ctx.variants[raw] if isinstance(raw, int) else raw))  # a dict: sweeps started before stages
+    cfg = trial_config(v, ctx.shrink, ctx.stage_overrides)
     scaling = {"scaling.threads_per_worker": cfg.scaling.threads_per_worker or ctx.threads_per_worker}
     if ctx.gpus_per_worker:
         scaling["scaling.use_gpu"] = True
     cfg = apply_overrides(cfg, scaling)
-    run_name = f"{ctx.sweep_name}-v{v.id:04d}"
+    run_name = f"{ctx.sweep_name}-{ctx.run_prefix}v{v.id:04d}"
     values = {"preset": v.preset, "seed": cfg.seed, **v.params}
     tags = {"sweep": ctx.sweep_name, "sweep.variant": str(v.id), "sweep.hparams": json.dumps(v.hparams, sort_keys=True),
-            **{k: str(values.get(k)) for k in ctx.varying}}
+            "sweep.stage": ctx.stage_name, **{k: str(values.get(k)) for k in ctx.varying}}
     run_id = start_mlflow_run(cfg, ctx.tracking_uri, run_name, tags=tags, parent_run_id=ctx.parent_run_id)
     row: dict[str, Any] = {"mlflow_run_id": run_id, "run_name": run_name}
-    start = time.perf_counter()
-    try:
-        res = fit(cfg, output_dir=Path(ctx.output_dir) / "trials" / run_name, run_name=run_name,
-                  storage_path=Path(ctx.output_dir) / "ray_train", tracking_uri=ctx.tracking_uri,
-                  cpus_per_worker=ctx.cpus_per_worker, gpus_per_worker=ctx.gpus_per_worker or None,
-                  mlflow_run_id=run_id)
-        row.update(status="ok", error="", iteration=res["iteration"], output_dir=res["output_dir"], **res["metrics"])
-    except Exception as e:  # noqa: BLE001 - a diverged (TrainingDiverged in a worker) or otherwise failed
-        # run is recorded with its error, not retried, and the sweep goes on
-        row.update(status="failed", error=failure_text(e))
-        client = MlflowClient(ctx.tracking_uri)
-        client.set_tag(run_id, "error", row["error"][:5000])
-        client.set_terminated(run_id, status="FAILED")
+    start, attempts = time.perf_counter(), 0
+    while True:
+        attempts += 1
+        callbacks = []
+        if cfg.schedule.eval_every and cfg.schedule.unit == "iterations":
+            callbacks.append(_eval_forwarder(ctx.tracking_uri, run_id, ctx.metric, cfg.schedule.iterations, dict(row)))
+        try:
+            res = fit(cfg, output_dir=Path(ctx.output_dir) / "trials" / run_name, run_name=run_name,
+                      storage_path=Path(ctx.output_dir) / "ray_train", tracking_uri=ctx.tracking_uri,
+                      cpus_per_worker=ctx.cpus_per_worker, gpus_per_worker=ctx.gpus_per_worker or None,
+                      mlflow_run_id=run_id, callbacks=callbacks)
+            row.update(status="ok", error="", failure="", iteration=res["iteration"], output_dir=res["output_dir"],
+                       **res["metrics"])
+            break
+        except Exception as e:  # noqa: BLE001 - recorded with its error; the sweep goes on
+            kind = failure_kind(e)
+            if kind == "infrastructure" and attempts <= ctx.retries:
+                print(f"{run_name}: {failure_text(e)[:300]}; infrastructure failure {attempts}/{ctx.retries}: "
+                      "resuming from the last checkpoint", file=sys.stderr, flush=True)
+                continue
+            row.update(status="failed", error=failure_text(e), failure=kind)  # diverged/error: it would recur
+            client = MlflowClient(ctx.tracking_uri)
+            client.set_tag(run_id, "error", row["error"][:5000])
+            client.set_terminated(run_id, status="FAILED")
+            break
+    row["attempts"] = attempts
     row["time_s"] = time.perf_counter() - start
+    row.setdefault(ctx.metric, math.nan)  # every Tune result carries the scheduler's metric
     tune.report(row)
 
+
+# --------------------------------------------------------------------------------------------
+# Resources
+# --------------------------------------------------------------------------------------------
 
 DRIVER_CPU = 0.01  # each Tune trial's own reservation (0 raises); STACK.md, Ray Tune
 
@@ -120,12 +278,110 @@ def plan_resources(cpus: float, gpus: float, workers: int, max_concurrent: int |
                         gpus_per_worker=gpus_per_trial / workers)
 
 
-def resolve_shrink(spec: SweepSpec, shrink: Shrink | None) -> Shrink:
-    """The command line's ``--smoke``/``--quick``, else the space's ``smoke:``, else the full schedule."""
-    return shrink or ("smoke" if spec.smoke else "full")
+def resolve_shrink(spec: SweepSpec, shrink: Shrink | None) -> str:
+    """The command line's ``--smoke``/``--quick``, else the space's ``smoke:``, else the full schedule;
+    ``"stages"`` for a staged space without a command-line shrink (each stage says its own)."""
+    if spec.is_staged:
+        return shrink or "stages"
+    return shrink or spec.default_shrink()
 
 
-def _resumed_state(out: Path, spec: SweepSpec, shrink: Shrink, name: str | None,
+# --------------------------------------------------------------------------------------------
+# One sweep per output folder
+# --------------------------------------------------------------------------------------------
+
+class SweepLocked(ConfigError):
+    """Another live sweep holds the output folder."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), to tell a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the lock's process still runs; a lock of another host counts as live (we cannot tell)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        pass
+    started = holder.get("process_start")
+    return started is None or _process_start(pid) in (None, started)
+
+
+class SweepLock:
+    """``out/sweep.lock`` holding ``{pid, host, process_start, started, argv}`` while a sweep runs.
+
+    A second sweep on the same folder raises ``SweepLocked`` naming the holder; a lock whose
+    process is gone (same host, dead pid, or a pid reused by another process) is taken over.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> "SweepLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[:8]}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    holder = {}
+                if not holder and time.time() - self.path.stat().st_mtime < 5:
+                    time.sleep(1)  # being written by a sweep starting right now
+                    continue
+                if holder and _alive(holder):
+                    raise SweepLocked(
+                        f"{self.path.parent} is in use by another sweep: pid {holder.get('pid')} on "
+                        f"{holder.get('host')}, since {holder.get('started')} ({' '.join(holder.get('argv', []))}). "
+                        f"Wait for it to finish or use another --output-dir; if that process is gone (e.g. its "
+                        f"machine restarted), delete {self.path}") from None
+                print(f"sweep: taking over the stale lock {self.path} (pid {holder.get('pid')} on "
+                      f"{holder.get('host')} is gone)", file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise SweepLocked(f"{self.path}: could not take the lock (another sweep keeps starting here)")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                    self.path.unlink()
+            except (OSError, ValueError):
+                pass
+            self.held = False
+
+    def __enter__(self) -> "SweepLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep state (resume) and progress
+# --------------------------------------------------------------------------------------------
+
+def _resumed_state(out: Path, spec: SweepSpec, shrink: str, name: str | None,
                    tracking_uri: str | None) -> dict[str, Any] | None:
     """``out/sweep.json`` of the same sweep (to resume), None for a new one; refuses a different sweep."""
     state_file = out / "sweep.json"
@@ -144,7 +400,7 @@ def _resumed_state(out: Path, spec: SweepSpec, shrink: Shrink, name: str | None,
     return state
 
 
-def _new_state(out: Path, spec: SweepSpec, shrink: Shrink, tracking_uri: str, experiment: str,
+def _new_state(out: Path, spec: SweepSpec, shrink: str, tracking_uri: str, experiment: str,
                name: str | None) -> dict[str, Any]:
     """Create the sweep's parent MLflow run and ``out/sweep.json`` (what a resume needs)."""
     from mlflow.tracking import MlflowClient
@@ -158,119 +414,390 @@ def _new_state(out: Path, spec: SweepSpec, shrink: Shrink, tracking_uri: str, ex
     sweep_name = f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = client.create_run(exp_id, run_name=sweep_name, tags={"sweep": sweep_name, "sweep.space": spec.source,
                                                                "sweep.shrink": shrink})
-    for key, value in {"space": spec.source, "metric": spec.metric, "mode": spec.mode, "shrink": shrink,
-                       "trials": len(spec.variants), "varying": ",".join(spec.varying)}.items():
+    params = {"space": spec.source, "metric": spec.metric, "mode": spec.mode, "shrink": shrink,
+              "trials": len(spec.variants), "varying": ",".join(spec.varying)}
+    if spec.select.where:
+        params["where"] = spec.select.describe_where()
+    if spec.is_staged:
+        params["stages"] = ",".join(s.name for s in spec.stages)
+    for key, value in params.items():
         client.log_param(run.info.run_id, f"sweep.{key}", value)
     state = {"name": base, "sweep_name": sweep_name, "parent_run_id": run.info.run_id, "source": spec.source,
              "space_sha256": hashlib.sha256(spec.text.encode()).hexdigest(), "shrink": shrink,
-             "tracking_uri": tracking_uri, "metric": spec.metric, "mode": spec.mode}
+             "tracking_uri": tracking_uri, "metric": spec.metric, "mode": spec.mode, "select": spec.select.to_dict(),
+             "searched": list(spec.searched)}
     (out / "space.yaml").write_text(spec.text)
     (out / "sweep.json").write_text(json.dumps(state, indent=2))
     return state
 
 
-def _trial_name(trial: Any) -> str:
-    return f"v{trial.config['variant']['id']:04d}"
+def _load_progress(out: Path) -> dict[str, Any]:
+    path = out / PROGRESS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
 
+
+def _save_progress(out: Path, progress: dict[str, Any]) -> None:
+    tmp = out / (PROGRESS_FILE + ".tmp")
+    tmp.write_text(json.dumps(progress, indent=2, default=str))
+    os.replace(tmp, out / PROGRESS_FILE)
+
+
+def _trial_name(trial: Any) -> str:
+    raw = trial.config["variant"]
+    return f"v{raw if isinstance(raw, int) else raw['id']:04d}"
+
+
+def _column(config: dict[str, Any], table: dict[int, dict[str, Any]], key: str) -> Any:
+    """``tune.sample_from`` body: the variant's value of one hyperparameter column."""
+    return table[config["variant"]].get(key)
+
+
+def _scalar(x: Any) -> Any:
+    return json.dumps(x) if isinstance(x, (list, tuple, dict)) else x
+
+
+# --------------------------------------------------------------------------------------------
+# Running a sweep
+# --------------------------------------------------------------------------------------------
 
 def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None = None,
               max_concurrent: int | None = None, gpus_per_trial: float = 0.0, tracking_uri: str | None = None,
               name: str | None = None) -> "pd.DataFrame":
-    """Run every variant as a Tune trial; write ``results.parquet`` and ``table.md``; return the frame.
+    """Run every stage's variants as Tune trials; write ``results.parquet`` and ``table.md``; return the frame.
 
-    Re-running with the same ``output_dir`` resumes an interrupted sweep (``Tuner.restore``):
-    finished and failed trials are kept, unfinished ones run again and their Ray Train runs
-    continue from their latest checkpoints. ``shrink=None`` uses the space's ``smoke:``.
+    Re-running with the same ``output_dir`` resumes an interrupted sweep: finished stages are kept,
+    a stage's finished, stopped and failed trials are kept (``Tuner.restore``), unfinished ones run
+    again and their Ray Train runs continue from their latest checkpoints. ``shrink`` (the command
+    line's) overrides every stage's; ``None`` uses the stage's, else the space's ``smoke:``.
     ``gpus_per_trial`` goes to the trial's Train workers (fractions pack several trials on one
-    GPU). Uses the running Ray (``RAY_ADDRESS``) or starts a local one.
+    GPU). Uses the running Ray (``RAY_ADDRESS``) or starts a local one. A second sweep on the same
+    ``output_dir`` raises ``SweepLocked``.
     """
+    import pandas as pd
     import ray
-    from ray import tune
 
     from .ray_train import default_tracking_uri
 
-    shrink = resolve_shrink(spec, shrink)
-    configs = spec.configs(shrink)  # every variant validated before Ray starts
+    spec.validate(shrink)  # every stage's variants and schedulers, before Ray starts
+    stages = spec.plan(shrink)
+    label = resolve_shrink(spec, shrink)
     out = Path(output_dir).resolve()
-    state = _resumed_state(out, spec, shrink, name, tracking_uri)
-    if not ray.is_initialized():
-        ray.init()
-    resources = ray.cluster_resources()
-    workers = max(c.scaling.workers for c in configs)
-    plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), workers, max_concurrent, gpus_per_trial)
-    if state is None:  # nothing is written before the checks above
-        out.mkdir(parents=True, exist_ok=True)
-        state = _new_state(out, spec, shrink, tracking_uri or default_tracking_uri(),
-                           configs[0].tracking.experiment, name)
-    tracking_uri = state["tracking_uri"]
-    print(f"sweep: {len(spec.variants)} trials, {plan.max_concurrent} at a time; each Train worker asks for "
-          f"{plan.cpus_per_worker:g} CPU ({plan.threads_per_worker} torch threads)"
-          + (f" and {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
-          + f"; the cluster has {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
-    ctx = _TrialContext(output_dir=str(out), tracking_uri=tracking_uri, parent_run_id=state["parent_run_id"],
-                        sweep_name=state["sweep_name"], shrink=shrink, varying=spec.varying,
-                        cpus_per_worker=plan.cpus_per_worker, threads_per_worker=plan.threads_per_worker,
-                        gpus_per_worker=plan.gpus_per_worker)
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": DRIVER_CPU})
-    path = out / "tune" / "sweep"
-    if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"variant": tune.grid_search([dataclasses.asdict(v) for v in spec.variants])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent, trial_name_creator=_trial_name,
-                                        trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(name="sweep", storage_path=str(out / "tune"), verbose=1),
-        )
-    grid = tuner.fit()
-    reported = {r.config["variant"]["id"]: (r.metrics or {}, r.error) for r in grid}
-    df = results_frame(spec, configs, reported)
-    tables = aggregate(df, metric=spec.metric, mode=spec.mode)
-    write_results(df, tables, out)
-    _finish_parent(tracking_uri, state["parent_run_id"], out, df, tables)
+    state = _resumed_state(out, spec, label, name, tracking_uri)
+    with SweepLock(out):
+        if not ray.is_initialized():
+            ray.init()
+        resources = ray.cluster_resources()
+        workers = max(c.scaling.workers for stage, sh in stages for c in spec.configs(sh, stage))
+        plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), workers, max_concurrent,
+                              gpus_per_trial)
+        if state is None:  # nothing is written before the checks above
+            state = _new_state(out, spec, label, tracking_uri or default_tracking_uri(),
+                               spec.configs(stages[0][1], stages[0][0])[0].tracking.experiment, name)
+        print(f"sweep: {len(spec.variants)} trials" + (f" in stage 1 of {len(stages)}" if spec.is_staged else "")
+              + f", {plan.max_concurrent} at a time; each Train worker asks for "
+              f"{plan.cpus_per_worker:g} CPU ({plan.threads_per_worker} torch threads)"
+              + (f" and {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
+              + f"; the cluster has {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+        progress = _load_progress(out)
+        frames: list[pd.DataFrame] = []
+        for stage, sh in stages:
+            entry = progress["stages"].setdefault(stage.name, {"index": stage.index, "shrink": sh, "wall_s": 0.0})
+            if stage.index == 1:
+                variants = list(spec.variants)
+            else:
+                variants = _stage_inputs(out, spec, stage, frames[-1], entry)
+                if not variants:
+                    entry["note"] = f"not run: stage {stage.index - 1} has no completed trial to select from"
+                    print(f"sweep: stage {stage.name}: {entry['note']}", file=sys.stderr)
+                    break
+            df = _run_stage(spec, stage, sh, variants, frames, out, state, plan, progress)
+            frames.append(df)
+            if (df["status"] == "incomplete").any():
+                break  # later stages need this one finished: run the same command again
+        df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        last = frames[-1]
+        tables = aggregate(constrained_frame(last, spec.select), metric=spec.metric, mode=spec.mode)
+        write_results(df, tables, out)
+        selection = _selection_markdown(spec, frames, progress)
+        (out / "selection.md").write_text(selection)
+        _save_progress(out, progress)
+        _finish_parent(state["tracking_uri"], state["parent_run_id"], out, df, tables, len(frames) < len(stages))
+    df.attrs["stages_run"] = len(frames)
+    df.attrs["stages"] = len(stages)
     return df
 
 
-def _finish_parent(tracking_uri: str, run_id: str, out: Path, df: "pd.DataFrame", tables: "Tables") -> None:
-    """The parent run holds the aggregate: results.parquet, table.md, the space, and the table's cells."""
+def _stage_inputs(out: Path, spec: SweepSpec, stage: Stage, previous: "pd.DataFrame",
+                  entry: dict[str, Any]) -> list[Variant]:
+    """A later stage's variants: its saved candidates (a resume), else the previous stage's top_k
+    settings (``pick_candidates``) with the stage's seeds, saved before anything runs."""
+    folder = out / "stages" / f"{stage.index}-{stage.name}"
+    saved = folder / "candidates.json"
+    if saved.is_file():
+        data = json.loads(saved.read_text())
+        return [Variant(**v) for v in data["variants"]]
+    picks, notes = pick_candidates(previous, spec.select, stage.top_k or 1)
+    variants = stage_variants(picks, stage.seeds)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"picks": picks, "notes": notes, "select": spec.select.to_dict(),
+                                 "variants": [asdict(v) for v in variants]}, indent=2, default=str))
+    entry.update(picks=picks, notes=notes)
+    for note in notes:
+        print(f"sweep: stage {stage.name}: {note}", file=sys.stderr)
+    print(f"sweep: stage {stage.name}: {len(picks)} settings from stage {stage.index - 1} "
+          f"(top {stage.top_k} by {spec.select.mode} {spec.metric}"
+          + (f" where {spec.select.describe_where()}" if spec.select.where else "") + f") -> {len(variants)} trials")
+    return variants
+
+
+def _run_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Variant], earlier: list["pd.DataFrame"],
+               out: Path, state: dict[str, Any], plan: ResourcePlan, progress: dict[str, Any]) -> "pd.DataFrame":
+    """One stage: reuse rows of identical earlier trials, run the others as Tune trials, return its frame."""
+    import pandas as pd
+
+    entry = progress["stages"][stage.name]
+    staged = spec.is_staged
+    folder = out / "stages" / f"{stage.index}-{stage.name}"
+    if staged and entry.get("complete") and (folder / "results.parquet").is_file():
+        print(f"sweep: stage {stage.name} finished earlier; kept")
+        return pd.read_parquet(folder / "results.parquet")
+    configs = []
+    for v in variants:
+        try:
+            configs.append(trial_config(v, shrink, stage.overrides))
+        except ConfigError as e:
+            raise SpaceError(f"{spec.source}: {stage.key} variant {v.id} {v.preset} {v.params} ({shrink}): "
+                             f"{e}") from None
+    done: dict[str, dict[str, Any]] = {}  # config_sha -> an earlier stage's row that needs no re-run
+    for frame in earlier:
+        for row in frame.to_dict("records"):
+            if row["status"] == "ok" or (row["status"] == "failed" and row.get("failure") == "diverged"):
+                done.setdefault(row["config_sha"], row)
+    reused = {v.id: done[config_sha(c)] for v, c in zip(variants, configs) if config_sha(c) in done}
+    to_run = [v.id for v in variants if v.id not in reused]
+    if reused:
+        print(f"sweep: stage {stage.name}: {len(reused)} of {len(variants)} trials equal earlier ones; reused")
+    reported: dict[int, tuple[dict[str, Any], BaseException | None, str]] = {}
+    started = time.perf_counter()
+    try:
+        if to_run:
+            reported = _tune_stage(spec, stage, shrink, variants, configs, to_run, out, state, plan)
+    finally:
+        entry["wall_s"] = entry.get("wall_s", 0.0) + time.perf_counter() - started
+        _save_progress(out, progress)
+    df = results_frame(spec, configs, reported, variants=variants, stage=stage)
+    if reused:
+        rows = [_reused_row(row, reused[row["variant"]]) if row["variant"] in reused else row
+                for row in df.to_dict("records")]
+        df = pd.DataFrame(rows, columns=df.columns).astype({"reused_from": "object"})
+    _close_stopped(state["tracking_uri"], df)
+    if staged:
+        folder.mkdir(parents=True, exist_ok=True)
+        df.to_parquet(folder / "results.parquet", engine="pyarrow", index=False)
+        (folder / "table.md").write_text(aggregate(constrained_frame(df, spec.select), spec.metric, spec.mode).markdown)
+    entry.update(trials=len(variants), reused=len(reused), complete=not (df["status"] == "incomplete").any(),
+                 trained_iterations=int(df["trained_iterations"].fillna(0).sum()))
+    _save_progress(out, progress)
+    return df
+
+
+def _reused_row(row: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
+    """This stage's row for a trial equal to an earlier one: its results, no new cost."""
+    keep = {"variant", "stage", "stage_name"}
+    new = {k: (row[k] if k in keep else earlier.get(k, row[k])) for k in row}
+    new.update(reused_from=f"{earlier['stage_name']}/v{int(earlier['variant']):04d}", trained_iterations=0, time_s=0.0)
+    return new
+
+
+def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Variant],
+                configs: list[ExperimentConfig], to_run: list[int], out: Path, state: dict[str, Any],
+                plan: ResourcePlan) -> dict[int, tuple[dict[str, Any], BaseException | None, str]]:
+    """Run ``to_run`` (variant ids) as one Tune experiment; ``{id: (last result, error, trial status)}``."""
+    from ray import tune
+
+    ctx = _TrialContext(output_dir=str(out), tracking_uri=state["tracking_uri"], parent_run_id=state["parent_run_id"],
+                        sweep_name=state["sweep_name"], shrink=shrink, varying=spec.varying,
+                        cpus_per_worker=plan.cpus_per_worker, threads_per_worker=plan.threads_per_worker,
+                        gpus_per_worker=plan.gpus_per_worker, metric=spec.metric, stage=stage.index,
+                        stage_name=stage.name, stage_overrides=dict(stage.overrides),
+                        variants=tuple(asdict(v) for v in variants),
+                        run_prefix=f"s{stage.index}-" if spec.is_staged else "")
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": DRIVER_CPU})
+    path = out / "tune" / (f"stage{stage.index}-{stage.name}" if spec.is_staged else "sweep")
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    else:
+        table = {v.id: {k: _scalar(x) for k, x in v.columns(c.seed).items()} for v, c in zip(variants, configs)}
+        keys = list(dict.fromkeys(k for cols in table.values() for k in cols))
+        param_space = {"variant": tune.grid_search(to_run),
+                       **{k: tune.sample_from(functools.partial(_column, table=table, key=k)) for k in keys}}
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent, trial_name_creator=_trial_name,
+                                        trial_dirname_creator=_trial_name, reuse_actors=False,
+                                        scheduler=_scheduler(stage, spec, configs)),
+            run_config=tune.RunConfig(name=path.name, storage_path=str(out / "tune"), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=TUNE_MAX_FAILURES),
+                                      progress_reporter=_progress_reporter(spec, keys)),
+        )
+    grid = tuner.fit()
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or [None] * len(grid)
+    reported = {}
+    for trial, r in zip(trials, grid):
+        raw = r.config["variant"]
+        reported[raw if isinstance(raw, int) else raw["id"]] = (r.metrics or {}, r.error,
+                                                                getattr(trial, "status", "") or "")
+    return reported
+
+
+def _scheduler(stage: Stage, spec: SweepSpec, configs: list[ExperimentConfig]):
+    """Tune's scheduler for the stage: ASHA on ``iteration`` and the selection metric, or None (FIFO)."""
+    sched = stage.scheduler
+    if sched is None or sched.type == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    iterations = max(c.schedule.iterations for c in configs)
+    grace = sched.grace_period or min(c.schedule.eval_every for c in configs)
+    return ASHAScheduler(time_attr="iteration", metric=spec.metric, mode=spec.mode, grace_period=grace,
+                         reduction_factor=sched.reduction_factor, max_t=sched.max_t or iterations, brackets=1)
+
+
+def _progress_reporter(spec: SweepSpec, keys: list[str]):
+    """Tune's progress table with one column per varying hyperparameter and the reported metrics.
+
+    Ray's default (``RAY_AIR_NEW_OUTPUT=1``) output ignores a reporter and infers the same parameter
+    columns from the config; ``jobs.sweep`` sets ``RAY_AIR_NEW_OUTPUT=0`` unless the user chose.
+    """
+    if os.environ.get("RAY_AIR_NEW_OUTPUT", "1") != "0":
+        return None
+    from ray.tune import CLIReporter
+
+    shown = [k for k in keys if k in spec.varying or k in spec.searched] or keys[:4]
+    metrics = {"iteration": "iter", spec.metric: spec.metric}
+    metrics.update({m: m for m in ("hist_kl", "hist_jsd", "gnelbo_x1e7", "mode_purity") if m not in metrics})
+    return CLIReporter(parameter_columns={k: k.rsplit(".", 1)[-1] for k in shown}, metric_columns=metrics,
+                       max_report_frequency=60, max_column_length=12)
+
+
+def _close_stopped(tracking_uri: str, df: "pd.DataFrame") -> None:
+    """MLflow runs of trials the scheduler stopped (their process was killed): KILLED, with the reason."""
+    stopped = df[(df["status"] == "stopped") & df["mlflow_run_id"].notna() & df["reused_from"].isna()]
+    if not len(stopped):
+        return
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    for name in ("results.parquet", "table.md", "space.yaml"):
-        client.log_artifact(run_id, str(out / name))
-    client.log_metric(run_id, "sweep/trials_ok", float((df["status"] == "ok").sum()))
-    client.log_metric(run_id, "sweep/trials_failed", float((df["status"] == "failed").sum()))
-    client.log_metric(run_id, "sweep/trials_incomplete", float((df["status"] == "incomplete").sum()))
+    for r in stopped.itertuples():
+        run = client.get_run(r.mlflow_run_id)
+        if run.info.status == "RUNNING":
+            client.set_tag(r.mlflow_run_id, "sweep.stopped_early", str(r.iteration))
+            client.set_terminated(r.mlflow_run_id, status="KILLED")
+
+
+def _finish_parent(tracking_uri: str, run_id: str, out: Path, df: "pd.DataFrame", tables: "Tables",
+                   unfinished: bool = False) -> None:
+    """The parent run holds the aggregate: results.parquet, table.md, the space, the selection, the table's cells."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for name in ("results.parquet", "table.md", "space.yaml", "selection.md", PROGRESS_FILE):
+        if (out / name).is_file():
+            client.log_artifact(run_id, str(out / name))
+    for status in ("ok", "failed", "incomplete", "stopped"):
+        client.log_metric(run_id, f"sweep/trials_{status}", float((df["status"] == status).sum()))
+    client.log_metric(run_id, "sweep/trained_iterations", float(df["trained_iterations"].fillna(0).sum()))
     for r in tables.summary.itertuples():  # e.g. table/8gaussians/mog-ip-lc/hist_kl_mean
         for stat in ("mean", "se"):
             if not math.isnan(getattr(r, stat)):
                 client.log_metric(run_id, f"table/{r.dataset}/{r.configuration}/{r.metric}_{stat}", getattr(r, stat))
     # an interrupted sweep's parent is KILLED until a resumed run completes it
-    client.set_terminated(run_id, status="KILLED" if (df["status"] == "incomplete").any() else "FINISHED")
+    client.set_terminated(run_id, status="KILLED" if unfinished or (df["status"] == "incomplete").any() else "FINISHED")
+
+
+def _selection_markdown(spec: SweepSpec, frames: list["pd.DataFrame"], progress: dict[str, Any]) -> str:
+    """``selection.md``: per stage its trials, cost, and (for the next stage, and finally) its picks."""
+    lines = ["# Selection", "",
+             f"Ranking: per preset, the setting with the {'lowest' if spec.mode == 'min' else 'highest'} mean "
+             f"`{spec.metric}` over its completed seeds"
+             + (f", among settings with {spec.select.describe_where()} (else unconstrained, noted below)"
+                if spec.select.where else "") + ".", ""]
+    for df in frames:
+        name = df["stage_name"].iloc[0]
+        entry = progress["stages"].get(name, {})
+        counts = df["status"].value_counts()
+        lines += [f"## Stage {int(df['stage'].iloc[0])}: {name}", "",
+                  f"{len(df)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())}; "
+                  f"{int(df['reused_from'].notna().sum())} reused), {int(df['trained_iterations'].fillna(0).sum()):,} "
+                  f"iterations trained, {entry.get('wall_s', 0.0) / 60:.1f} min wall.", ""]
+        lines += [f"- {note}" for note in entry.get("notes", [])]
+        ranked = rank_settings(df, spec.select)
+        if len(ranked):
+            where = [name for name, _, _ in spec.select.where]
+            lines += ["", f"| preset | rank | {spec.metric} | seeds | " + "".join(f"{w} | " for w in where)
+                      + ("satisfies | " if where else "") + "hyperparameters |",
+                      "| --- " * (5 + len(where) + bool(where)) + "|"]
+            for r in ranked.groupby("preset").head(5).to_dict("records"):
+                lines.append(f"| {r['preset']} | {r['rank']} | {r['score']:.4g} | {len(r['seeds'])} | "
+                             + "".join(f"{r[w]:.4g} | " for w in where)
+                             + (f"{'yes' if r['satisfies'] else 'no'} | " if where else "")
+                             + f"`{searched_params(r['params'], spec.searched)}` |")
+        lines.append("")
+    picks, notes = pick_candidates(frames[-1], spec.select, 1)
+    lines += ["## Selected", ""] + [f"- {n}" for n in notes]
+    lines += [f"- {p['preset']}: `{searched_params(p['params'], spec.searched)}` (mean {spec.metric} "
+              f"{p['score']:.4g} over seeds {p['seeds']})" for p in picks]
+    return "\n".join(lines) + "\n"
+
+
+def searched_params(params: str | dict[str, Any], searched: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The searched keys of a setting's ``params`` (JSON or dict): what a selection picked."""
+    params = json.loads(params) if isinstance(params, str) else params
+    return {k: v for k, v in params.items() if k in searched} or params
 
 
 def results_frame(spec: SweepSpec, configs: list[ExperimentConfig],
-                  reported: dict[int, tuple[dict[str, Any], BaseException | None]]) -> "pd.DataFrame":
-    """One row per variant: identity, status/error, final metrics, and the flattened config."""
+                  reported: dict[int, tuple], variants: list[Variant] | None = None,
+                  stage: Stage | None = None) -> "pd.DataFrame":
+    """One row per variant: identity, hyperparameter columns, status/error, final metrics, cost, and
+    the flattened config. ``reported[id]`` is ``(last Tune result, error[, Tune trial status])``.
+
+    Status: the trial's own (``ok``/``failed``); ``failed`` when Tune recorded an error;
+    ``stopped`` when the scheduler ended it early (its metrics are those of its last evaluation);
+    ``incomplete`` when the sweep was interrupted before it finished.
+    """
     import pandas as pd
 
+    variants = list(spec.variants) if variants is None else variants
+    stage = stage or Stage(1, "sweep")
     rows = []
-    for v, cfg in zip(spec.variants, configs):
-        metrics, error = reported.get(v.id, ({}, None))
-        status = metrics.get("status") or ("failed" if error is not None else "incomplete")
+    for v, cfg in zip(variants, configs):
+        metrics, error, trial_status = (*reported.get(v.id, ({}, None)), "")[:3]
+        status = metrics.get("status") or ("failed" if error is not None else
+                                           "stopped" if trial_status == "TERMINATED" and metrics else "incomplete")
         err = metrics.get("error") or (failure_text(error) if error is not None else "")
+        failure = metrics.get("failure") or ("infrastructure" if error is not None else "")
         if status == "incomplete":
             err = "not finished (the sweep was interrupted); run the same command again to resume"
+        elif status == "stopped":
+            err = (f"stopped early by the {stage.scheduler.type if stage.scheduler else ''} scheduler at iteration "
+                   f"{metrics.get('iteration')} ({spec.metric} {metrics.get(spec.metric, math.nan):.4g})")
         dataset, _, configuration = v.preset.partition("/")
-        row = {"variant": v.id, "preset": v.preset, "dataset": dataset, "configuration": configuration,
-               "seed": cfg.seed, "hparams": json.dumps(v.hparams, sort_keys=True), "status": status, "error": err}
+        row = {"variant": v.id, "stage": stage.index, "stage_name": stage.name, "preset": v.preset,
+               "dataset": dataset, "configuration": configuration, "seed": cfg.seed,
+               "hparams": json.dumps(v.hparams, sort_keys=True), "params": json.dumps(v.params, sort_keys=True),
+               **{k: _scalar(x) for k, x in v.columns(cfg.seed).items() if k not in ("preset", "seed")},
+               "status": status, "error": err, "failure": failure}
         row.update({m: float(metrics.get(m, math.nan)) for m in FINAL_METRICS})  # 2D columns always
-        row.update({m: float(metrics[m]) for m in KNOWN_METRICS if m in metrics and m not in row})
-        row.update({k: metrics.get(k) for k in ("time_s", "iteration", "mlflow_run_id", "run_name", "output_dir")})
+        row.update({m: float(metrics[m]) for m in (*KNOWN_METRICS, *OPTIONAL_METRICS) if m in metrics and m not in row})
+        row.update({k: metrics.get(k) for k in ("iteration", "mlflow_run_id", "run_name", "output_dir", "attempts")})
+        row["time_s"] = metrics.get("time_s", metrics.get("time_total_s"))
+        row["trained_iterations"] = metrics.get("iteration") or 0  # up to the last report for stopped trials
+        row["reused_from"] = None
+        row["config_sha"] = config_sha(cfg)
         row.update({f"config.{k}": json.dumps(x) if isinstance(x, list) else x
                     for k, x in flatten(to_dict(cfg)).items()})
         rows.append(row)
-    return pd.DataFrame(rows)
-
-
+    df = pd.DataFrame(rows)
+    return df.astype({"reused_from": "object"}) if len(df) else df

@@ -29,7 +29,9 @@ def test_there_is_a_space_per_protocol_and_a_smoke_variant_of_each():
         assert {f"grid_{dataset}", f"grid_vae_{dataset}", f"seeds_{dataset}"} <= names
     assert {"ablation_r_entropy_2d", "ablation_r_entropy_fmnist", "reproduce_table1"} <= names
     assert {"smoke_grid", "smoke_grid_vae", "smoke_seeds", "smoke_ablation_r_entropy_2d",
-            "smoke_ablation_r_entropy_fmnist"} <= names
+            "smoke_ablation_r_entropy_fmnist", "smoke_staged"} <= names
+    assert {"staged_8gaussians_mog_ip_lc", "staged_8gaussians_mog_fixed_lc", "agreement_grid",
+            "agreement_staged"} <= names
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
@@ -101,8 +103,68 @@ BAD = [
      r"out_of_range.yaml: .*objective.beta_kl: -1.0 is out of range; allowed \[0"),
     ("empty_grid.yaml", "preset: 8gaussians/sintro\nparam_space:\n  objective:\n    beta_rec: {grid_search: []}\n",
      r"empty_grid.yaml: param_space.objective.beta_rec: grid_search must be a non-empty list, got \[\]"),
-    ("bad_search.yaml", "preset: 8gaussians/sintro\nparam_space:\n  objective:\n    beta_rec: {uniform: [0, 1]}\n",
-     r"bad_search.yaml: param_space.objective.beta_rec: unsupported search \['uniform'\]; only \{grid_search"),
+    ("bad_search.yaml", "preset: 8gaussians/sintro\nparam_space:\n  objective:\n    beta_rec: {normal: [0, 1]}\n",
+     r"bad_search.yaml: param_space.objective.beta_rec: unsupported search \['normal'\]; allowed \{grid_search: "
+     r"\[...\]\}, \{loguniform: \[lo, hi\]\}, \{uniform: \[lo, hi\]\}, \{choice: \[...\]\} or a plain value"),
+    ("sampler_in_grid.yaml", "preset: 8gaussians/sintro\nparam_space:\n  objective:\n    beta_rec: {uniform: [0, 1]}\n",
+     r"sampler_in_grid.yaml: param_space.objective.beta_rec: uniform samples values, which needs "
+     r"search: \{type: random, num_samples: N\}; with search: grid use \{grid_search: \[...\]\}"),
+    ("bad_sampler_range.yaml", "preset: 8gaussians/sintro\nsearch: {type: random, num_samples: 2}\nparam_space:\n"
+     "  objective:\n    beta_kl: {loguniform: [0, 1]}\n",
+     r"bad_sampler_range.yaml: param_space.objective.beta_kl: loguniform needs lo > 0, got \[0, 1\]"),
+    ("bad_search_type.yaml", "preset: 8gaussians/sintro\nsearch: {type: bayes}\n",
+     r"bad_search_type.yaml: search.type: 'bayes' is not one of \['grid', 'random'\]"),
+    ("random_without_n.yaml", "preset: 8gaussians/sintro\nsearch: {type: random}\nparam_space:\n  objective:\n"
+     "    beta_kl: {uniform: [0.1, 1]}\n",
+     r"random_without_n.yaml: search.num_samples: None is invalid; allowed integers >= 1"),
+    ("bad_scheduler.yaml", "preset: 8gaussians/sintro\nscheduler: {type: hyperband}\n",
+     r"bad_scheduler.yaml: scheduler.type: 'hyperband' is not one of \['asha', 'fifo'\]"),
+    ("bad_scheduler_key.yaml", "preset: 8gaussians/sintro\nscheduler: {type: asha, grace: 100}\n",
+     r"bad_scheduler_key.yaml: scheduler.grace: unknown key for asha; known keys are \['type', 'grace_period', "
+     r"'reduction_factor', 'max_t'\]"),
+    ("bad_reduction.yaml", "preset: 8gaussians/sintro\nscheduler: {type: asha, reduction_factor: 1}\n",
+     r"bad_reduction.yaml: scheduler.reduction_factor: 1 is invalid; allowed numbers > 1"),
+    ("no_reports.yaml", "preset: 8gaussians/sintro\nscheduler: {type: asha, grace_period: 1000}\n",
+     r"no_reports.yaml: scheduler: asha stops trials on their intermediate evaluations, but variant 0 "
+     r"8gaussians/sintro \(full\) makes none: schedule.eval_every is 0 with schedule.iterations 30000; allowed "
+     r"eval_every in \[1, 29999\] \(set param_space.schedule.eval_every\), or drop the scheduler"),
+    ("short_max_t.yaml", "preset: 8gaussians/sintro\nscheduler: {type: asha, grace_period: 1000, max_t: 5000}\n"
+     "param_space: {schedule: {eval_every: 1000}}\n",
+     r"short_max_t.yaml: scheduler.max_t: 5000 would stop every trial before its schedule ends \(variant 0 "
+     r"8gaussians/sintro \(full\): schedule.iterations 30000\); allowed integers >= 30000"),
+    ("epoch_scheduler.yaml", "preset: fmnist/mog10-ip-lc\nmetric: fid_fmnist_cnn\nscheduler: {type: asha}\n"
+     "param_space: {schedule: {eval_every: 10}}\n",
+     r"epoch_scheduler.yaml: scheduler: asha counts training iterations, but variant 0 fmnist/mog10-ip-lc \(full\) "
+     r"counts schedule.unit='epochs'"),
+    ("bad_select_metric.yaml", "preset: 8gaussians/sintro\nselect: {metric: purity}\n",
+     r"bad_select_metric.yaml: select.metric: 'purity' is not one of \['gnelbo_x1e7', 'hist_kl', .*'mode_purity', "
+     r"'modes_covered'\]"),
+    ("bad_where.yaml", "preset: 8gaussians/sintro\nselect: {where: {purity: {min: 0.9}}}\n",
+     r"bad_where.yaml: select.where.purity: unknown metric; allowed \[.*'mode_purity'"),
+    ("bad_where_bound.yaml", "preset: 8gaussians/sintro\nselect: {where: {mode_purity: {at_least: 0.9}}}\n",
+     r"bad_where_bound.yaml: select.where.mode_purity: expected \{min: x\}, \{max: y\} or both"),
+    ("select_contradicts.yaml", "preset: 8gaussians/sintro\nmetric: hist_kl\nselect: {metric: hist_jsd}\n",
+     r"select_contradicts.yaml: select.metric: 'hist_jsd' contradicts metric: 'hist_kl'; give one of them"),
+    ("stage_key.yaml", "preset: 8gaussians/sintro\nstages:\n  - {name: a}\n  - {name: b, topk: 3}\n",
+     r"stage_key.yaml: stages\[1\].topk: unknown key; known keys are \['name', 'shrink', 'param_space', "
+     r"'scheduler', 'top_k', 'seeds'\]"),
+    ("stage_grid.yaml", "preset: 8gaussians/sintro\nstages:\n  - {name: a}\n  - name: b\n    param_space:\n"
+     "      objective: {beta_rec: {grid_search: [0.1, 0.2]}}\n",
+     r"stage_grid.yaml: stages\[1\].param_space.objective.beta_rec: a stage sets constants"),
+    ("stage_searched.yaml", "preset: 8gaussians/sintro\nparam_space:\n  objective: {beta_kl: {grid_search: [0.1, 0.2]}}"
+     "\nstages:\n  - {name: a}\n  - {name: b, param_space: {objective: {beta_kl: 0.3}}}\n",
+     r"stage_searched.yaml: stages\[1\].param_space.objective.beta_kl: is searched"),
+    ("stage_top_k.yaml", "preset: 8gaussians/sintro\nstages:\n  - {name: a, top_k: 3}\n",
+     r"stage_top_k.yaml: stages\[0\].top_k: the first stage runs the whole space"),
+    ("stage_shrink.yaml", "preset: 8gaussians/sintro\nstages:\n  - {name: a, shrink: tiny}\n",
+     r"stage_shrink.yaml: stages\[0\].shrink: 'tiny' is not one of \['full', 'quick', 'smoke'\]"),
+    ("stage_no_reports.yaml", "preset: 8gaussians/sintro\nstages:\n  - name: coarse\n    shrink: smoke\n"
+     "    param_space: {schedule: {eval_every: 1000}}\n    scheduler: {type: asha}\n",
+     r"stage_no_reports.yaml: stages\[0\].scheduler: asha stops trials on their intermediate evaluations, but "
+     r"variant 0 8gaussians/sintro \(smoke\) makes none: schedule.eval_every is 1000 with schedule.iterations 12; "
+     r"allowed eval_every in \[1, 11\] \(set stages\[0\].param_space.schedule.eval_every\)"),
+    ("scheduler_and_stages.yaml", "preset: 8gaussians/sintro\nscheduler: fifo\nstages:\n  - {name: a}\n",
+     r"scheduler_and_stages.yaml: scheduler: a staged space gives each stage its own \(stages\[i\].scheduler\)"),
     ("bad_preset.yaml", "preset: 8gaussians/sintra\n",
      r"bad_preset.yaml: preset: '8gaussians/sintra' is unknown; valid presets are \['2spirals/mog-fixed'"),
     ("bad_seeds.yaml", "preset: 8gaussians/sintro\nseeds: [0, one]\n",
@@ -150,6 +212,70 @@ def test_sweep_command_refuses_to_resume_a_different_sweep_before_ray_starts(tmp
     assert re.search(r"smoke_seeds.yaml: .*/out holds a different sweep \(tune_spaces/smoke_grid.yaml, smoke\); "
                      r"use a new --output-dir", capsys.readouterr().err)
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json"] and not ray.is_initialized()
+
+
+def test_sweep_command_rejects_a_scheduler_the_shrink_leaves_without_reports(tmp_path, capsys):
+    import ray
+
+    out = tmp_path / "out"
+    # stage 1 evaluates every 1,000 iterations: on the 12-iteration smoke shrink ASHA would see no report
+    assert sweep_job.main([str(SPACES / "staged_8gaussians_mog_ip_lc.yaml"), "--output-dir", str(out), "--smoke"]) == 2
+    assert re.search(r"staged_8gaussians_mog_ip_lc.yaml: stages\[0\].scheduler: asha stops trials on their "
+                     r"intermediate evaluations, but variant 0 8gaussians/mog-ip-lc \(smoke\) makes none: "
+                     r"schedule.eval_every is 1000 with schedule.iterations 12", capsys.readouterr().err)
+    assert not out.exists() and not ray.is_initialized()
+
+
+# ---- random search, schedulers, stages ------------------------------------------------------------
+
+RANDOM = {"presets": ["8gaussians/mog-ip-lc", "8gaussians/mog-fixed-lc"], "seeds": [0, 1],
+          "search": {"type": "random", "num_samples": 5, "seed": 3},
+          "param_space": {"objective": {"beta_kl": {"loguniform": [0.01, 1.0]}, "beta_rec": {"uniform": [0.1, 0.9]},
+                                        "beta_neg_factor": {"choice": [1, 3, 5]},
+                                        "r_entropy": {"grid_search": [0, 10]}}}}
+
+
+def test_random_search_draws_seeded_samples_within_bounds_times_the_grid_and_seeds():
+    spec = spec_from_dict(RANDOM, "random.yaml")
+    assert len(spec.variants) == 2 * 5 * 2 * 2  # presets x samples x grid x seeds
+    assert set(spec.searched) == {"objective.beta_kl", "objective.beta_rec", "objective.beta_neg_factor",
+                                  "objective.r_entropy"}
+    draws = {(v.params["objective.beta_kl"], v.params["objective.beta_rec"], v.params["objective.beta_neg_factor"])
+             for v in spec.variants}
+    assert len(draws) == 5  # the same 5 draws for both presets, every grid value and seed
+    for kl, rec, k in draws:
+        assert 0.01 <= kl <= 1.0 and 0.1 <= rec <= 0.9 and k in (1, 3, 5)
+        assert kl == float(f"{kl:.6g}")  # readable: 6 significant digits
+    v = spec.variants[0]
+    k, kl = v.params["objective.beta_neg_factor"], v.params["objective.beta_kl"]
+    assert v.overrides["objective.beta_neg"] == round(k * kl, 12)
+    assert [v.overrides for v in spec_from_dict(RANDOM, "random.yaml").variants] == [v.overrides for v in spec.variants]
+    other = spec_from_dict({**RANDOM, "search": {**RANDOM["search"], "seed": 4}}, "random.yaml")
+    assert [v.overrides for v in other.variants] != [v.overrides for v in spec.variants]
+    assert v.columns(0) == {"preset": "8gaussians/mog-ip-lc", "seed": 0, **v.params,
+                            "objective.beta_neg": v.overrides["objective.beta_neg"]}
+
+
+def test_staged_spaces_run_a_short_coarse_grid_with_asha_then_top3_full_then_three_seeds():
+    for name in ("staged_8gaussians_mog_ip_lc", "staged_8gaussians_mog_fixed_lc"):
+        spec = load_space(SPACES / f"{name}.yaml")
+        grid = {(v.overrides["objective.beta_rec"], v.overrides["objective.beta_kl"],
+                 v.params["objective.beta_neg_factor"]) for v in spec.variants}
+        assert grid == set(itertools.product((0.2, 0.4, 0.8), (0.05, 0.1, 0.2, 0.3, 0.5), (1, 3, 5)))
+        (coarse, s1), (full, s2), (seeds, s3) = spec.plan()
+        assert (s1, s2, s3) == ("quick", "full", "full")
+        assert (spec.metric, spec.mode, spec.select.where) == ("hist_kl", "min", ())
+        assert coarse.scheduler.type == "asha" and coarse.scheduler.grace_period == 1000
+        c = spec.configs(s1, coarse)[0]
+        assert (c.schedule.iterations, c.schedule.eval_every) == (5_000, 1_000)
+        assert full.top_k == 3 and spec.configs(s2, full)[0].schedule.iterations == 30_000
+        assert seeds.top_k == 1 and seeds.seeds == (0, 1, 2)
+        assert {v.seed for v in spec.configs(s1, coarse)} == {0}  # stage 3's seed 0 is stage 2's run: reused
+    grid, staged = load_space(SPACES / "agreement_grid.yaml"), load_space(SPACES / "agreement_staged.yaml")
+    assert [v.overrides for v in grid.variants] == [v.overrides for v in staged.variants]
+    assert [c.schedule for c in grid.configs("quick", grid.stages[0])] == \
+        [c.schedule for c in staged.configs("quick", staged.stages[0])]  # trials that finish are identical
+    assert grid.stages[0].scheduler is None and staged.stages[0].scheduler.type == "asha"
 
 
 def test_quick_and_smoke_flags_shrink_every_variant(tmp_path):

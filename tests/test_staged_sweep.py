@@ -1,0 +1,283 @@
+"""The staged protocol without Ray: selection between stages, failure classes, the trial's retries,
+intermediate evaluations forwarded to Tune, results rows, the output-folder lock and the
+selection comparison. The sweep itself runs end to end in test_e2e_sweep.py.
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from jobs import compare_selection
+from jobs import sweep as sweep_job
+from service.spaces import (Selection, Stage, Variant, constrained_frame, pick_candidates, rank_settings,
+                            spec_from_dict, stage_variants)
+from service.step import TrainingDiverged
+from service.tuning import (SweepLock, SweepLocked, _trial, _TrialContext, failure_kind, new_evaluations,
+                            results_frame, trial_config)
+
+SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
+
+
+# ---- selection between stages ---------------------------------------------------------------
+
+def _rows(*rows):
+    """rows: (preset, beta_kl, seed, status, hist_kl, mode_purity)."""
+    out = []
+    for i, (preset, kl, seed, status, hist_kl, purity) in enumerate(rows):
+        hp = json.dumps({"objective.beta_kl": kl}, sort_keys=True)
+        out.append({"variant": i, "stage": 1, "stage_name": "coarse", "preset": preset, "seed": seed,
+                    "hparams": hp, "params": hp, "status": status, "hist_kl": hist_kl, "mode_purity": purity})
+    return pd.DataFrame(out)
+
+
+A, B = "8gaussians/mog-ip-lc", "8gaussians/mog-fixed-lc"
+
+
+def test_rank_settings_ranks_by_mean_over_completed_seeds_per_preset():
+    df = _rows((A, 0.1, 0, "ok", 3.0, 0.9), (A, 0.1, 1, "ok", 5.0, 0.9),  # mean 4.0
+               (A, 0.3, 0, "ok", 3.5, 0.5), (A, 0.3, 1, "failed", math.nan, math.nan),  # mean 3.5 (one seed)
+               (A, 0.5, 0, "stopped", 1.0, 1.0),  # stopped early: not a candidate
+               (B, 0.1, 0, "ok", 7.0, 1.0))
+    ranked = rank_settings(df, Selection())
+    mine = ranked[ranked["preset"] == A]
+    assert [json.loads(h)["objective.beta_kl"] for h in mine["hparams"]] == [0.3, 0.1]
+    assert list(mine["score"]) == [3.5, 4.0] and list(mine["rank"]) == [1, 2]
+    assert list(mine["seeds"]) == [[0], [0, 1]]
+    assert ranked[ranked["preset"] == B]["rank"].tolist() == [1]
+    assert rank_settings(df, Selection(mode="max"))["hparams"].iloc[0] == mine["hparams"].iloc[1]
+
+
+def test_pick_candidates_takes_top_k_per_preset_and_honours_the_constraint():
+    df = _rows((A, 0.1, 0, "ok", 3.0, 0.95), (A, 0.3, 0, "ok", 2.0, 0.5), (A, 0.5, 0, "ok", 4.0, 0.92),
+               (B, 0.1, 0, "ok", 7.0, 0.4), (B, 0.3, 0, "ok", 6.0, 0.3))
+    picks, notes = pick_candidates(df, Selection(), 2)
+    assert [(p["preset"], json.loads(p["params"])["objective.beta_kl"]) for p in picks] == [
+        (A, 0.3), (A, 0.1), (B, 0.3), (B, 0.1)]
+    assert notes == []
+    where = Selection(where=(("mode_purity", 0.9, None),))
+    picks, notes = pick_candidates(df, where, 1)
+    # A: lowest KL among purity >= 0.9 is beta_kl 0.1 (KL 3.0), not the unconstrained 0.3 (KL 2.0)
+    assert [(p["preset"], json.loads(p["params"])["objective.beta_kl"], p["constrained"]) for p in picks] == [
+        (A, 0.1, True), (B, 0.3, False)]
+    # B: nobody reaches 0.9: said so, and the unconstrained pick is used
+    assert len(notes) == 1
+    assert notes[0].startswith(f"{B}: no setting satisfies mode_purity >= 0.9 (best mode_purity 0.4)")
+    assert "falling back to the unconstrained pick by hist_kl" in notes[0]
+
+
+def test_constraint_without_the_metric_falls_back_and_constrained_frame_drops_violators():
+    df = _rows((A, 0.1, 0, "ok", 3.0, math.nan), (A, 0.3, 0, "ok", 2.0, math.nan))
+    picks, notes = pick_candidates(df, Selection(where=(("mode_purity", 0.9, None),)), 1)
+    assert json.loads(picks[0]["params"])["objective.beta_kl"] == 0.3 and "not reported" in notes[0]
+    df = _rows((A, 0.1, 0, "ok", 3.0, 0.95), (A, 0.3, 0, "ok", 2.0, 0.5), (A, 0.3, 1, "failed", math.nan, math.nan),
+               (B, 0.1, 0, "ok", 7.0, 0.4))
+    kept = constrained_frame(df, Selection(where=(("mode_purity", 0.9, None),)))
+    assert list(kept["variant"]) == [0, 2, 3]  # A's violating completed trial goes; failures and B stay
+
+
+def test_stage_variants_carry_the_setting_and_take_the_stage_seeds():
+    picks = [{"preset": A, "hparams": json.dumps({"objective.beta_kl": 0.1, "objective.beta_neg": 0.3}),
+              "params": json.dumps({"objective.beta_kl": 0.1, "objective.beta_neg_factor": 3}), "seeds": [0],
+              "score": 1.0, "rank": 1}]
+    vs = stage_variants(picks, (0, 1, 2))
+    assert [v.id for v in vs] == [0, 1, 2] and [v.overrides["seed"] for v in vs] == [0, 1, 2]
+    assert vs[1].overrides["objective.beta_neg"] == 0.3 and vs[1].params["objective.beta_neg_factor"] == 3
+    assert [v.overrides["seed"] for v in stage_variants(picks, None)] == [0]
+
+
+def test_trial_config_takes_a_checkpoint_at_every_evaluation():
+    v = Variant(0, A, {}, {"schedule.eval_every": 4})
+    assert trial_config(v, "smoke").schedule.checkpoint_every == 2  # gcd(6, 4)
+    assert trial_config(v, "quick", {"schedule.eval_every": 1000}).schedule.checkpoint_every == 1000
+    assert trial_config(Variant(0, A, {}, {}), "smoke").schedule.checkpoint_every == 6  # no evaluation: unchanged
+
+
+# ---- failures: diverged is final, infrastructure is retried ---------------------------------------
+
+def _worker_group_error(err):
+    from ray.train import WorkerGroupError
+
+    return WorkerGroupError("worker failed", {0: err})
+
+
+def test_failure_kind_tells_diverged_from_lost_workers_and_other_errors():
+    from ray.exceptions import ActorDiedError, NodeDiedError
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    diverged = TrainingDiverged("loss_vae is nan at iteration 3")
+    assert failure_kind(_worker_group_error(diverged)) == "diverged"
+    assert failure_kind(ControllerError(diverged)) == "diverged"  # a fail-fast callback re-raises it
+    lost = WorkerHealthCheckFailedError("worker died", ActorDiedError())
+    assert failure_kind(_worker_group_error(lost)) == "infrastructure"
+    assert failure_kind(ActorDiedError()) == "infrastructure"  # the Train controller itself
+    assert failure_kind(NodeDiedError("node 1 died")) == "infrastructure"
+    assert failure_kind(_worker_group_error(ValueError("a bug"))) == "error"
+    from ray.train import WorkerGroupError
+
+    both = WorkerGroupError("two ranks failed", {0: diverged, 1: lost})
+    assert failure_kind(both) == "diverged"  # one rank diverged; the other's death is collateral
+
+
+@pytest.fixture
+def trial_env(tmp_path, monkeypatch):
+    """``_trial`` without Ray: a real MLflow SQLite store, ``tune.report`` captured."""
+    import ray.tune
+
+    reports = []
+    monkeypatch.setattr(ray.tune, "report", lambda row: reports.append(row))
+    ctx = _TrialContext(output_dir=str(tmp_path), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                        parent_run_id="", sweep_name="t", shrink="smoke", varying=(), cpus_per_worker=1,
+                        threads_per_worker=1, gpus_per_worker=0, variants=({"id": 0, "preset": A, "params": {},
+                                                                            "overrides": {}},))
+    return ctx, reports
+
+
+def test_trial_retries_infrastructure_failures_and_never_a_diverged_run(trial_env):
+    from ray.exceptions import ActorDiedError
+
+    ctx, reports = trial_env
+    calls = []
+
+    def flaky(cfg, **kw):
+        calls.append(kw["run_name"])
+        if len(calls) == 1:
+            raise ActorDiedError()  # a lost worker: fit again resumes from the last checkpoint
+        return {"iteration": 12, "output_dir": "x", "metrics": {"hist_kl": 1.5}}
+
+    _trial({"variant": 0}, ctx, fit=flaky)
+    assert calls == ["t-v0000", "t-v0000"]  # same Ray Train run name: it resumes
+    assert reports[-1]["status"] == "ok" and reports[-1]["attempts"] == 2 and reports[-1]["hist_kl"] == 1.5
+
+    calls.clear()
+
+    def diverges(cfg, **kw):
+        calls.append(1)
+        raise _worker_group_error(TrainingDiverged("loss_vae is nan at iteration 3"))
+
+    _trial({"variant": 0}, ctx, fit=diverges)
+    assert calls == [1]
+    row = reports[-1]
+    assert (row["status"], row["failure"], row["attempts"]) == ("failed", "diverged", 1)
+    assert math.isnan(row["hist_kl"])  # the scheduler's metric is in every Tune result
+
+    calls.clear()
+
+    def always_lost(cfg, **kw):
+        calls.append(1)
+        raise ActorDiedError()
+
+    _trial({"variant": 0}, ctx, fit=always_lost)
+    assert len(calls) == 1 + ctx.retries and reports[-1]["failure"] == "infrastructure"
+
+
+def test_new_evaluations_come_from_the_mlflow_history_between_reports():
+    history = {"eval/hist_kl": [(1000, 5.0), (2000, 4.0), (5000, 3.0)], "eval/hist_jsd": [(1000, 2.0), (2000, 1.5)],
+               "eval/mode_purity": [(2000, 0.9)]}
+    client = SimpleNamespace(get_metric_history=lambda run, key: [SimpleNamespace(step=s, value=v)
+                                                                  for s, v in history.get(key, [])])
+    assert new_evaluations(client, "r", -1, 5000) == [{"iteration": 1000, "hist_kl": 5.0, "hist_jsd": 2.0},
+                                                      {"iteration": 2000, "hist_kl": 4.0, "hist_jsd": 1.5,
+                                                       "mode_purity": 0.9}]
+    assert new_evaluations(client, "r", 1000, 5000) == [{"iteration": 2000, "hist_kl": 4.0, "hist_jsd": 1.5,
+                                                         "mode_purity": 0.9}]  # the final evaluation is not one
+
+
+def test_results_frame_has_a_column_per_hyperparameter_and_marks_early_stopped_trials():
+    spec = spec_from_dict({"preset": A, "param_space": {"objective": {"beta_kl": {"grid_search": [0.1, 0.3]},
+                                                                      "beta_neg_factor": 3}}}, "t.yaml")
+    configs = spec.configs("smoke")
+    reported = {0: ({"status": "ok", "iteration": 12, "hist_kl": 2.0, "time_s": 5.0}, None, "TERMINATED"),
+                1: ({"iteration": 6, "hist_kl": 9.0, "time_total_s": 3.0}, None, "TERMINATED")}
+    df = results_frame(spec, configs, reported, stage=Stage(1, "sweep", scheduler=None))
+    assert list(df["objective.beta_kl"]) == [0.1, 0.3] and list(df["objective.beta_neg"]) == [0.3, 0.9]
+    assert list(df["objective.beta_neg_factor"]) == [3, 3]
+    assert list(df["status"]) == ["ok", "stopped"] and df["error"][1].startswith("stopped early")
+    assert list(df["trained_iterations"]) == [12, 6] and list(df["time_s"]) == [5.0, 3.0]
+    paused = results_frame(spec, configs, {1: ({"iteration": 6, "hist_kl": 9.0}, None, "PAUSED")})
+    assert list(paused["status"]) == ["incomplete", "incomplete"]
+
+
+# ---- one sweep per output folder ---------------------------------------------------------------
+
+def _write_lock(out: Path, pid: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "then",
+                                                "argv": ["jobs/sweep.py", "x.yaml"]}))
+
+
+def test_a_second_sweep_on_a_folder_in_use_is_refused_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "out"
+        _write_lock(out, live.pid)
+        assert sweep_job.main([str(SPACES / "smoke_seeds.yaml"), "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another sweep: pid {live.pid} on {socket.gethostname()}" in err
+        assert "use another --output-dir" in err and not ray.is_initialized()
+        assert json.loads((out / "sweep.lock").read_text())["pid"] == live.pid  # left alone
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_lock(tmp_path, dead.pid)
+    with SweepLock(tmp_path):
+        held = json.loads((tmp_path / "sweep.lock").read_text())
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+        with pytest.raises(SweepLocked, match=rf"pid {os.getpid()} on"):  # ours is live
+            SweepLock(tmp_path).acquire()
+    assert "taking over the stale lock" in capsys.readouterr().err
+    assert not (tmp_path / "sweep.lock").exists()
+
+
+def test_a_lock_whose_pid_was_reused_by_another_process_is_stale(tmp_path):
+    (tmp_path / "sweep.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                     "process_start": "1"}))  # not our start time
+    with SweepLock(tmp_path):
+        assert json.loads((tmp_path / "sweep.lock").read_text())["process_start"] != "1"
+
+
+# ---- agreement of the staged pick with the exhaustive grid ------------------------------------------
+
+def _sweep_dir(path: Path, rows, searched, wall_s, stages=1):
+    path.mkdir()
+    df = pd.DataFrame(rows)
+    df.to_parquet(path / "results.parquet", index=False)
+    (path / "sweep.json").write_text(json.dumps({"select": {"metric": "hist_kl", "mode": "min"},
+                                                 "searched": searched}))
+    (path / "progress.json").write_text(json.dumps({"stages": {f"s{i}": {"wall_s": wall_s / stages}
+                                                               for i in range(stages)}}))
+
+
+def test_compare_selection_reports_agreement_rank_and_cost(tmp_path, capsys):
+    def row(i, kl, hist_kl, status="ok", it=100, stage=1):
+        p = json.dumps({"eval.plots": False, "objective.beta_kl": kl})
+        return {"variant": i, "stage": stage, "preset": A, "seed": 0, "hparams": p, "params": p, "status": status,
+                "hist_kl": hist_kl, "trained_iterations": it, "time_s": it / 10}
+
+    _sweep_dir(tmp_path / "grid", [row(0, 0.1, 3.0), row(1, 0.3, 2.0), row(2, 0.5, 4.0)], ["objective.beta_kl"], 600)
+    _sweep_dir(tmp_path / "staged", [row(0, 0.1, 3.0), row(1, 0.3, 2.5, "stopped", 20), row(2, 0.5, 4.0, it=100),
+                                     row(0, 0.1, 3.1, stage=2)], ["objective.beta_kl"], 300, stages=2)
+    result = compare_selection.compare(tmp_path / "grid", tmp_path / "staged")
+    (p,) = result["presets"]
+    assert p["exhaustive"] == {"objective.beta_kl": 0.3} and p["staged"] == {"objective.beta_kl": 0.1}
+    assert (p["same"], p["rank"], p["settings"]) == (False, 2, 3)
+    assert result["iterations_ratio"] == pytest.approx(320 / 300) and result["wall_ratio"] == pytest.approx(0.5)
+    assert compare_selection.main([str(tmp_path / "grid"), str(tmp_path / "staged")]) == 0
+    out = capsys.readouterr().out
+    assert "Agreement: 0 of 1 presets." in out and "2 of 3" in out
+    assert compare_selection.main([str(tmp_path / "grid"), str(tmp_path / "nowhere")]) == 2
