@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 REPORTED = tuple(dict.fromkeys(FINAL_METRICS + OPTIONAL_METRICS))  # eval/* names forwarded to Tune
 INFRA_RETRIES = 2  # fit() again (resuming from the last checkpoint) after a lost worker/node/controller
 TUNE_MAX_FAILURES = 2  # Tune restarts of a trial whose own actor died
+RETRY_WAIT_S = 10.0  # before fit() again after an infrastructure failure
 LOCK_FILE = "sweep.lock"
 PROGRESS_FILE = "progress.json"
 
@@ -179,6 +180,20 @@ def _eval_forwarder(tracking_uri: str, run_id: str, metric: str, iterations: int
     return EvalForwarder()
 
 
+def _tune_is_stopping() -> bool:
+    """Whether Tune is stopping this trial (a scheduler decision): its session's stop event is set.
+
+    Tune tears the trial's Ray Train run down while it stops the trial, which ``fit`` sees as a dead
+    actor; that must not be retried."""
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        return bool(session is not None and session.stop_event.is_set())
+    except (ImportError, AttributeError):
+        return False
+
+
 def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[str, Any]] | None = None) -> None:
     """Tune trial: build the variant's config, train it with Ray Train (intermediate evaluations are
     forwarded to Tune), retry infrastructure failures, report the final row (ok or failed)."""
@@ -218,7 +233,12 @@ def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[s
             break
         except Exception as e:  # noqa: BLE001 - recorded with its error; the sweep goes on
             kind = failure_kind(e)
+            if kind == "infrastructure" and _tune_is_stopping():
+                return  # the scheduler stopped this trial (its Train run went with it): the last report stands
             if kind == "infrastructure" and attempts <= ctx.retries:
+                time.sleep(RETRY_WAIT_S)  # a trial being stopped by Tune is killed meanwhile; a lost node is replaced
+                if _tune_is_stopping():
+                    return
                 print(f"{run_name}: {failure_text(e)[:300]}; infrastructure failure {attempts}/{ctx.retries}: "
                       "resuming from the last checkpoint", file=sys.stderr, flush=True)
                 continue
@@ -690,9 +710,10 @@ def _close_stopped(tracking_uri: str, df: "pd.DataFrame") -> None:
 
     client = MlflowClient(tracking_uri)
     for r in stopped.itertuples():
-        run = client.get_run(r.mlflow_run_id)
-        if run.info.status == "RUNNING":
+        tags = client.get_run(r.mlflow_run_id).data.tags
+        if "sweep.stopped_early" not in tags:  # running, or FAILED by fit when its workers were torn down
             client.set_tag(r.mlflow_run_id, "sweep.stopped_early", str(r.iteration))
+            client.set_tag(r.mlflow_run_id, "error", r.error)
             client.set_terminated(r.mlflow_run_id, status="KILLED")
 
 

@@ -132,8 +132,11 @@ def trial_env(tmp_path, monkeypatch):
     """``_trial`` without Ray: a real MLflow SQLite store, ``tune.report`` captured."""
     import ray.tune
 
+    from service import tuning
+
     reports = []
     monkeypatch.setattr(ray.tune, "report", lambda row: reports.append(row))
+    monkeypatch.setattr(tuning, "RETRY_WAIT_S", 0.0)
     ctx = _TrialContext(output_dir=str(tmp_path), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                         parent_run_id="", sweep_name="t", shrink="smoke", varying=(), cpus_per_worker=1,
                         threads_per_worker=1, gpus_per_worker=0, variants=({"id": 0, "preset": A, "params": {},
@@ -177,6 +180,23 @@ def test_trial_retries_infrastructure_failures_and_never_a_diverged_run(trial_en
 
     _trial({"variant": 0}, ctx, fit=always_lost)
     assert len(calls) == 1 + ctx.retries and reports[-1]["failure"] == "infrastructure"
+
+
+def test_a_trial_that_tune_is_stopping_does_not_retry_its_torn_down_run(trial_env, monkeypatch):
+    from ray.exceptions import ActorDiedError
+
+    from service import tuning
+
+    ctx, reports = trial_env
+    monkeypatch.setattr(tuning, "_tune_is_stopping", lambda: True)  # ASHA said stop; Tune tears the run down
+    calls = []
+
+    def torn_down(cfg, **kw):
+        calls.append(1)
+        raise ActorDiedError()
+
+    _trial({"variant": 0}, ctx, fit=torn_down)
+    assert calls == [1] and reports == []  # no retry, no final row: the last evaluation is its result
 
 
 def test_new_evaluations_come_from_the_mlflow_history_between_reports():
