@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export RAY_AUTH_MODE ?= disabled
+export RAY_AUTH_MODE ?= token
 export RAY_TRAIN_ENABLE_PRINT_PATCH ?= 0
 export PYTHONDONTWRITEBYTECODE = 1
 
