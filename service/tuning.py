@@ -117,17 +117,21 @@ def _walk_errors(e: BaseException) -> list[BaseException]:
 
 def failure_kind(e: BaseException) -> str:
     """``diverged`` (a ``TrainingDiverged`` anywhere: final), ``infrastructure`` (a lost worker, node,
-    controller or object: retried from the last checkpoint) or ``error`` (any other exception of the
-    training code: final, it would recur)."""
+    controller or object, a worker that could not be started or scheduled: retried from the last
+    checkpoint) or ``error`` (any other exception of the training code: final, it would recur)."""
     import ray.exceptions as rex
 
-    infra: tuple[type, ...] = (rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError, rex.ObjectLostError,
-                               rex.OutOfMemoryError, rex.RaySystemError)
+    names = ("RayActorError", "NodeDiedError", "WorkerCrashedError", "ObjectLostError", "OutOfMemoryError",
+             "RaySystemError", "ActorUnschedulableError", "TaskUnschedulableError", "LocalRayletDiedError",
+             "ObjectStoreFullError", "OutOfDiskError", "ObjectFetchTimedOutError", "RpcError")
+    infra: tuple[type, ...] = tuple(getattr(rex, n) for n in names if hasattr(rex, n))
     try:
-        from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerGroupStartupTimeoutError
+        from ray.train.v2._internal.exceptions import (WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError,
+                                                       WorkerHealthCheckFailedError)
         from ray.train.v2.api.exceptions import PreemptionError
 
-        infra += (WorkerHealthCheckFailedError, WorkerGroupStartupTimeoutError, PreemptionError)
+        infra += (WorkerHealthCheckFailedError, WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError,
+                  PreemptionError)
     except ImportError:  # another Ray version: the ray.exceptions above still classify
         pass
     errors = _walk_errors(e)
@@ -698,7 +702,7 @@ def _progress_reporter(spec: SweepSpec, keys: list[str]):
     metrics = {"iteration": "iter", spec.metric: spec.metric}
     metrics.update({m: m for m in ("hist_kl", "hist_jsd", "gnelbo_x1e7", "mode_purity") if m not in metrics})
     return CLIReporter(parameter_columns={k: k.rsplit(".", 1)[-1] for k in shown}, metric_columns=metrics,
-                       max_report_frequency=60, max_column_length=12)
+                       max_report_frequency=60, max_column_length=24)
 
 
 def _close_stopped(tracking_uri: str, df: "pd.DataFrame") -> None:

@@ -109,7 +109,7 @@ def _worker_group_error(err):
 
 
 def test_failure_kind_tells_diverged_from_lost_workers_and_other_errors():
-    from ray.exceptions import ActorDiedError, NodeDiedError
+    from ray.exceptions import ActorDiedError, ActorUnschedulableError, NodeDiedError
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
@@ -120,6 +120,9 @@ def test_failure_kind_tells_diverged_from_lost_workers_and_other_errors():
     assert failure_kind(_worker_group_error(lost)) == "infrastructure"
     assert failure_kind(ActorDiedError()) == "infrastructure"  # the Train controller itself
     assert failure_kind(NodeDiedError("node 1 died")) == "infrastructure"
+    # seen on an overloaded machine: Ray could not start the Train workers
+    assert failure_kind(ControllerError(ActorUnschedulableError("worker startup repeatedly failed"))) == \
+        "infrastructure"
     assert failure_kind(_worker_group_error(ValueError("a bug"))) == "error"
     from ray.train import WorkerGroupError
 
