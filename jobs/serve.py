@@ -1,9 +1,12 @@
-"""Serve a checkpoint over HTTP (Ray Serve + FastAPI) until SIGTERM/SIGINT.
+r"""Serve a checkpoint over HTTP (Ray Serve + FastAPI) until SIGTERM/SIGINT (docs/serving.md).
 
-Local (starts Ray in-process; OpenAPI at http://127.0.0.1:8000/docs):
+Local (starts Ray in-process, with Ray token auth; OpenAPI at http://127.0.0.1:8000/docs):
     python -m jobs.serve --checkpoint runs/demo/checkpoint.pt
     python -m jobs.serve --checkpoint runs:/<run_id>/checkpoint/checkpoint.pt --tracking-uri sqlite:////abs/mlflow.db
-On a running cluster (``ray start --head``; RAY_AUTH_MODE as the cluster was started):
+Reachable from other machines only with a bearer token for the API:
+    openssl rand -hex 32 > ~/.introprior_token && chmod 600 ~/.introprior_token
+    python -m jobs.serve --checkpoint runs/demo/checkpoint.pt --host 0.0.0.0 --auth-token-file ~/.introprior_token
+On a running cluster (RAY_AUTH_MODE and the Ray token as the cluster was started):
     RAY_ADDRESS=auto python -m jobs.serve --checkpoint /abs/runs/demo/checkpoint.pt --num-replicas 2
 Or with the Serve CLI: ``serve run deploy/serve.yaml`` / ``serve deploy deploy/serve.yaml``.
 """
@@ -11,51 +14,77 @@ Or with the Serve CLI: ``serve run deploy/serve.yaml`` / ``serve deploy deploy/s
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import sys
 import threading
 
+LOOPBACK = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in LOOPBACK
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt path or MLflow runs:/<run_id>/<path> URI")
+    p.add_argument("--checkpoint-sha256", help="refuse a checkpoint file with another SHA-256")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ (default $MLFLOW_TRACKING_URI)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host; other than loopback needs a bearer token")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--auth-token-file", help="bearer token for every endpoint but /healthz (or $INTROPRIOR_API_TOKEN)")
+    p.add_argument("--insecure-no-token", action="store_true", help="allow a non-loopback --host without a token")
     p.add_argument("--num-replicas", type=int, default=1)
     p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per replica (= its torch threads, min 1)")
     p.add_argument("--no-batching", action="store_true", help="answer each /v1/samples alone (benchmarks)")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--request-timeout-s", type=float, default=30.0, help="model work longer than this gets 504")
     args = p.parse_args(argv)
+    if not os.environ.get("RAY_ADDRESS"):
+        # A fresh local instance: token auth unless RAY_AUTH_MODE says otherwise (STACK.md); set before
+        # `import ray`, which reads it once (set later, Ray would neither create nor use a token).
+        # Ray's gRPC servers listen on every interface even for a local instance: "disabled" is never
+        # loopback-only.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
     from pydantic import ValidationError
 
     from service.checkpoint import CheckpointError
-    from service.serving import ServeArgs, build_app
+    from service.serving import ServeArgs, ServeConfigError, build_app, read_token
 
-    try:  # refuse a bad checkpoint before Ray starts
-        app = build_app(ServeArgs(checkpoint=args.checkpoint, tracking_uri=args.tracking_uri,
-                                  num_replicas=args.num_replicas, num_cpus=args.num_cpus,
-                                  batching=not args.no_batching, max_batch_size=args.max_batch_size))
-    except (CheckpointError, ValidationError) as e:
+    try:  # refuse a bad checkpoint or token before Ray starts
+        serve_args = ServeArgs(checkpoint=args.checkpoint, checkpoint_sha256=args.checkpoint_sha256,
+                               tracking_uri=args.tracking_uri, num_replicas=args.num_replicas, num_cpus=args.num_cpus,
+                               batching=not args.no_batching, max_batch_size=args.max_batch_size,
+                               request_timeout_s=args.request_timeout_s, auth_token_file=args.auth_token_file)
+        if not is_loopback(args.host) and read_token(serve_args) is None and not args.insecure_no_token:
+            raise ServeConfigError(f"--host {args.host}: the API would be reachable from other machines without a "
+                                   "token; pass --auth-token-file (or set $INTROPRIOR_API_TOKEN), or "
+                                   "--insecure-no-token")
+        app = build_app(serve_args)
+    except (CheckpointError, ValidationError, ServeConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     import ray
     from ray import serve
 
-    if os.environ.get("RAY_ADDRESS"):  # an existing cluster: keep the auth mode it was started with
+    if os.environ.get("RAY_ADDRESS"):  # an existing cluster: keep the auth mode (and token) it was started with
         ray.init()
-    else:  # a fresh local instance; an explicit RAY_AUTH_MODE wins (STACK.md)
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    else:  # a fresh local instance (RAY_AUTH_MODE set above)
         ray.init(address="local", include_dashboard=False)
     # Right after ray.init (whose driver handler turns SIGTERM into exit code 15) and before the app can
     # answer: a SIGTERM sent once /healthz is up always takes the clean path below.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # the proxy's own timeout is a backstop (408) behind the replica's 504 at --request-timeout-s
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s + 30})
     serve.run(app, name="introprior", route_prefix="/")
     print(f"serving {args.checkpoint} at http://{args.host}:{args.port}  (docs: /docs; stop: SIGTERM or Ctrl-C)",
           flush=True)

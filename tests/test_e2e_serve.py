@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,16 +48,24 @@ def test_jobs_serve_refuses_a_missing_checkpoint(tmp_path: Path, capsys: pytest.
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_jobs_serve_subprocess_serves_until_sigterm(smoke_checkpoint: Path) -> None:
+def test_jobs_serve_subprocess_serves_until_sigterm(smoke_checkpoint: Path, tmp_path: Path) -> None:
+    """Default Ray auth (token, RAY_AUTH_MODE unset) and a bearer token on the API: 401 without it."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    token = "e2e-token-0123456789abcdef"
+    (tmp_path / "token").write_text(token + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "INTROPRIOR_API_TOKEN")}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--checkpoint", str(smoke_checkpoint),
-                             "--port", str(port), "--no-batching"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", str(port), "--no-batching", "--auth-token-file", str(tmp_path / "token")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", timeout_s=300, proc=proc)
-        info = httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=10).json()
+        wait_healthy(url, timeout_s=300, proc=proc)
+        denied = httpx.get(f"{url}/v1/model", timeout=10)
+        assert denied.status_code == 401 and denied.json()["detail"][0]["field"] == "authorization"
+        assert httpx.post(f"{url}/v1/samples", json={"n": 2}, timeout=10).status_code == 401
+        info = httpx.get(f"{url}/v1/model", headers={"authorization": f"Bearer {token}"}, timeout=10).json()
         assert info["serving"]["batching"] is False and info["checkpoint"]["path"] == str(smoke_checkpoint)
+        assert info["auth"] is True
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=240)
     finally:
@@ -63,7 +73,16 @@ def test_jobs_serve_subprocess_serves_until_sigterm(smoke_checkpoint: Path) -> N
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, out[-3000:]
-    assert f"at http://127.0.0.1:{port}" in out and "shutting down" in out
+    assert f"at http://127.0.0.1:{port}" in out and "shutting down" in out and token not in out
+
+
+def test_jobs_serve_refuses_an_open_host_without_a_token(smoke_checkpoint: Path, capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.serve import main
+
+    monkeypatch.delenv("INTROPRIOR_API_TOKEN", raising=False)
+    assert main(["--checkpoint", str(smoke_checkpoint), "--host", "0.0.0.0"]) == 2
+    assert "without a token; pass --auth-token-file" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +216,11 @@ BAD_INPUTS = [
     ("/v1/samples", {"json": {"format": "gif"}}, 422, "format", "['json', 'png', 'npy', 'npz']"),
     ("/v1/samples", {"json": {"mode": [0, "x"]}}, 422, "mode", "list of integers"),
     ("/v1/samples", {"json": {"nn": 3}}, 422, "nn", "unknown field"),
-    ("/v1/samples", {"content": b'{"n": 3,', "headers": JSON}, 422, "body", "malformed JSON"),
+    ("/v1/samples", {"content": b'{"n": 3,', "headers": JSON}, 400, "body", "malformed JSON"),
+    ("/v1/samples", {"content": b'{"n": 3}'}, 415, "content-type", "allowed application/json"),
+    ("/v1/samples", {"content": b'{"n": 1' + b"0" * 5000 + b"}", "headers": JSON}, 422, "n", "integers in [1, 512]"),
+    ("/v1/encode", {"json": {"data": [[1e39, 0.0]]}}, 422, "data", "allowed |x| <= 10000"),
+    ("/v1/samples", {"json": {"n": 512, "format": "gif"}}, 422, "format", "one of"),
     ("/v1/interpolate", {"json": {"from_mode": 0, "to_mode": 8}}, 422, "to_mode", "allowed [0, 7]"),
     ("/v1/interpolate", {"json": {"from_mode": 0}}, 422, "to_mode", "is required"),
     ("/v1/encode", {"json": {"data": [[1.0, 2.0, 3.0]]}}, 422, "data", "has shape [1, 3]"),
@@ -216,6 +239,47 @@ def test_bad_input_is_a_4xx_naming_the_field(client: httpx.Client, url: str, kwa
     assert r.status_code == status, r.text
     (error,) = r.json()["detail"]
     assert error["field"] == field and error["message"].startswith(f"{field}: ") and allowed in error["message"]
+
+
+# --------------------------------------------------------------------------------------------
+# The curl examples of README "Serve" and docs/serving.md, run as written
+# --------------------------------------------------------------------------------------------
+
+def curl_examples(path: Path, section: str | None = None) -> list[tuple[str, int]]:
+    """``(command, expected status)`` for every ``curl ... $U...`` in the bash blocks of ``path``
+    (of one ``## section`` only, if given). Backslash continuations are joined; the expected status
+    is the leading number of the comment after the command (``# 422 ...``), else 200."""
+    text = path.read_text()
+    if section is not None:
+        text = text.split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    examples: list[tuple[str, int]] = []
+    for block in blocks:
+        lines = block.replace("\\\n", " ").splitlines()
+        for i, line in enumerate(lines):
+            command, _, comment = line.partition("#")
+            if not command.strip().startswith("curl") or "$U" not in command or "Authorization" in command:
+                continue
+            if not comment.strip() and i + 1 < len(lines) and lines[i + 1].strip().startswith("#"):
+                comment = lines[i + 1].strip().lstrip("#")
+            status = re.match(r"\s*(\d{3})\b", comment)
+            examples.append((command.strip(), int(status.group(1)) if status else 200))
+    return examples
+
+
+@pytest.mark.parametrize("doc, section", [("docs/serving.md", None), ("README.md", "Serve")])
+def test_curl_examples_run_as_written(served: str, tmp_path: Path, doc: str, section: str | None) -> None:
+    examples = curl_examples(ROOT / doc, section)
+    assert len(examples) >= 8 and {s for _, s in examples} >= {200}
+    for command, status in examples:
+        out = subprocess.run(["bash", "-c", command + " -s -w '\\n%{http_code}'"], cwd=tmp_path, env={**os.environ,
+                             "U": served}, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (command, out.stderr)
+        body, _, code = out.stdout.rpartition("\n")
+        assert int(code) == status, f"{doc}: {command}\n-> {code} {body[:300]}"
+        if status != 200:
+            assert json.loads(body)["detail"][0]["message"], body
+    assert (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_still_healthy_after_bad_inputs(client: httpx.Client) -> None:
@@ -246,7 +310,9 @@ def test_runs_uri_is_downloaded_from_mlflow(tmp_path: Path, smoke_checkpoint: Pa
     run_id = client.create_run(exp).info.run_id
     client.log_artifact(run_id, str(smoke_checkpoint), "checkpoint")
     for spec in (f"runs:/{run_id}/checkpoint/checkpoint.pt", f"runs:/{run_id}/checkpoint"):
-        local = resolve_checkpoint(spec, uri)
-        assert local.read_bytes() == smoke_checkpoint.read_bytes()
+        with resolve_checkpoint(spec, uri) as local:
+            assert local.read_bytes() == smoke_checkpoint.read_bytes()
+        assert not local.exists()  # the download is removed once loaded
     with pytest.raises(checkpoint.CheckpointError, match="cannot download 'runs:/0123456789abcdef/x.pt'"):
-        resolve_checkpoint("runs:/0123456789abcdef/x.pt", uri)
+        with resolve_checkpoint("runs:/0123456789abcdef/x.pt", uri):
+            pass
