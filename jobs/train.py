@@ -6,8 +6,9 @@ On a cluster (after ``ray start --head``; use absolute paths):
     ray job submit --working-dir . -- python -m jobs.train --preset 8gaussians/sintro \
         --output-dir /abs/runs/sg --set tracking.tracking_uri=sqlite:////abs/mlflow.db
 The same command again resumes from the latest checkpoint: the default run name is
-``<preset>-<config hash>`` (another config is another run). Re-using a run name with another
-config is refused (the differing fields are listed) unless ``--allow-config-change``.
+``<preset>-<hash of the config and --output-dir>`` (another config or folder is another run).
+Re-using a run name with another config is refused (the differing fields are listed) unless
+``--allow-config-change``.
 A killed worker restarts from the last checkpoint (``--max-failures``, default 2); a diverged
 run fails at once. Ctrl-C / SIGTERM stop the run and mark its MLflow run KILLED.
 """
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p)
     p.add_argument("--output-dir", help="where checkpoint.pt, metrics.json, config.yaml and plots go")
     p.add_argument("--run-name", help="Ray Train / MLflow run name; re-using one resumes that run "
-                                      "(default: <preset>-<hash of the config>, so the same command resumes)")
+                                      "(default: <preset>-<hash of the config and --output-dir>: the same command resumes)")
     p.add_argument("--storage-path", help="Ray Train storage (default: <output-dir>/../ray_results)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--max-failures", type=int, default=None,
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     from service.ray_train import (DEFAULT_MAX_FAILURES, ConfigChanged, config_fingerprint, failure_text, fit,
                                    is_non_retryable)
 
-    run_name = args.run_name or cfg.tracking.run_name or f"{cfg.name.replace('/', '-')}-{config_fingerprint(cfg)}"
+    # default: the same command (config and --output-dir) is the same run, so it resumes
+    salt = str(Path(args.output_dir).resolve()) if args.output_dir else ""
+    run_name = args.run_name or cfg.tracking.run_name or f"{cfg.name.replace('/', '-')}-{config_fingerprint(cfg, salt)}"
     out = Path(args.output_dir or Path("runs") / run_name).resolve()
     storage = Path(args.storage_path or out.parent / "ray_results").resolve()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

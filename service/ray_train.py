@@ -207,9 +207,9 @@ def experiment_fields(cfg: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(fnmatch.fnmatchcase(k, pat) for pat in RESUME_EXEMPT)}
 
 
-def config_fingerprint(cfg: ExperimentConfig) -> str:
-    """10 hex digits of a SHA-256 over ``experiment_fields``: equal for equal experiments."""
-    text = json.dumps(experiment_fields(cfg), sort_keys=True, separators=(",", ":"), default=str)
+def config_fingerprint(cfg: ExperimentConfig, salt: str = "") -> str:
+    """10 hex digits of a SHA-256 over ``experiment_fields`` (and ``salt``): equal for equal experiments."""
+    text = json.dumps(experiment_fields(cfg), sort_keys=True, separators=(",", ":"), default=str) + salt
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 

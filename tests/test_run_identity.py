@@ -58,3 +58,24 @@ def test_runs_without_a_record_are_checked_against_their_latest_checkpoint(tmp_p
 ])
 def test_only_failures_that_could_pass_on_a_retry_are_retried(error, retried):
     assert is_non_retryable(error) is not retried
+
+
+def test_the_default_run_name_makes_the_same_command_resume(monkeypatch, tmp_path):
+    import service.ray_train
+    from jobs import train as train_job
+
+    names = []
+
+    def fake_fit(cfg, *, run_name, output_dir, **kw):
+        names.append(run_name)
+        return {"metrics": {}, "output_dir": str(output_dir), "mlflow_run_id": "-", "iteration": 0}
+
+    monkeypatch.setattr(service.ray_train, "fit", fake_fit)
+    base = ["--preset", "8gaussians/mog-ip-lc", "--smoke", "--storage-path", str(tmp_path / "ray"),
+            "--output-dir", str(tmp_path / "a")]
+    for argv in (base, base, base + ["--workers", "2"], base + ["--seed", "1"],
+                 base[:-1] + [str(tmp_path / "b")], base + ["--run-name", "mine"]):
+        assert train_job.main(argv) == 0
+    same, again, workers, seed, folder, explicit = names
+    assert same == again == workers and same.startswith("8gaussians-mog-ip-lc-") and len(same) == 31
+    assert len({same, seed, folder}) == 3 and explicit == "mine"
