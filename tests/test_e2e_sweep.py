@@ -1,12 +1,19 @@
-"""End to end: a smoke sweep through real Ray Tune + Ray Train on 2 CPUs with a real MLflow SQLite store.
+"""End to end: smoke sweeps through real Ray Tune + Ray Train on 2 CPUs with a real MLflow SQLite store.
 
-Four trials, two at a time: S-Intro VAE (SG) with seeds 0 and 1, which complete, and a VAE whose
-learning rates are 1e6, which diverges at its first iteration (``TrainingDiverged``) for both
-seeds and must be recorded as failed while the others complete.
+A plain sweep, four trials, two at a time: S-Intro VAE (SG) with seeds 0 and 1, which complete,
+and a VAE whose learning rates are 1e6, which diverges at its first iteration
+(``TrainingDiverged``) for both seeds and must be recorded as failed while the others complete.
+
+A staged sweep (``tune_spaces/smoke_staged.yaml``), four Ray Train runs: two coarse trials that
+report their evaluation at iteration 6 to Tune (ASHA), the best re-run longer, then that setting
+with two seeds, one of which is the previous stage's run and is reused. One Ray instance serves
+the module.
 """
 
+import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,20 +36,28 @@ param_space:
 """
 
 
+SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
+
+
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def ray_cluster():
     import ray
 
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("sweep")
     (root / "space.yaml").write_text(SPACE)
     args = [str(root / "space.yaml"), "--output-dir", str(root / "out"), "--max-concurrent", "2",
             "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--name", "e2e"]
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     start = time.perf_counter()
     rc = sweep_job.main(args)
     print(f"smoke sweep, 4 trials: {time.perf_counter() - start:.1f} s")
     yield root, args, rc
-    ray.shutdown()
 
 
 def _results(root):
@@ -60,6 +75,9 @@ def test_diverged_trials_fail_and_the_others_complete(sweep):
     assert list(df["status"]) == ["ok", "ok", "failed", "failed"]
     for err in df[df["status"] == "failed"]["error"]:
         assert err.startswith("TrainingDiverged: loss_vae is nan") and "lower optim.lr_encoder" in err
+    # a diverged run is final: one call of fit, never retried
+    assert list(df["failure"]) == ["", "", "diverged", "diverged"] and list(df["attempts"]) == [1, 1, 1, 1]
+    assert not (root / "out" / "sweep.lock").exists()  # released
     ok = df[df["status"] == "ok"]
     assert (ok["iteration"] == 12).all() and ok[["gnelbo_x1e7", "hist_kl", "hist_jsd"]].notna().all().all()
     assert df[df["status"] == "failed"]["hist_kl"].isna().all()
@@ -128,3 +146,69 @@ def test_rerun_resumes_the_finished_sweep_and_report_rerenders_the_table(sweep, 
     assert report_job.main([str(root / "out")]) == 0
     assert (root / "out" / "table.md").read_text() == table
     assert "| 8gaussians | SG (sintro) | KL |" in capsys.readouterr().out
+
+
+# ---- the staged protocol --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("staged")
+    args = [str(SPACES / "smoke_staged.yaml"), "--output-dir", str(root / "out"), "--max-concurrent", "2",
+            "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--name", "e2e-staged"]
+    start = time.perf_counter()
+    rc = sweep_job.main(args)
+    print(f"staged smoke sweep, 4 Ray Train runs: {time.perf_counter() - start:.1f} s")
+    return root, args, rc
+
+
+def test_staged_sweep_runs_each_stage_on_the_previous_stages_best_setting(staged):
+    from service.spaces import Selection, rank_settings
+
+    root, _, rc = staged
+    assert rc == 0
+    df = _results(root)
+    assert list(df["stage_name"]) == ["coarse"] * 2 + ["longer"] + ["seeds"] * 2
+    coarse, longer, seeds = (df[df["stage"] == k] for k in (1, 2, 3))
+    assert sorted(coarse["objective.beta_kl"]) == [0.05, 0.5]  # a column per hyperparameter
+    assert set(coarse["status"]) <= {"ok", "stopped"} and (coarse["status"] == "ok").any()
+    best = rank_settings(coarse, Selection()).iloc[0]
+    assert list(longer["hparams"]) == [best["hparams"]] and list(longer["status"]) == ["ok"]
+    assert list(longer["config.schedule.iterations"]) == [16] and list(longer["iteration"]) == [16]
+    assert list(seeds["seed"]) == [0, 1] and set(seeds["hparams"]) == {best["hparams"]}
+    assert list(seeds["reused_from"]) == ["longer/v0000", None]  # seed 0 is stage 2's run
+    assert seeds["mlflow_run_id"].iloc[0] == longer["mlflow_run_id"].iloc[0]
+    assert list(seeds["trained_iterations"]) == [0, 16]
+    candidates = json.loads((root / "out" / "stages" / "3-seeds" / "candidates.json").read_text())
+    assert [v["overrides"]["seed"] for v in candidates["variants"]] == [0, 1]
+    progress = json.loads((root / "out" / "progress.json").read_text())
+    assert [progress["stages"][n]["complete"] for n in ("coarse", "longer", "seeds")] == [True] * 3
+    assert "## Selected" in (root / "out" / "selection.md").read_text()
+    assert not (root / "out" / "sweep.lock").exists()
+
+
+def test_staged_trials_report_every_evaluation_to_tune_with_hyperparameter_columns(staged):
+    root, _, _ = staged
+    for trial in sorted((root / "out" / "tune" / "stage1-coarse").glob("v*/result.json")):
+        results = [json.loads(line) for line in trial.read_text().splitlines()]
+        assert results[0]["iteration"] == 6 and results[0]["hist_kl"] > 0 and "status" not in results[0]
+        assert {"hist_jsd", "gnelbo_x1e7", "run_name", "mlflow_run_id"} <= set(results[0])
+        assert {"variant", "preset", "seed", "objective.beta_kl"} <= set(results[0]["config"])
+        if results[-1].get("status") == "ok":  # ASHA may stop one of the two at iteration 6
+            assert results[-1]["iteration"] == 12 and len(results) == 2
+
+
+def test_staged_sweep_rerun_keeps_every_finished_stage(staged):
+    from mlflow.tracking import MlflowClient
+
+    root, args, _ = staged
+    before = _results(root)
+    assert sweep_job.main(args) == 0  # every stage finished earlier: kept, nothing trains again
+    after = _results(root)
+    assert list(after["mlflow_run_id"]) == list(before["mlflow_run_id"])
+    assert list(after["hist_kl"]) == list(before["hist_kl"])
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("introprior").experiment_id])
+    (parent,) = [r for r in runs if "sweep.space" in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and parent.info.status == "FINISHED"  # 4 Ray Train runs, no duplicates
+    assert {r.data.tags["sweep.stage"] for r in children} == {"coarse", "longer", "seeds"}
