@@ -68,3 +68,12 @@ def test_module_docstring_table_matches_the_presets():
     for dataset, (sg, official, mog) in rows.items():
         assert (sg, official, mog) == (_betas(f"{dataset}/sintro"), _betas(f"{dataset}/sintro-official"),
                                        _betas(f"{dataset}/mog-ip-lc"))
+
+
+def test_sharp_8gaussians_preset_is_ip_lc_with_small_beta_kl():
+    from service.presets import PRESETS
+
+    sharp, base = get_preset("8gaussians/mog-ip-lc-sharp"), get_preset("8gaussians/mog-ip-lc")
+    assert (sharp.objective.beta_rec, sharp.objective.beta_kl, sharp.objective.beta_neg) == (0.2, 0.05, 0.15)
+    assert sharp.prior == base.prior and sharp.schedule == base.schedule and sharp.name == "8gaussians/mog-ip-lc-sharp"
+    assert "2spirals/mog-ip-lc-sharp" not in PRESETS  # measured on 8gaussians only
