@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import secrets
 import threading
 import time
@@ -269,6 +270,7 @@ class Sampler:
                        activation_bytes_per_item(model.encoder, torch.zeros(2, *self.data_shape)))
         self.chunk = max(1, args.decode_chunk_bytes // per_item)  # items per decoder / encoder call
         self._self_test()
+        self.started_at = time.time()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, args: ServeArgs, sha256: str | None = None) -> Sampler:
@@ -296,7 +298,8 @@ class Sampler:
                                "schema_version": self.state["schema_version"]},
                 "serving": {"batching": self.args.batching, "max_batch_size": self.args.max_batch_size,
                             "torch_threads": torch.get_num_threads(), "version": __version__,
-                            "decode_chunk": self.chunk, "memory": memory_mib(),
+                            "decode_chunk": self.chunk, "memory": memory_mib(), "pid": os.getpid(),
+                            "started_at": self.started_at,
                             "limits": {"max_samples": self.args.max_samples, "max_points": self.args.max_points,
                                        "max_steps": self.args.max_steps, "max_body_bytes": self.args.max_body_bytes,
                                        "max_abs_value": self.args.max_abs_value,
