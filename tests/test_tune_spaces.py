@@ -423,14 +423,17 @@ def test_ray_up_cluster_config_has_cpu_and_gpu_workers_and_installs_the_project(
     assert nodes["cpu_worker"]["resources"]["CPU"] >= 2 and "GPU" not in nodes["cpu_worker"]["resources"]
     assert nodes["gpu_worker"]["resources"]["GPU"] >= 1
     assert all(n["max_workers"] >= n["min_workers"] >= 0 for k, n in nodes.items() if k != cfg["head_node_type"])
-    (mount, src), = cfg["file_mounts"].items()
-    assert src == "." and any(f"pip install -q -e {mount}" in c for c in cfg["setup_commands"])
+    mounts = cfg["file_mounts"]
+    (mount, src), = [(m, s) for m, s in mounts.items() if s == "."]  # the project, synced by `ray up`
+    assert any(f"pip install -q -e {mount}" in c for c in cfg["setup_commands"])
+    token = [m for m in mounts if m.endswith("/.ray/auth_token")]  # Ray's token reaches every node, not the YAML
+    assert token and mounts[token[0]].startswith("/") and "auth_token" in mounts[token[0]]
     assert {".venv", "runs", "mlflow.db"} <= set(cfg["rsync_exclude"])
     head = " ".join(cfg["head_start_ray_commands"])
-    assert "ray start --head" in head and "RAY_AUTH_MODE=disabled" in head and "MLFLOW_TRACKING_URI=" in head
+    assert "ray start --head" in head and "RAY_AUTH_MODE=token" in head and "MLFLOW_TRACKING_URI=" in head
     assert "mlflow server" in head and "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in head
     workers = " ".join(cfg["worker_start_ray_commands"])
-    assert "ray start --address=$RAY_HEAD_IP:6379" in workers and "RAY_AUTH_MODE=disabled" in workers
+    assert "ray start --address=$RAY_HEAD_IP:6379" in workers and "RAY_AUTH_MODE=token" in workers
     assert any("/mnt/shared" in c for c in cfg["setup_commands"])  # the shared --output-dir of the docs
 
 
@@ -462,7 +465,7 @@ def test_kuberay_rayjob_runs_a_valid_sweep_on_cpu_and_gpu_worker_groups():
         (container,) = pod["template"]["spec"]["containers"]
         images.add(container["image"])
         env = {e["name"]: e["value"] for e in container["env"]}
-        assert env["RAY_AUTH_MODE"] == "disabled" and env["MLFLOW_TRACKING_URI"] == args.tracking_uri
+        assert "RAY_AUTH_MODE" not in env and env["MLFLOW_TRACKING_URI"] == args.tracking_uri
         (mount,) = container["volumeMounts"]
         assert args.output_dir.startswith(mount["mountPath"] + "/")  # every pod sees the output dir
         (volume,) = pod["template"]["spec"]["volumes"]
