@@ -163,9 +163,11 @@ def sharp_8gaussians() -> ExperimentConfig:
     Not the paper's selection (lowest histogram KL): the setting with the highest mode purity
     found so far, for users who want "sample mode k" to mean one data mode. Smaller beta_kl makes
     the posteriors and the prior components sharp (log-variance about -3.5 instead of about 0).
-    Found by ``python -m jobs.sweep tune_spaces/agreement_short_grid.yaml`` (lowest KL with purity
-    >= 0.9) and by single runs of ``--quick`` (5,000 iterations, batch 256, 1 worker), README
-    "Mode purity": seed 0 mode purity 1.00, 8/8 modes, KL 16.2, gnELBO x 1e7 0.46 (the
+    Found by single ``--quick`` runs (5,000 iterations, batch 256, 1 worker) of ``python -m
+    jobs.train --preset 8gaussians/mog-ip-lc --quick --workers 1 --set objective.beta_kl=B --set
+    objective.beta_neg=N`` over B / N in {0.3 / 0.9, 0.1 / 0.3, 0.05 / 0.15} (README "Mode purity";
+    the staged, purity-constrained selection is ``tune_spaces/agreement_short_grid.yaml``, not yet
+    run to the end): seed 0 mode purity 1.00, 8/8 modes, KL 16.2, gnELBO x 1e7 0.46 (the
     ``mog-ip-lc`` preset: 0.22, 8/8, 11.8, 0.86; SG: KL 29.5); seed 1 purity 1.00 but only 4/8
     modes, KL 112 (r_entropy 1 / 10: 6 / 7 modes, KL 88 / 83). Sharp modes, not yet reliable coverage.
     """
