@@ -162,6 +162,8 @@ def staged(tmp_path_factory, ray_cluster):
 
 
 def test_staged_sweep_runs_each_stage_on_the_previous_stages_best_setting(staged):
+    import pandas as pd
+
     from service.spaces import Selection, rank_settings
 
     root, _, rc = staged
@@ -175,7 +177,8 @@ def test_staged_sweep_runs_each_stage_on_the_previous_stages_best_setting(staged
     assert list(longer["hparams"]) == [best["hparams"]] and list(longer["status"]) == ["ok"]
     assert list(longer["config.schedule.iterations"]) == [16] and list(longer["iteration"]) == [16]
     assert list(seeds["seed"]) == [0, 1] and set(seeds["hparams"]) == {best["hparams"]}
-    assert list(seeds["reused_from"]) == ["longer/v0000", None]  # seed 0 is stage 2's run
+    reused = seeds["reused_from"].tolist()
+    assert reused[0] == "longer/v0000" and pd.isna(reused[1])  # seed 0 is stage 2's run
     assert seeds["mlflow_run_id"].iloc[0] == longer["mlflow_run_id"].iloc[0]
     assert list(seeds["trained_iterations"]) == [0, 16]
     candidates = json.loads((root / "out" / "stages" / "3-seeds" / "candidates.json").read_text())
