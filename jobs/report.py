@@ -6,7 +6,7 @@
 Selection (SPEC §6.4): per (dataset, configuration) the hyperparameters whose completed seeds have
 the lowest mean ``--metric`` (default: the sweep's, else ``hist_kl``), among the settings that meet
 the sweep's ``select.where`` constraint if it has one (else all); then mean ± standard error
-(std/sqrt(n)) over seeds of gnELBO x 1e7, KL and JSD next to the paper's values (SPEC §8). For a
+(std(ddof=1)/sqrt(n), and the paper's std(ddof=0)/sqrt(n) beside it) over seeds of gnELBO x 1e7, KL and JSD next to the paper's values (SPEC §8). For a
 staged sweep the tables are those of its last stage (``--stage N`` for another).
 Writes ``table.md`` next to the Parquet file (unless ``--no-write``) and prints it.
 """
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from service.spaces import OPTIONAL_METRICS, Selection, constrained_frame
-from service.tables import FINAL_METRICS, aggregate, render_comparison
+from service.tables import FINAL_METRICS, aggregate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = aggregate(constrained_frame(df, select), metric=metric, mode=mode)
     if not args.no_write and stage == stages[-1]:
         (parquet.parent / "table.md").write_text(tables.markdown)
-    print(tables.markdown)
-    print("## Ours next to the paper\n")
-    print(render_comparison(tables.summary))
+    print(tables.markdown)  # it holds the comparison with the paper (both standard errors)
     return 0
 
 

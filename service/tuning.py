@@ -734,7 +734,7 @@ def _finish_parent(tracking_uri: str, run_id: str, out: Path, df: "pd.DataFrame"
         client.log_metric(run_id, f"sweep/trials_{status}", float((df["status"] == status).sum()))
     client.log_metric(run_id, "sweep/trained_iterations", float(df["trained_iterations"].fillna(0).sum()))
     for r in tables.summary.itertuples():  # e.g. table/8gaussians/mog-ip-lc/hist_kl_mean
-        for stat in ("mean", "se"):
+        for stat in ("mean", "se", "se_paper"):
             if not math.isnan(getattr(r, stat)):
                 client.log_metric(run_id, f"table/{r.dataset}/{r.configuration}/{r.metric}_{stat}", getattr(r, stat))
     # an interrupted sweep's parent is KILLED until a resumed run completes it
