@@ -2,6 +2,7 @@
 
     python -m jobs.bench                         # SG and IP+LC (M=64, T=100), batch 512, 2 threads
     python -m jobs.bench --threads 1 --iterations 50 --configs sintro,mog-ip-lc
+    python -m jobs.bench --precision             # the mixture kernel against float64, broad to sharp priors
 
 Run it alone: other processes on the same cores distort the figures (STACK.md, threads).
 """
@@ -60,14 +61,55 @@ def bench_kernel(n: int = 51_200, m: int = 64, d: int = 2, repeats: int = 10) ->
     return out[0], out[1]
 
 
+def precision_table(n: int = 20_000, m: int = 64, d: int = 2) -> list[str]:
+    """Relative error of the float32 mixture log-density and its gradients against float64, with the
+    precision guard (as trained) and with it switched off, from broad to sharp components."""
+    import service.gaussian as gaussian
+
+    def run(inputs, weight, wide_tolerance):
+        gaussian.WIDE_TOLERANCE, saved = wide_tolerance, gaussian.WIDE_TOLERANCE
+        try:
+            xs = [t.detach().clone().requires_grad_() for t in inputs]
+            out = gaussian.mixture_log_prob(*xs)[0]
+            (out * weight.to(out.dtype)).sum().backward()
+            return [out.detach().double()] + [x.grad.double() for x in xs]
+        finally:
+            gaussian.WIDE_TOLERANCE = saved
+
+    rows = []
+    for logvar, scale in ((0.0, 1.0), (-2.5, 2.0), (-4.0, 3.0), (-7.0, 5.0), (-9.0, 5.0)):
+        g = torch.Generator().manual_seed(0)
+        means = (scale * torch.randn(m, d, generator=g, dtype=torch.float64)).float()
+        logvars = (logvar + 0.3 * torch.randn(m, d, generator=g, dtype=torch.float64)).float()
+        log_w = torch.log_softmax(torch.randn(m, generator=g, dtype=torch.float64), 0).float()
+        idx = torch.randint(0, m, (n,), generator=g)
+        z = (means[idx] + torch.exp(0.5 * logvars[idx]) * torch.randn(n, d, generator=g)).float()
+        weight = torch.randn(n, generator=g, dtype=torch.float64)
+        ref = run([t.double() for t in (z, means, logvars, log_w)], weight, gaussian.WIDE_TOLERANCE)
+        cells = []
+        for tol in (gaussian.WIDE_TOLERANCE, float("inf")):
+            got = run([z, means, logvars, log_w], weight, tol)
+            cells.append(max(float((a - b).norm() / b.norm()) for a, b in zip(got, ref)))
+        path = gaussian.accumulation_dtype(z, means, logvars)
+        rows.append(f"log-variance {logvar:5.1f}, |mu| ~{scale}: guard ({str(path).split('.')[-1]}) {cells[0]:.1e}, "
+                    f"float32 only {cells[1]:.1e}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="sintro,mog-ip-lc", help="comma-separated 8gaussians configurations")
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", action="store_true",
+                   help="print the mixture kernel's largest relative error against float64 per regime, and exit")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.precision:
+        print("mixture log p and gradients, float32 vs float64 (largest relative error over value and 4 gradients):")
+        print("\n".join(precision_table()))
+        return 0
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch 512, 8gaussians")
     for name in args.configs.split(","):
         rate = bench_step(f"8gaussians/{name}", args.iterations, args.warmup)
