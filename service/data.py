@@ -164,7 +164,7 @@ def make_source(cfg: DataConfig, split: str = "train") -> PointSource:
         eval_range = cfg.eval_range or DEFAULT_EVAL_RANGE[cfg.dataset]
         return PointSource(cfg.dataset, eval_range, partial(sample_toy, cfg.dataset))
     assert cfg.path is not None  # DataConfig guarantees it for "parquet"
-    points, labels, labelled = load_points_parquet(cfg.path, with_flag=True)
+    points, labels, labelled = load_points_parquet(cfg.path)
     eval_range = cfg.eval_range or PARQUET_MARGIN * float(points.abs().max())
     # partial of a module-level function (not a closure) keeps the source picklable
     return PointSource(f"parquet:{os.path.basename(cfg.path)}", eval_range, partial(_resample, points, labels),
@@ -207,10 +207,9 @@ def read_parquet(path: str, field: str) -> Any:
         raise ConfigError(f"{field}: {path}: not a readable Parquet file ({e})") from None
 
 
-def load_points_parquet(path: str, with_flag: bool = False) -> Any:
-    """Read and validate a points file: x (N, 2) float32, labels (N,) int64 (0 when absent).
-
-    ``with_flag=True`` adds a third value: whether the file has a ``label`` column.
+def load_points_parquet(path: str) -> tuple[Tensor, Tensor, bool]:
+    """Read and validate a points file: x (N, 2) float32, labels (N,) int64 (0 when absent), and
+    whether the file has a ``label`` column.
 
     Every problem raises ``ConfigError("data.path: <file>: <problem>")``.
     """
@@ -227,9 +226,7 @@ def load_points_parquet(path: str, with_flag: bool = False) -> Any:
     x = np.stack([_float_column(table, name, fail) for name in ("x", "y")], axis=1)
     labelled = "label" in found
     labels = _label_column(table, fail) if labelled else np.zeros(len(x), dtype=np.int64)
-    if with_flag:
-        return torch.from_numpy(x), torch.from_numpy(labels), labelled
-    return torch.from_numpy(x), torch.from_numpy(labels)
+    return torch.from_numpy(x), torch.from_numpy(labels), labelled
 
 
 def _float_column(table, name: str, fail: Callable[[str], ConfigError]) -> np.ndarray:

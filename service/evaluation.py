@@ -20,9 +20,9 @@ from .config import ExperimentConfig
 from .data import PointSource, make_source
 from .gaussian import LOG_2PI, kl_to_standard_normal, randn
 from .metrics.density import gnelbo_with_grid, histogram_jsd, histogram_kl
-from .metrics.modes import Purity, knn_labels, mode_purity
+from .metrics.modes import Purity, knn_labels, mixture_purity
 from .model import Model
-from .priors import active_components, normalized_entropy
+from .priors import active_components, active_mask, normalized_entropy
 from .sampling import prior_usage, reconstruct, sample
 
 EVAL_SEED_OFFSET = 7_919  # evaluation draws never reuse the training streams
@@ -122,10 +122,8 @@ def component_purity(model: Model, source: PointSource, cfg: ExperimentConfig, *
     comps = torch.arange(m).repeat_interleave(ev.purity_samples)
     x = sample(model, m * ev.purity_samples, component=comps.to(device), generator=gen, temperature=temperature)[0]
     labels = knn_labels(ref.to(device), ref_labels.to(device), x, k=ev.purity_k).cpu()
-    weights = model.prior.components(detach=True).weights.cpu()
-    active = (usage.cpu() if usage is not None else weights) >= 1e-2
-    return mode_purity(labels.reshape(m, ev.purity_samples), weights, active,
-                       num_modes=len(set(ref_labels.tolist())))
+    return mixture_purity(labels.reshape(m, ev.purity_samples), model.prior.components(detach=True).weights, usage,
+                          num_modes=len(set(ref_labels.tolist())))
 
 
 def _plots(model: Model, source: PointSource, real: np.ndarray, fake: np.ndarray, grid_w: Tensor,
@@ -144,7 +142,7 @@ def _plots(model: Model, source: PointSource, real: np.ndarray, fake: np.ndarray
     if model.prior.is_mixture:
         comps = model.prior.components(detach=True)
         kw = {"means": comps.means.cpu().numpy(), "weights": comps.weights.cpu().numpy(),
-              "active": (usage >= 1e-2).numpy() if usage is not None else None}
+              "active": active_mask(usage).numpy() if usage is not None else None}
         if extra and "majority_mode" in extra and metrics:
             kw["majority"] = np.asarray(extra["majority_mode"])
             kw["title"] = (f"latent space: mode purity {metrics['mode_purity']:.2f}, "

@@ -43,11 +43,11 @@ from .config import ExperimentConfig
 from .feature_extractor import FeatureExtractor, quantize
 from .gaussian import randn, reparameterize
 from .metrics.fid import fid_from_features
-from .metrics.modes import Purity, mode_purity
+from .metrics.modes import Purity, mixture_purity
 from .metrics.precision_recall import precision_recall
 from .metrics.probes import MIN_TRAIN, probe_accuracies
 from .model import Model
-from .priors import active_components, normalized_entropy
+from .priors import active_components, active_mask, normalized_entropy
 from .sampling import encode, prior_usage, reconstruct, sample
 
 CHUNK = 500  # images per forward pass where the protocol does not fix the batch
@@ -166,9 +166,7 @@ def image_purity(model: Model, classifier: ImageClassifier | None, samples_per_c
     m = model.prior.num_components
     labels = torch.stack([classifier.labels(generate_uint8(model, samples_per_component, generator, batch,
                                                             component=k)) for k in range(m)])  # (M, S)
-    weights = model.prior.components(detach=True).weights.cpu()
-    active = (usage.cpu() if usage is not None else weights) >= 1e-2
-    return mode_purity(labels, weights, active, num_modes=classifier.num_classes)
+    return mixture_purity(labels, model.prior.components(detach=True).weights, usage, num_modes=classifier.num_classes)
 
 
 def fid_metrics(model: Model, real: Tensor, extractor: FeatureExtractor, generator: torch.Generator, *,
@@ -399,7 +397,7 @@ def image_plots(model: Model, test_source: ImageSplit, mu_test: Tensor, usage: T
             title += (f"\nclassified: mode purity {purity.mode_purity:.2f}, "
                       f"{purity.modes_covered} / {purity.num_modes} classes covered")
         _image_rows(rows, labels, out / "samples.png", title)
-        active = (usage >= 1e-2).numpy() if usage is not None else None
+        active = active_mask(usage).numpy() if usage is not None else None
         kw = {"means": comps.means.cpu().numpy(), "weights": weights, "active": active}
     else:
         x = sample(model, per_row * per_row, generator=generator)[0].cpu()

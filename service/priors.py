@@ -244,6 +244,11 @@ def normalized_entropy(usage: Tensor, eps: float = 1e-8) -> Tensor:
     return -(usage * torch.log(usage + eps)).sum(-1) / math.log(m)  # a Python float keeps usage's dtype
 
 
+def active_mask(usage: Tensor, threshold: float = 1e-2) -> Tensor:
+    """Which components are active, ``c_i >= 1e-2`` (SPEC §4): (M,) bool."""
+    return usage >= threshold
+
+
 def active_components(usage: Tensor, threshold: float = 1e-2) -> int:
     """Number of components with ``c_i >= 1e-2`` (SPEC §4)."""
-    return int((usage >= threshold).sum())
+    return int(active_mask(usage, threshold).sum())

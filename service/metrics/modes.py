@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..priors import active_mask
+
 
 @dataclass(frozen=True)
 class Purity:
@@ -79,3 +81,12 @@ def mode_purity(sample_labels: Tensor, weights: Tensor, active: Tensor | None = 
     covered = len(set(majority[act].tolist()))
     return Purity(purity=purity.tolist(), majority=majority.tolist(), mode_purity=float((w * purity).sum()),
                   modes_covered=covered, num_modes=num_modes or len(set(labels.flatten().tolist())))
+
+
+def mixture_purity(sample_labels: Tensor, weights: Tensor, usage: Tensor | None = None,
+                   num_modes: int | None = None) -> Purity:
+    """``mode_purity`` of a mixture prior with SPEC §4's active components: usage ``c_i >= 1e-2``,
+    or weight ``>= 1e-2`` when no usage is known."""
+    weights = weights.detach().cpu()
+    active = active_mask(usage.cpu() if usage is not None else weights)
+    return mode_purity(sample_labels, weights, active, num_modes=num_modes)
