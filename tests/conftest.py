@@ -20,6 +20,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance (2 CPUs) shared by one end-to-end module's tests."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def smoke_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of a smoke-trained 8-component IP + LC model on 8gaussians (in process, seconds)."""

@@ -29,15 +29,6 @@ pytestmark = pytest.mark.e2e
 ITERATIONS, CHECKPOINT_EVERY, LOG_EVERY = 300, 100, 10
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def _args(root: Path, name: str, workers: int, tracking_uri: str | None = None, iterations: int = ITERATIONS):
     return ["--preset", "8gaussians/mog-ip-lc", "--smoke", "--workers", str(workers), "--run-name", name,
             "--set", f"schedule.iterations={iterations}", "--set", f"schedule.checkpoint_every={CHECKPOINT_EVERY}",

@@ -40,24 +40,20 @@ SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory, ray_cluster):
+def sweep(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("sweep")
     (root / "space.yaml").write_text(SPACE)
-    args = [str(root / "space.yaml"), "--output-dir", str(root / "out"), "--max-concurrent", "2",
-            "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--name", "e2e"]
+    yield _run_sweep(root, root / "space.yaml", "e2e", "smoke sweep, 4 trials")
+
+
+def _run_sweep(root, space, name, what):
+    """``jobs.sweep`` on ``space`` into ``root/out`` (MLflow in ``root``): (root, its args, exit code)."""
+    args = [str(space), "--output-dir", str(root / "out"), "--max-concurrent", "2",
+            "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--name", name]
     start = time.perf_counter()
     rc = sweep_job.main(args)
-    print(f"smoke sweep, 4 trials: {time.perf_counter() - start:.1f} s")
-    yield root, args, rc
+    print(f"{what}: {time.perf_counter() - start:.1f} s")
+    return root, args, rc
 
 
 def _results(root):
@@ -151,14 +147,9 @@ def test_rerun_resumes_the_finished_sweep_and_report_rerenders_the_table(sweep, 
 # ---- the staged protocol --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def staged(tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("staged")
-    args = [str(SPACES / "smoke_staged.yaml"), "--output-dir", str(root / "out"), "--max-concurrent", "2",
-            "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--name", "e2e-staged"]
-    start = time.perf_counter()
-    rc = sweep_job.main(args)
-    print(f"staged smoke sweep, 4 Ray Train runs: {time.perf_counter() - start:.1f} s")
-    return root, args, rc
+def staged(tmp_path_factory, ray_local):
+    return _run_sweep(tmp_path_factory.mktemp("staged"), SPACES / "smoke_staged.yaml", "e2e-staged",
+                      "staged smoke sweep, 4 Ray Train runs")
 
 
 def test_staged_sweep_runs_each_stage_on_the_previous_stages_best_setting(staged):

@@ -17,15 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def smoke_run(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     args = ["--preset", "8gaussians/mog-ip-lc", "--smoke", "--workers", "2", "--run-name", "e2e",
