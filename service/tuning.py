@@ -799,14 +799,16 @@ def results_frame(spec: SweepSpec, configs: list[ExperimentConfig],
     rows = []
     for v, cfg in zip(variants, configs):
         metrics, error, trial_status = (*reported.get(v.id, ({}, None)), "")[:3]
-        status = metrics.get("status") or ("failed" if error is not None else
-                                           "stopped" if trial_status == "TERMINATED" and metrics else "incomplete")
+        # Without a scheduler nothing stops a trial early: a TERMINATED trial with no final status was
+        # ended by an interrupted sweep, and resuming it is the remedy.
+        stopped = trial_status == "TERMINATED" and metrics and stage.scheduler is not None
+        status = metrics.get("status") or ("failed" if error is not None else "stopped" if stopped else "incomplete")
         err = metrics.get("error") or (failure_text(error) if error is not None else "")
         failure = metrics.get("failure") or ("infrastructure" if error is not None else "")
         if status == "incomplete":
             err = "not finished (the sweep was interrupted); run the same command again to resume"
         elif status == "stopped":
-            err = (f"stopped early by the {stage.scheduler.type if stage.scheduler else ''} scheduler at iteration "
+            err = (f"stopped early by the {stage.scheduler.type} scheduler at iteration "
                    f"{metrics.get('iteration')} ({spec.metric} {metrics.get(spec.metric, math.nan):.4g})")
         dataset, _, configuration = v.preset.partition("/")
         row = {"variant": v.id, "stage": stage.index, "stage_name": stage.name, "preset": v.preset,

@@ -17,7 +17,7 @@ import pytest
 
 from jobs import compare_selection
 from jobs import sweep as sweep_job
-from service.spaces import (Selection, Stage, Variant, constrained_frame, pick_candidates, rank_settings,
+from service.spaces import (Scheduler, Selection, Stage, Variant, constrained_frame, pick_candidates, rank_settings,
                             spec_from_dict, stage_variants)
 from service.step import TrainingDiverged
 from service.tuning import (SweepLock, SweepLocked, _trial, _TrialContext, failure_kind, new_evaluations,
@@ -220,13 +220,16 @@ def test_results_frame_has_a_column_per_hyperparameter_and_marks_early_stopped_t
     configs = spec.configs("smoke")
     reported = {0: ({"status": "ok", "iteration": 12, "hist_kl": 2.0, "time_s": 5.0}, None, "TERMINATED"),
                 1: ({"iteration": 6, "hist_kl": 9.0, "time_total_s": 3.0}, None, "TERMINATED")}
-    df = results_frame(spec, configs, reported, stage=Stage(1, "sweep", scheduler=None))
+    df = results_frame(spec, configs, reported, stage=Stage(1, "sweep", scheduler=Scheduler("asha")))
     assert list(df["objective.beta_kl"]) == [0.1, 0.3] and list(df["objective.beta_neg"]) == [0.3, 0.9]
     assert list(df["objective.beta_neg_factor"]) == [3, 3]
     assert list(df["status"]) == ["ok", "stopped"] and df["error"][1].startswith("stopped early")
     assert list(df["trained_iterations"]) == [12, 6] and list(df["time_s"]) == [5.0, 3.0]
     paused = results_frame(spec, configs, {1: ({"iteration": 6, "hist_kl": 9.0}, None, "PAUSED")})
     assert list(paused["status"]) == ["incomplete", "incomplete"]
+    # no scheduler: a TERMINATED trial without a final status was cut off by an interrupted sweep
+    cut = results_frame(spec, configs, reported, stage=Stage(1, "sweep", scheduler=None))
+    assert list(cut["status"]) == ["ok", "incomplete"] and "resume" in cut["error"][1]
 
 
 # ---- one sweep per output folder ---------------------------------------------------------------
