@@ -178,6 +178,10 @@ def _log_to_mlflow(args: argparse.Namespace, cfg, out: Path, metrics: dict[str, 
     for path in sorted(out.iterdir()):
         if path.is_file():
             sink.log_artifact(path, "evaluation")
+    left = sink.flush(60.0)  # metrics queued through a tracking outage: retry before the process exits
+    if left:
+        print(f"warning: {left} metric values could not be sent to {uri} (run {run_id}); "
+              f"{out}/metrics.json holds them", file=sys.stderr)
     return run_id
 
 
