@@ -131,6 +131,10 @@ class Scheduler:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+SCORE_KEY = "selection_score"  # the scheduler's metric when the selection is constrained (Selection.score)
+INFEASIBLE = 1e9  # added to (mode min) or taken from (max) the metric of a report that violates ``where``
+
+
 @dataclass(frozen=True)
 class Selection:
     """How settings are ranked: mean ``metric`` over completed seeds, ``mode``; ``where`` bounds
@@ -146,6 +150,27 @@ class Selection:
             parts += [f"{name} >= {lo:g}"] if lo is not None else []
             parts += [f"{name} <= {hi:g}"] if hi is not None else []
         return " and ".join(parts)
+
+    @property
+    def scheduler_metric(self) -> str:
+        """What an early-stopping scheduler ranks: the metric itself, or ``SCORE_KEY`` under ``where``."""
+        return SCORE_KEY if self.where else self.metric
+
+    def score(self, values: dict[str, Any]) -> float:
+        """One report's rank for early stopping: the metric where every ``where`` bound holds, else the
+        metric pushed behind every feasible value (``INFEASIBLE``, in the direction of ``mode``).
+
+        This is the final selection's order (feasible settings first, by the metric; all settings by
+        the metric when none is feasible), so a scheduler does not stop the trials the selection wants:
+        unconstrained, ASHA would rank a sharp setting (pure modes, higher KL) behind a blurry one."""
+        value = float(values.get(self.metric, math.nan))
+        if math.isnan(value):
+            return math.nan
+        for name, lo, hi in self.where:
+            x = float(values.get(name, math.nan))
+            if math.isnan(x) or (lo is not None and x < lo) or (hi is not None and x > hi):
+                return value + INFEASIBLE if self.mode == "min" else value - INFEASIBLE
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         where = {name: {k: v for k, v in (("min", lo), ("max", hi)) if v is not None} for name, lo, hi in self.where}

@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, flatten, to_dict
 from .ray_train import failure_text
-from .spaces import (OPTIONAL_METRICS, Shrink, SpaceError, Stage, SweepSpec, Variant, constrained_frame,
-                     pick_candidates, rank_settings, stage_variants)
+from .spaces import (OPTIONAL_METRICS, SCORE_KEY, Selection, Shrink, SpaceError, Stage, SweepSpec, Variant,
+                     constrained_frame, pick_candidates, rank_settings, stage_variants)
 from .tables import FINAL_METRICS, KNOWN_METRICS, Tables, aggregate, write_results
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class _TrialContext:
     threads_per_worker: int  # torch threads per Train worker (its whole CPUs)
     gpus_per_worker: float
     metric: str = "hist_kl"
+    select: Selection = field(default_factory=Selection)  # adds SCORE_KEY to every report when constrained
     stage: int = 1
     stage_name: str = "sweep"
     stage_overrides: dict[str, Any] = field(default_factory=dict)
@@ -155,7 +156,13 @@ def new_evaluations(client: Any, run_id: str, after: int, before: int) -> list[d
     return [{"iteration": s, **{n: h[s] for n, h in history.items() if s in h}} for s in steps]
 
 
-def _eval_forwarder(tracking_uri: str, run_id: str, metric: str, iterations: int, constants: dict[str, Any]):
+def _scored(row: dict[str, Any], select: Selection) -> dict[str, Any]:
+    """``row`` with the scheduler's ranking value (``Selection.score``) where the selection is constrained."""
+    return {**row, SCORE_KEY: select.score(row)} if select.where else row
+
+
+def _eval_forwarder(tracking_uri: str, run_id: str, metric: str, iterations: int, constants: dict[str, Any],
+                    select: Selection | None = None):
     """A Ray Train callback (it runs in the Train controller) that forwards each new intermediate
     evaluation to the Tune trial, at the Train report (checkpoint) that follows it."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -178,7 +185,8 @@ def _eval_forwarder(tracking_uri: str, run_id: str, metric: str, iterations: int
                 print(f"warning: could not read the evaluations of {run_id} from MLflow ({e!r:.300})", file=sys.stderr)
                 return
             for report in found:
-                TuneReportCallback.after_report(self, run_context, [{metric: math.nan, **report, **constants}], None)
+                report = _scored({metric: math.nan, **report, **constants}, select or Selection(metric))
+                TuneReportCallback.after_report(self, run_context, [report], None)
                 self.after = report["iteration"]
 
     return EvalForwarder()
@@ -226,7 +234,8 @@ def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[s
         attempts += 1
         callbacks = []
         if cfg.schedule.eval_every and cfg.schedule.unit == "iterations":
-            callbacks.append(_eval_forwarder(ctx.tracking_uri, run_id, ctx.metric, cfg.schedule.iterations, dict(row)))
+            callbacks.append(_eval_forwarder(ctx.tracking_uri, run_id, ctx.metric, cfg.schedule.iterations, dict(row),
+                                             ctx.select))
         try:
             res = fit(cfg, output_dir=Path(ctx.output_dir) / "trials" / run_name, run_name=run_name,
                       storage_path=Path(ctx.output_dir) / "ray_train", tracking_uri=ctx.tracking_uri,
@@ -254,7 +263,7 @@ def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[s
     row["attempts"] = attempts
     row["time_s"] = time.perf_counter() - start
     row.setdefault(ctx.metric, math.nan)  # every Tune result carries the scheduler's metric
-    tune.report(row)
+    tune.report(_scored(row, ctx.select))
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,7 +651,8 @@ def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Va
     ctx = _TrialContext(output_dir=str(out), tracking_uri=state["tracking_uri"], parent_run_id=state["parent_run_id"],
                         sweep_name=state["sweep_name"], shrink=shrink, varying=spec.varying,
                         cpus_per_worker=plan.cpus_per_worker, threads_per_worker=plan.threads_per_worker,
-                        gpus_per_worker=plan.gpus_per_worker, metric=spec.metric, stage=stage.index,
+                        gpus_per_worker=plan.gpus_per_worker, metric=spec.metric, select=spec.select,
+                        stage=stage.index,
                         stage_name=stage.name, stage_overrides=dict(stage.overrides),
                         variants=tuple(asdict(v) for v in variants),
                         run_prefix=f"s{stage.index}-" if spec.is_staged else "")
@@ -676,7 +686,8 @@ def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Va
 
 
 def _scheduler(stage: Stage, spec: SweepSpec, configs: list[ExperimentConfig]):
-    """Tune's scheduler for the stage: ASHA on ``iteration`` and the selection metric, or None (FIFO)."""
+    """Tune's scheduler for the stage: ASHA on ``iteration`` and the selection's ranking (its metric,
+    constrained by ``where`` through ``Selection.score``), or None (FIFO)."""
     sched = stage.scheduler
     if sched is None or sched.type == "fifo":
         return None
@@ -684,7 +695,7 @@ def _scheduler(stage: Stage, spec: SweepSpec, configs: list[ExperimentConfig]):
 
     iterations = max(c.schedule.iterations for c in configs)
     grace = sched.grace_period or min(c.schedule.eval_every for c in configs)
-    return ASHAScheduler(time_attr="iteration", metric=spec.metric, mode=spec.mode, grace_period=grace,
+    return ASHAScheduler(time_attr="iteration", metric=spec.select.scheduler_metric, mode=spec.mode, grace_period=grace,
                          reduction_factor=sched.reduction_factor, max_t=sched.max_t or iterations, brackets=1)
 
 

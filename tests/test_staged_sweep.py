@@ -3,6 +3,7 @@ intermediate evaluations forwarded to Tune, results rows, the output-folder lock
 selection comparison. The sweep itself runs end to end in test_e2e_sweep.py.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -17,11 +18,11 @@ import pytest
 
 from jobs import compare_selection
 from jobs import sweep as sweep_job
-from service.spaces import (Scheduler, Selection, Stage, Variant, constrained_frame, pick_candidates, rank_settings,
+from service.spaces import (INFEASIBLE, SCORE_KEY, Scheduler, Selection, Stage, Variant, constrained_frame, pick_candidates, rank_settings,
                             spec_from_dict, stage_variants)
 from service.step import TrainingDiverged
-from service.tuning import (SweepLock, SweepLocked, _trial, _TrialContext, failure_kind, new_evaluations,
-                            results_frame, trial_config)
+from service.tuning import (SweepLock, SweepLocked, _scheduler, _trial, _TrialContext, failure_kind,
+                            new_evaluations, results_frame, trial_config)
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
@@ -98,6 +99,38 @@ def test_trial_config_takes_a_checkpoint_at_every_evaluation():
     assert trial_config(v, "smoke").schedule.checkpoint_every == 2  # gcd(6, 4)
     assert trial_config(v, "quick", {"schedule.eval_every": 1000}).schedule.checkpoint_every == 1000
     assert trial_config(Variant(0, A, {}, {}), "smoke").schedule.checkpoint_every == 6  # no evaluation: unchanged
+
+
+def test_constrained_selection_ranks_reports_for_the_scheduler_feasible_first():
+    sel = Selection("hist_kl", "min", (("mode_purity", 0.9, None),))
+    assert sel.scheduler_metric == SCORE_KEY and Selection().scheduler_metric == "hist_kl"
+    pure_sharp, blurry = {"hist_kl": 160.0, "mode_purity": 0.97}, {"hist_kl": 50.0, "mode_purity": 0.65}
+    assert sel.score(pure_sharp) == 160.0
+    assert sel.score(blurry) == 50.0 + INFEASIBLE > sel.score(pure_sharp)  # ASHA stops the blurry one first
+    assert sel.score({"hist_kl": 40.0}) == 40.0 + INFEASIBLE  # purity not reported: not known to satisfy
+    assert math.isnan(sel.score({"mode_purity": 1.0}))  # no metric, nothing to rank
+    # among infeasible reports the metric still orders them (the selection's unconstrained fallback)
+    assert sel.score({"hist_kl": 60.0, "mode_purity": 0.5}) > sel.score(blurry)
+    best = Selection("gnelbo_x1e7", "max", (("hist_kl", None, 20.0),))
+    assert best.score({"gnelbo_x1e7": 3.0, "hist_kl": 30.0}) == 3.0 - INFEASIBLE < best.score({"gnelbo_x1e7": 1.0,
+                                                                                                "hist_kl": 10.0})
+
+
+def test_asha_ranks_by_the_constrained_score_and_every_report_carries_it(trial_env):
+    spec = spec_from_dict({"preset": A, "select": {"metric": "hist_kl", "where": {"mode_purity": {"min": 0.9}}},
+                           "param_space": {"schedule": {"iterations": 3000, "warmup": 1000, "eval_every": 1000}},
+                           "scheduler": {"type": "asha", "grace_period": 1000}}, "t.yaml")
+    stage = spec.plan("full")[0][0]
+    assert _scheduler(stage, spec, spec.configs("full"))._metric == SCORE_KEY
+    plain = spec_from_dict({"preset": A, "param_space": {"schedule": {"iterations": 3000, "warmup": 1000, "eval_every": 1000}},
+                            "scheduler": {"type": "asha"}}, "t.yaml")
+    assert _scheduler(plain.plan("full")[0][0], plain, plain.configs("full"))._metric == "hist_kl"
+
+    ctx, reports = trial_env
+    ctx = dataclasses.replace(ctx, select=spec.select)
+    _trial({"variant": 0}, ctx, fit=lambda cfg, **kw: {"iteration": 40, "output_dir": "x",
+                                                       "metrics": {"hist_kl": 7.0, "mode_purity": 0.5}})
+    assert reports[-1][SCORE_KEY] == 7.0 + INFEASIBLE
 
 
 # ---- failures: diverged is final, infrastructure is retried ---------------------------------------
