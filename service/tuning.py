@@ -83,6 +83,7 @@ class _TrialContext:
     variants: tuple[dict[str, Any], ...] = ()  # the stage's variants (``dataclasses.asdict``), by id
     run_prefix: str = ""  # "" for a plain space, "s2-" for stage 2 (MLflow / Ray Train run names)
     retries: int = INFRA_RETRIES
+    storage: Any = None  # ``storage.Location`` of the Tune/Train storage and trial outputs; None: ``output_dir``
 
 
 def trial_config(v: Variant, shrink: Shrink, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -227,9 +228,10 @@ def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[s
         callbacks = []
         if cfg.schedule.eval_every and cfg.schedule.unit == "iterations":
             callbacks.append(_eval_forwarder(ctx.tracking_uri, run_id, ctx.metric, cfg.schedule.iterations, dict(row)))
+        base = ctx.storage or Path(ctx.output_dir)  # a Location on a cluster without a shared volume
         try:
-            res = fit(cfg, output_dir=Path(ctx.output_dir) / "trials" / run_name, run_name=run_name,
-                      storage_path=Path(ctx.output_dir) / "ray_train", tracking_uri=ctx.tracking_uri,
+            res = fit(cfg, output_dir=base / "trials" / run_name, run_name=run_name,
+                      storage_path=base / "ray_train", tracking_uri=ctx.tracking_uri,
                       cpus_per_worker=ctx.cpus_per_worker, gpus_per_worker=ctx.gpus_per_worker or None,
                       mlflow_run_id=run_id, callbacks=callbacks)
             row.update(status="ok", error="", failure="", iteration=res["iteration"], output_dir=res["output_dir"],
@@ -486,7 +488,7 @@ def _scalar(x: Any) -> Any:
 
 def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None = None,
               max_concurrent: int | None = None, gpus_per_trial: float = 0.0, tracking_uri: str | None = None,
-              name: str | None = None) -> "pd.DataFrame":
+              name: str | None = None, storage_path: Any = None, storage_filesystem: Any = None) -> "pd.DataFrame":
     """Run every stage's variants as Tune trials; write ``results.parquet`` and ``table.md``; return the frame.
 
     Re-running with the same ``output_dir`` resumes an interrupted sweep: finished stages are kept,
@@ -495,14 +497,23 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
     line's) overrides every stage's; ``None`` uses the stage's, else the space's ``smoke:``.
     ``gpus_per_trial`` goes to the trial's Train workers (fractions pack several trials on one
     GPU). Uses the running Ray (``RAY_ADDRESS``) or starts a local one. A second sweep on the same
-    ``output_dir`` raises ``SweepLocked``.
+    ``output_dir`` raises ``SweepLocked``. ``storage_path`` (a path or URI such as ``s3://bucket/sweep``;
+    with ``storage_filesystem``, a path in that ``pyarrow.fs`` filesystem) holds Tune's and Ray Train's
+    storage and the trials' outputs, for a cluster without a shared volume; default ``output_dir``.
+    The sweep's own files (results.parquet, tables, lock, state) stay in ``output_dir`` on the driver.
     """
     import pandas as pd
     import ray
 
     from .ray_train import default_tracking_uri
 
+    from . import storage
+
     spec.validate(shrink)  # every stage's variants and schedulers, before Ray starts
+    try:
+        store = storage.resolve(storage_path, storage_filesystem) if storage_path is not None else None
+    except ValueError as e:
+        raise ConfigError(f"--storage: {e}") from None
     stages = spec.plan(shrink)
     label = resolve_shrink(spec, shrink)
     out = Path(output_dir).resolve()
@@ -534,7 +545,7 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
                     entry["note"] = f"not run: stage {stage.index - 1} has no completed trial to select from"
                     print(f"sweep: stage {stage.name}: {entry['note']}", file=sys.stderr)
                     break
-            df = _run_stage(spec, stage, sh, variants, frames, out, state, plan, progress)
+            df = _run_stage(spec, stage, sh, variants, frames, out, state, plan, progress, store)
             frames.append(df)
             if (df["status"] == "incomplete").any():
                 break  # later stages need this one finished: run the same command again
@@ -575,7 +586,8 @@ def _stage_inputs(out: Path, spec: SweepSpec, stage: Stage, previous: "pd.DataFr
 
 
 def _run_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Variant], earlier: list["pd.DataFrame"],
-               out: Path, state: dict[str, Any], plan: ResourcePlan, progress: dict[str, Any]) -> "pd.DataFrame":
+               out: Path, state: dict[str, Any], plan: ResourcePlan, progress: dict[str, Any],
+               store: Any = None) -> "pd.DataFrame":
     """One stage: reuse rows of identical earlier trials, run the others as Tune trials, return its frame."""
     import pandas as pd
 
@@ -605,7 +617,7 @@ def _run_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Var
     started = time.perf_counter()
     try:
         if to_run:
-            reported = _tune_stage(spec, stage, shrink, variants, configs, to_run, out, state, plan)
+            reported = _tune_stage(spec, stage, shrink, variants, configs, to_run, out, state, plan, store)
     finally:
         entry["wall_s"] = entry.get("wall_s", 0.0) + time.perf_counter() - started
         _save_progress(out, progress)
@@ -635,7 +647,7 @@ def _reused_row(row: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
 
 def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Variant],
                 configs: list[ExperimentConfig], to_run: list[int], out: Path, state: dict[str, Any],
-                plan: ResourcePlan) -> dict[int, tuple[dict[str, Any], BaseException | None, str]]:
+                plan: ResourcePlan, store: Any = None) -> dict[int, tuple[dict[str, Any], BaseException | None, str]]:
     """Run ``to_run`` (variant ids) as one Tune experiment; ``{id: (last result, error, trial status)}``."""
     from ray import tune
 
@@ -645,11 +657,16 @@ def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Va
                         gpus_per_worker=plan.gpus_per_worker, metric=spec.metric, stage=stage.index,
                         stage_name=stage.name, stage_overrides=dict(stage.overrides),
                         variants=tuple(asdict(v) for v in variants),
-                        run_prefix=f"s{stage.index}-" if spec.is_staged else "")
+                        run_prefix=f"s{stage.index}-" if spec.is_staged else "", storage=store)
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": DRIVER_CPU})
-    path = out / "tune" / (f"stage{stage.index}-{stage.name}" if spec.is_staged else "sweep")
-    if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    from . import storage
+
+    tune_root = (store or storage.resolve(out)) / "tune"  # a URI/pyarrow location or the local folder
+    tune_path, tune_fs = tune_root.ray_storage()
+    path = tune_root / (f"stage{stage.index}-{stage.name}" if spec.is_staged else "sweep")
+    restore_path = path.ray_storage()[0]
+    if tune.Tuner.can_restore(restore_path, storage_filesystem=tune_fs):
+        tuner = tune.Tuner.restore(restore_path, trainable, resume_errored=True, storage_filesystem=tune_fs)
     else:
         table = {v.id: {k: _scalar(x) for k, x in v.columns(c.seed).items()} for v, c in zip(variants, configs)}
         keys = list(dict.fromkeys(k for cols in table.values() for k in cols))
@@ -661,7 +678,8 @@ def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Va
             tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name, reuse_actors=False,
                                         scheduler=_scheduler(stage, spec, configs)),
-            run_config=tune.RunConfig(name=path.name, storage_path=str(out / "tune"), verbose=1,
+            run_config=tune.RunConfig(name=Path(path.path).name, storage_path=tune_path, storage_filesystem=tune_fs,
+                                      verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=TUNE_MAX_FAILURES),
                                       progress_reporter=_progress_reporter(spec, keys)),
         )
