@@ -427,7 +427,7 @@ def _resumed_state(out: Path, spec: SweepSpec, shrink: str, name: str | None,
 
 
 def _new_state(out: Path, spec: SweepSpec, shrink: str, tracking_uri: str, experiment: str,
-               name: str | None) -> dict[str, Any]:
+               name: str | None, storage: str | None = None) -> dict[str, Any]:
     """Create the sweep's parent MLflow run and ``out/sweep.json`` (what a resume needs)."""
     from mlflow.tracking import MlflowClient
 
@@ -451,7 +451,7 @@ def _new_state(out: Path, spec: SweepSpec, shrink: str, tracking_uri: str, exper
     state = {"name": base, "sweep_name": sweep_name, "parent_run_id": run.info.run_id, "source": spec.source,
              "space_sha256": hashlib.sha256(spec.text.encode()).hexdigest(), "shrink": shrink,
              "tracking_uri": tracking_uri, "metric": spec.metric, "mode": spec.mode, "select": spec.select.to_dict(),
-             "searched": list(spec.searched)}
+             "searched": list(spec.searched), "storage": storage}
     (out / "space.yaml").write_text(spec.text)
     (out / "sweep.json").write_text(json.dumps(state, indent=2))
     return state
@@ -518,6 +518,9 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
     label = resolve_shrink(spec, shrink)
     out = Path(output_dir).resolve()
     state = _resumed_state(out, spec, label, name, tracking_uri)
+    if state is not None and state.get("storage") != (store.uri if store else None):  # Tune restores from there
+        raise SpaceError(f"--storage {store.uri if store else None!r}: {out} keeps its trials in "
+                         f"{state.get('storage') or str(out)!r}; resume with that storage or use a new --output-dir")
     with SweepLock(out):
         if not ray.is_initialized():
             ray.init()
@@ -527,7 +530,8 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
                               gpus_per_trial)
         if state is None:  # nothing is written before the checks above
             state = _new_state(out, spec, label, tracking_uri or default_tracking_uri(),
-                               spec.configs(stages[0][1], stages[0][0])[0].tracking.experiment, name)
+                               spec.configs(stages[0][1], stages[0][0])[0].tracking.experiment, name,
+                               store.uri if store else None)
         print(f"sweep: {len(spec.variants)} trials" + (f" in stage 1 of {len(stages)}" if spec.is_staged else "")
               + f", {plan.max_concurrent} at a time; each Train worker asks for "
               f"{plan.cpus_per_worker:g} CPU ({plan.threads_per_worker} torch threads)"

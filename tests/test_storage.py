@@ -80,3 +80,29 @@ def test_staging_is_the_folder_itself_when_local_else_uploaded(tmp_path):
         remote.close()
     assert (tmp_path / "uri-out" / "metrics.json").read_text() == "{}" and not remote.dir.exists()
     assert Path(local.dir).is_dir()
+
+
+def test_sweep_command_refuses_another_storage_on_resume_and_a_bad_uri_before_ray_starts(tmp_path, capsys):
+    import hashlib
+    import json
+
+    import ray
+
+    from jobs import sweep as sweep_job
+    from service.spaces import load_space
+    from service.tuning import resolve_shrink
+
+    space = Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke_seeds.yaml"
+    spec = load_space(str(space))
+    out = tmp_path / "out"
+    out.mkdir()
+    state = {"name": "smoke_seeds", "space_sha256": hashlib.sha256(spec.text.encode()).hexdigest(),
+             "shrink": resolve_shrink(spec, None), "source": str(space), "tracking_uri": "sqlite:////nowhere/mlflow.db",
+             "storage": "s3://bucket/sweep"}
+    (out / "sweep.json").write_text(json.dumps(state))
+    assert sweep_job.main([str(space), "--output-dir", str(out), "--storage", (tmp_path / "s").as_uri()]) == 2
+    err = capsys.readouterr().err
+    assert "keeps its trials in 's3://bucket/sweep'; resume with that storage" in err
+    assert sweep_job.main([str(space), "--output-dir", str(tmp_path / "new"), "--storage", "nosuch://x"]) == 2
+    assert "--storage: storage: cannot open 'nosuch://x'" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json"] and not ray.is_initialized()
