@@ -283,7 +283,9 @@ def plan_resources(cpus: float, gpus: float, workers: int, max_concurrent: int |
     ``fits``: trials whose ``workers`` get at least one whole CPU each (and ``gpus_per_trial``).
     Each of those trials gets ``cpus / min(max_concurrent, fits)`` CPUs, whole CPUs per worker,
     and its 0.01-CPU Tune driver comes out of that share (so 2 trials on 2 CPUs ask for
-    0.01 + 0.99 each, not 1.01). Without ``max_concurrent`` exactly ``fits`` trials run at once.
+    0.01 + 0.99 each, not 1.01). Every worker asks for 0.01 less than its whole CPUs, so any node
+    that runs a worker has room for a driver: on a cluster of 1-CPU nodes a 2-worker trial asks
+    0.01 + 2 x 0.99 (with 0.995 per worker neither node could also hold the driver). Without ``max_concurrent`` exactly ``fits`` trials run at once.
     A larger ``max_concurrent`` is kept (an autoscaling cluster adds nodes for the waiting
     trials; on a fixed cluster they queue, each holding its 0.01 CPU). A GPU request the
     cluster cannot serve raises, unless ``max_concurrent`` is given (GPU nodes still to come).
@@ -299,7 +301,7 @@ def plan_resources(cpus: float, gpus: float, workers: int, max_concurrent: int |
     n = max_concurrent or fits
     whole = max(1, int(cpus / min(n, fits) // workers))  # CPUs per Train worker, also its torch threads
     return ResourcePlan(max_concurrent=n,
-                        cpus_per_worker=math.floor((whole - DRIVER_CPU / workers) * 1e4) / 1e4,
+                        cpus_per_worker=math.floor((whole - DRIVER_CPU) * 1e4) / 1e4,
                         threads_per_worker=whole,
                         gpus_per_worker=gpus_per_trial / workers)
 
