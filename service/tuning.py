@@ -286,9 +286,10 @@ def plan_resources(cpus: float, gpus: float, workers: int, max_concurrent: int |
     0.01 + 0.99 each, not 1.01). Every worker asks for 0.01 less than its whole CPUs, so any node
     that runs a worker has room for a driver: on a cluster of 1-CPU nodes a 2-worker trial asks
     0.01 + 2 x 0.99 (with 0.995 per worker neither node could also hold the driver). Without
-    ``max_concurrent`` exactly ``fits`` trials run at once. A larger ``max_concurrent`` is kept (an autoscaling cluster adds nodes for the waiting
-    trials; on a fixed cluster they queue, each holding its 0.01 CPU). A GPU request the
-    cluster cannot serve raises, unless ``max_concurrent`` is given (GPU nodes still to come).
+    ``max_concurrent`` exactly ``fits`` trials run at once. A larger ``max_concurrent`` is kept
+    (an autoscaling cluster adds nodes for the waiting trials; on a fixed cluster they queue,
+    each holding its 0.01 CPU). A GPU request the cluster cannot serve raises, unless
+    ``max_concurrent`` is given (GPU nodes still to come).
     """
     if gpus_per_trial < 0:
         raise ConfigError(f"--gpus-per-trial: {gpus_per_trial} is invalid; allowed numbers >= 0")
