@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= token
 export RAY_TRAIN_ENABLE_PRINT_PATCH ?= 0
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: run test test-fast bench setup fashion-mnist clean
+.PHONY: run test test-fast test-multinode bench setup fashion-mnist clean
 
 setup: $(STAMP) fashion-mnist
 
@@ -35,6 +35,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e" --durations=20
+
+# a real 3-node Ray cluster on this machine (0-CPU head, two 1-CPU nodes): train, serve, sweep
+test-multinode: $(STAMP)
+	$(PY) -m pytest -q -s tests/test_e2e_multinode.py
 
 bench: $(STAMP)
 	$(PY) -m jobs.bench

@@ -6,6 +6,7 @@ Local (starts Ray on demand; MLflow in ./mlflow.db):
 On a cluster (``ray start --head``, ``ray up deploy/cluster.yaml`` or KubeRay; absolute paths):
     ray job submit --working-dir . -- python -m jobs.sweep tune_spaces/grid_8gaussians.yaml \
         --output-dir /abs/runs/grid_8gaussians --tracking-uri sqlite:////abs/mlflow.db
+    (no shared volume: add ``--storage s3://bucket/grid_8gaussians``; trials and checkpoints go there)
 
 Leaves ``results.parquet`` (every trial's config, hyperparameter columns, metrics and status),
 ``table.md`` (paper Table 1 layout) and ``selection.md`` (the ranking of each stage and the pick)
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
                    help="GPUs per trial, fractions allowed (0.25: four 2D trials share a GPU)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--storage", help="Ray Tune/Train storage and trial outputs: a path or a URI (file://, s3://, gs://) "
+                                     "for a cluster without a shared volume (default: --output-dir)")
     p.add_argument("--name", help="sweep name (parent MLflow run prefix; default: the space file's name)")
     return p
 
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's CLIReporter: one column per hyperparameter
     try:
         df = run_sweep(spec, output_dir=args.output_dir, shrink=args.shrink, max_concurrent=args.max_concurrent,
-                       gpus_per_trial=args.gpus_per_trial, tracking_uri=args.tracking_uri, name=args.name)
+                       gpus_per_trial=args.gpus_per_trial, tracking_uri=args.tracking_uri, name=args.name,
+                       storage_path=args.storage)
     except ConfigError as e:  # a different sweep or a live one in --output-dir; more GPUs than the cluster has
         print(f"error: {e}", file=sys.stderr)
         return 2

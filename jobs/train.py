@@ -5,6 +5,8 @@ Local (starts Ray on demand; MLflow in ./mlflow.db):
 On a cluster (after ``ray start --head``; use absolute paths):
     ray job submit --working-dir . -- python -m jobs.train --preset 8gaussians/sintro \
         --output-dir /abs/runs/sg --set tracking.tracking_uri=sqlite:////abs/mlflow.db
+A cluster without a shared volume: give URIs (``s3://bucket/runs/sg``, ``gs://...``, ``file:///mnt/...``)
+for ``--output-dir`` and ``--storage-path``; workers write checkpoints there through pyarrow.fs.
 The same command again resumes from the latest checkpoint: the default run name is
 ``<preset>-<hash of the config and --output-dir>`` (another config or folder is another run).
 Re-using a run name with another config is refused (the differing fields are listed) unless
@@ -28,10 +30,11 @@ from jobs.common import add_config_args, config_or_exit
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
-    p.add_argument("--output-dir", help="where checkpoint.pt, metrics.json, config.yaml and plots go")
+    p.add_argument("--output-dir", help="where checkpoint.pt, metrics.json, config.yaml and plots go "
+                                        "(a path or a URI: file://, s3://, gs://)")
     p.add_argument("--run-name", help="Ray Train / MLflow run name; re-using one resumes that run "
                                       "(default: <preset>-<hash of the config and --output-dir>: the same command resumes)")
-    p.add_argument("--storage-path", help="Ray Train storage (default: <output-dir>/../ray_results)")
+    p.add_argument("--storage-path", help="Ray Train storage, a path or a URI (default: <output-dir>/../ray_results)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--max-failures", type=int, default=None,
                    help="worker-group restarts from the last checkpoint after a worker dies (default 2; -1: "
@@ -43,17 +46,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from ray.train import TrainingFailedError  # Ray is imported only once the config is valid
 
+    from service import storage as store
     from service.ray_train import (DEFAULT_MAX_FAILURES, ConfigChanged, config_fingerprint, failure_text, fit,
                                    is_non_retryable)
 
-    # default: the same command (config and --output-dir) is the same run, so it resumes
-    salt = str(Path(args.output_dir).resolve()) if args.output_dir else ""
-    run_name = args.run_name or cfg.tracking.run_name or f"{cfg.name.replace('/', '-')}-{config_fingerprint(cfg, salt)}"
-    out = Path(args.output_dir or Path("runs") / run_name).resolve()
-    storage = Path(args.storage_path or out.parent / "ray_results").resolve()
+    try:  # default: the same command (config and --output-dir) is the same run, so it resumes
+        salt = store.resolve(args.output_dir).uri if args.output_dir else ""
+        run_name = args.run_name or cfg.tracking.run_name or f"{cfg.name.replace('/', '-')}-{config_fingerprint(cfg, salt)}"
+        out = store.resolve(args.output_dir or Path("runs") / run_name)
+        storage = store.resolve(args.storage_path or store.join(store.parent(out.uri), "ray_results"))
+    except ValueError as e:  # a URI scheme pyarrow cannot open
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     max_failures = DEFAULT_MAX_FAILURES if args.max_failures is None else args.max_failures
-    if any((storage / run_name).glob("checkpoint_*")):
+    if (storage / run_name).children("checkpoint_"):
         print(f"run {run_name!r}: resuming from its latest checkpoint in {storage / run_name}", file=sys.stderr)
     try:
         result = fit(cfg, output_dir=out, run_name=run_name, storage_path=storage, tracking_uri=args.tracking_uri,

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -36,7 +37,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from . import checkpoint
+from . import checkpoint, storage
 from .config import ConfigError, ExperimentConfig, dump_yaml, flatten, from_dict, to_dict
 from .data import make_source
 from .distributed import allreduce_mean
@@ -45,6 +46,7 @@ from .tracking import ConsoleSink, FanoutSink, MlflowSink, NullSink, _fail_fast_
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
+WORKERS_FILE = "workers.json"  # where each rank ran: [{"rank", "node_id", "host", "pid"}], rank order
 UNLOGGED_FILE = "unlogged_metrics.jsonl"  # metric values MLflow never received (an outage at the end)
 RUN_RECORD = "introprior-config.yaml"  # the experiment a Ray Train run name stands for, next to its checkpoints
 DEFAULT_MAX_FAILURES = 2  # worker-group restarts from the last checkpoint after an infrastructure failure
@@ -84,7 +86,8 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def _report_hook(rank: int, plot_dir: Path, mlflow_sink: MlflowSink | None = None, mlflow_wait_s: float = 60.0):
+def _report_hook(rank: int, plot_dir: Path, mlflow_sink: MlflowSink | None = None, mlflow_wait_s: float = 60.0,
+                 workers: list[dict[str, Any]] | None = None):
     import ray.train
 
     def on_checkpoint(state: dict[str, Any] | None, iteration: int, metrics: dict[str, float], final: bool) -> None:
@@ -94,6 +97,8 @@ def _report_hook(rank: int, plot_dir: Path, mlflow_sink: MlflowSink | None = Non
                 checkpoint.save(Path(tmp) / CHECKPOINT_FILE, state)  # refuses non-finite weights
                 if final:
                     checkpoint.atomic_write_text(Path(tmp) / METRICS_FILE, json.dumps(metrics, indent=2))
+                    if workers:
+                        checkpoint.atomic_write_text(Path(tmp) / WORKERS_FILE, json.dumps(workers, indent=2))
                     for png in plot_dir.glob("*.png"):
                         shutil.copy(png, tmp)
                     if mlflow_sink is not None and mlflow_sink.flush(mlflow_wait_s):
@@ -105,6 +110,14 @@ def _report_hook(rank: int, plot_dir: Path, mlflow_sink: MlflowSink | None = Non
             ray.train.report({"iteration": iteration, "final": final, **metrics}, checkpoint=ckpt)
 
     return on_checkpoint
+
+
+def worker_placement(rank: int) -> list[dict[str, Any]]:
+    """Where every rank runs (``{"rank", "node_id", "host", "pid"}`` in rank order); a collective call."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return gather_objects({"rank": rank, "node_id": node, "host": socket.gethostname(), "pid": os.getpid()})
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -130,9 +143,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             sinks.append(mlflow_sink)
         sink = FanoutSink(*sinks)
     hook_wait = float(config.get("mlflow_wait_s", 60.0))
+    workers = worker_placement(rank)  # recorded with the final checkpoint (workers.json)
     with tempfile.TemporaryDirectory() as plot_dir:
         train(cfg, make_source(cfg.data), sink=sink,
-              on_checkpoint=_report_hook(rank, Path(plot_dir), mlflow_sink, hook_wait),
+              on_checkpoint=_report_hook(rank, Path(plot_dir), mlflow_sink, hook_wait, workers),
               grad_sync=allreduce_mean, rank=rank, world_size=world, device=device, resume=resume,
               plot_dir=plot_dir, gather=gather_objects)
 
@@ -219,17 +233,22 @@ def config_diff(old: dict[str, Any], new: ExperimentConfig) -> list[tuple[str, A
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def recorded_config(run_dir: Path) -> dict[str, Any] | None:
+def recorded_config(run_dir: Path | str | storage.Location) -> dict[str, Any] | None:
     """The config a run name was started with: its record, else (runs older than the record) the
-    config in its latest Ray checkpoint; None for a new run name."""
+    config in its latest Ray checkpoint; None for a new run name. ``run_dir``: a path or a URI."""
+    run_dir = storage.resolve(run_dir)
     record = run_dir / RUN_RECORD
     if record.is_file():
         return yaml.safe_load(record.read_text())
-    found = sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
-    return checkpoint.load(found[-1])["config"] if found else None
+    found = [run_dir / d / CHECKPOINT_FILE for d in run_dir.children("checkpoint_")]
+    found = [f for f in found if f.is_file()]
+    if not found:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return checkpoint.load(found[-1].download(Path(tmp) / CHECKPOINT_FILE))["config"]
 
 
-def check_same_experiment(cfg: ExperimentConfig, run_dir: Path, run_name: str,
+def check_same_experiment(cfg: ExperimentConfig, run_dir: Path | str | storage.Location, run_name: str,
                           allow_change: bool = False) -> list[tuple[str, Any, Any]]:
     """Raise ``ConfigChanged`` listing the differing fields when ``run_name`` was started with another
     config, unless ``allow_change``; returns the differences (empty for a new or the same experiment)."""
@@ -319,7 +338,8 @@ class _Interrupts:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def fit(cfg: ExperimentConfig, *, output_dir: str | Path, run_name: str, storage_path: str | Path,
+def fit(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Location, run_name: str,
+        storage_path: str | Path | storage.Location,
         tracking_uri: str | None = None, max_failures: int = DEFAULT_MAX_FAILURES, cpus_per_worker: int | None = None,
         callbacks: list | None = None, mlflow_run_id: str | None = None,
         gpus_per_worker: float | None = None, allow_config_change: bool = False,
@@ -334,14 +354,17 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path, run_name: str, storage
     and raise ``TrainingInterrupted`` (SIGTERM) or what Ray raised (SIGINT). An MLflow outage is
     waited out for up to ``mlflow_wait_s`` at the end, then the run finishes with a warning.
     ``gpus_per_worker`` (with ``scaling.use_gpu``) may be a fraction: several sweep trials share a GPU.
-    Returns ``{"metrics", "output_dir", "mlflow_run_id", "iteration"}``.
+    ``output_dir`` and ``storage_path`` are local paths, URIs (``file://``, ``s3://``, ``gs://``: a
+    cluster without a shared volume) or ``storage.Location`` (a path in a ``pyarrow.fs`` filesystem).
+    Returns ``{"metrics", "output_dir", "mlflow_run_id", "iteration", "workers"}`` (``workers``: each
+    rank's node, from ``workers.json``).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = Path(storage_path).resolve()
-    run_dir = storage / run_name
+    store = storage.resolve(storage_path)
+    run_dir = store / run_name
     changes = check_same_experiment(cfg, run_dir, run_name, allow_config_change)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
@@ -359,8 +382,9 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path, run_name: str, storage
                      "tag the config change", mlflow_wait_s)
         print(f"warning: run {run_name!r} resumes with a changed config: "
               + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes), file=sys.stderr, flush=True)
-    checkpoint.atomic_write_text(run_dir / RUN_RECORD, dump_yaml(cfg))
+    (run_dir / RUN_RECORD).write_text(dump_yaml(cfg))
     cpus = cpus_per_worker or _cpus_per_worker(cfg)
+    ray_path, ray_fs = store.ray_storage()
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
@@ -368,7 +392,7 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path, run_name: str, storage
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": gpus_per_worker}
                                                                           if gpus_per_worker else {})}),
-        run_config=RunConfig(name=run_name, storage_path=str(storage),
+        run_config=RunConfig(name=run_name, storage_path=ray_path, storage_filesystem=ray_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures),
                              callbacks=[*(callbacks or []), _fail_fast_callback()]),
@@ -388,16 +412,24 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path, run_name: str, storage
         if interrupts.signum is not None and not isinstance(e, TrainingInterrupted):
             raise TrainingInterrupted(interrupts.signum) from e
         raise
-    out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as d:
-        for f in Path(d).iterdir():
-            checkpoint.atomic_copy(f, out / f.name)  # a reader never sees half a file
-    checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    metrics = json.loads((out / METRICS_FILE).read_text())
-    _finish_tracking(client, run_id, out, mlflow_wait_s)
-    return {"metrics": metrics, "output_dir": str(out), "mlflow_run_id": run_id,
-            "iteration": int(result.metrics.get("iteration", cfg.schedule.iterations))}
+    target = storage.resolve(output_dir)
+    staging = storage.Staging(target)  # the output folder itself when local, else a temp folder uploaded below
+    try:
+        out = staging.dir
+        with result.checkpoint.as_directory() as d:
+            for f in Path(d).iterdir():
+                checkpoint.atomic_copy(f, out / f.name)  # a reader never sees half a file
+        checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        metrics = json.loads((out / METRICS_FILE).read_text())
+        workers = json.loads((out / WORKERS_FILE).read_text()) if (out / WORKERS_FILE).is_file() else []
+        staging.finish()  # the results reach the output location before tracking may wait on MLflow
+        _finish_tracking(client, run_id, out, mlflow_wait_s)
+        if not (out / UNLOGGED_FILE).exists():  # logged late after all: not left behind at the output location
+            (target / UNLOGGED_FILE).delete_file()
+    finally:
+        staging.close()
+    return {"metrics": metrics, "output_dir": target.uri, "mlflow_run_id": run_id,
+            "iteration": int(result.metrics.get("iteration", cfg.schedule.iterations)), "workers": workers}
 
 
 def _finish_tracking(client, run_id: str, out: Path, wait_s: float) -> None:

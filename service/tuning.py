@@ -84,6 +84,7 @@ class _TrialContext:
     variants: tuple[dict[str, Any], ...] = ()  # the stage's variants (``dataclasses.asdict``), by id
     run_prefix: str = ""  # "" for a plain space, "s2-" for stage 2 (MLflow / Ray Train run names)
     retries: int = INFRA_RETRIES
+    storage: Any = None  # ``storage.Location`` of the Tune/Train storage and trial outputs; None: ``output_dir``
 
 
 def trial_config(v: Variant, shrink: Shrink, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -236,9 +237,10 @@ def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[s
         if cfg.schedule.eval_every and cfg.schedule.unit == "iterations":
             callbacks.append(_eval_forwarder(ctx.tracking_uri, run_id, ctx.metric, cfg.schedule.iterations, dict(row),
                                              ctx.select))
+        base = ctx.storage or Path(ctx.output_dir)  # a Location on a cluster without a shared volume
         try:
-            res = fit(cfg, output_dir=Path(ctx.output_dir) / "trials" / run_name, run_name=run_name,
-                      storage_path=Path(ctx.output_dir) / "ray_train", tracking_uri=ctx.tracking_uri,
+            res = fit(cfg, output_dir=base / "trials" / run_name, run_name=run_name,
+                      storage_path=base / "ray_train", tracking_uri=ctx.tracking_uri,
                       cpus_per_worker=ctx.cpus_per_worker, gpus_per_worker=ctx.gpus_per_worker or None,
                       mlflow_run_id=run_id, callbacks=callbacks)
             row.update(status="ok", error="", failure="", iteration=res["iteration"], output_dir=res["output_dir"],
@@ -290,10 +292,13 @@ def plan_resources(cpus: float, gpus: float, workers: int, max_concurrent: int |
     ``fits``: trials whose ``workers`` get at least one whole CPU each (and ``gpus_per_trial``).
     Each of those trials gets ``cpus / min(max_concurrent, fits)`` CPUs, whole CPUs per worker,
     and its 0.01-CPU Tune driver comes out of that share (so 2 trials on 2 CPUs ask for
-    0.01 + 0.99 each, not 1.01). Without ``max_concurrent`` exactly ``fits`` trials run at once.
-    A larger ``max_concurrent`` is kept (an autoscaling cluster adds nodes for the waiting
-    trials; on a fixed cluster they queue, each holding its 0.01 CPU). A GPU request the
-    cluster cannot serve raises, unless ``max_concurrent`` is given (GPU nodes still to come).
+    0.01 + 0.99 each, not 1.01). Every worker asks for 0.01 less than its whole CPUs, so any node
+    that runs a worker has room for a driver: on a cluster of 1-CPU nodes a 2-worker trial asks
+    0.01 + 2 x 0.99 (with 0.995 per worker neither node could also hold the driver). Without
+    ``max_concurrent`` exactly ``fits`` trials run at once. A larger ``max_concurrent`` is kept
+    (an autoscaling cluster adds nodes for the waiting trials; on a fixed cluster they queue,
+    each holding its 0.01 CPU). A GPU request the cluster cannot serve raises, unless
+    ``max_concurrent`` is given (GPU nodes still to come).
     """
     if gpus_per_trial < 0:
         raise ConfigError(f"--gpus-per-trial: {gpus_per_trial} is invalid; allowed numbers >= 0")
@@ -306,7 +311,7 @@ def plan_resources(cpus: float, gpus: float, workers: int, max_concurrent: int |
     n = max_concurrent or fits
     whole = max(1, int(cpus / min(n, fits) // workers))  # CPUs per Train worker, also its torch threads
     return ResourcePlan(max_concurrent=n,
-                        cpus_per_worker=math.floor((whole - DRIVER_CPU / workers) * 1e4) / 1e4,
+                        cpus_per_worker=math.floor((whole - DRIVER_CPU) * 1e4) / 1e4,
                         threads_per_worker=whole,
                         gpus_per_worker=gpus_per_trial / workers)
 
@@ -434,7 +439,7 @@ def _resumed_state(out: Path, spec: SweepSpec, shrink: str, name: str | None,
 
 
 def _new_state(out: Path, spec: SweepSpec, shrink: str, tracking_uri: str, experiment: str,
-               name: str | None) -> dict[str, Any]:
+               name: str | None, storage: str | None = None) -> dict[str, Any]:
     """Create the sweep's parent MLflow run and ``out/sweep.json`` (what a resume needs)."""
     from mlflow.tracking import MlflowClient
 
@@ -458,7 +463,7 @@ def _new_state(out: Path, spec: SweepSpec, shrink: str, tracking_uri: str, exper
     state = {"name": base, "sweep_name": sweep_name, "parent_run_id": run.info.run_id, "source": spec.source,
              "space_sha256": hashlib.sha256(spec.text.encode()).hexdigest(), "shrink": shrink,
              "tracking_uri": tracking_uri, "metric": spec.metric, "mode": spec.mode, "select": spec.select.to_dict(),
-             "searched": list(spec.searched)}
+             "searched": list(spec.searched), "storage": storage}
     (out / "space.yaml").write_text(spec.text)
     (out / "sweep.json").write_text(json.dumps(state, indent=2))
     return state
@@ -495,7 +500,7 @@ def _scalar(x: Any) -> Any:
 
 def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None = None,
               max_concurrent: int | None = None, gpus_per_trial: float = 0.0, tracking_uri: str | None = None,
-              name: str | None = None) -> "pd.DataFrame":
+              name: str | None = None, storage_path: Any = None, storage_filesystem: Any = None) -> "pd.DataFrame":
     """Run every stage's variants as Tune trials; write ``results.parquet`` and ``table.md``; return the frame.
 
     Re-running with the same ``output_dir`` resumes an interrupted sweep: finished stages are kept,
@@ -504,18 +509,30 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
     line's) overrides every stage's; ``None`` uses the stage's, else the space's ``smoke:``.
     ``gpus_per_trial`` goes to the trial's Train workers (fractions pack several trials on one
     GPU). Uses the running Ray (``RAY_ADDRESS``) or starts a local one. A second sweep on the same
-    ``output_dir`` raises ``SweepLocked``.
+    ``output_dir`` raises ``SweepLocked``. ``storage_path`` (a path or URI such as ``s3://bucket/sweep``;
+    with ``storage_filesystem``, a path in that ``pyarrow.fs`` filesystem) holds Tune's and Ray Train's
+    storage and the trials' outputs, for a cluster without a shared volume; default ``output_dir``.
+    The sweep's own files (results.parquet, tables, lock, state) stay in ``output_dir`` on the driver.
     """
     import pandas as pd
     import ray
 
     from .ray_train import default_tracking_uri
 
+    from . import storage
+
     spec.validate(shrink)  # every stage's variants and schedulers, before Ray starts
+    try:
+        store = storage.resolve(storage_path, storage_filesystem) if storage_path is not None else None
+    except ValueError as e:
+        raise ConfigError(f"--storage: {e}") from None
     stages = spec.plan(shrink)
     label = resolve_shrink(spec, shrink)
     out = Path(output_dir).resolve()
     state = _resumed_state(out, spec, label, name, tracking_uri)
+    if state is not None and state.get("storage") != (store.uri if store else None):  # Tune restores from there
+        raise SpaceError(f"--storage {store.uri if store else None!r}: {out} keeps its trials in "
+                         f"{state.get('storage') or str(out)!r}; resume with that storage or use a new --output-dir")
     with SweepLock(out):
         if not ray.is_initialized():
             ray.init()
@@ -525,7 +542,8 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
                               gpus_per_trial)
         if state is None:  # nothing is written before the checks above
             state = _new_state(out, spec, label, tracking_uri or default_tracking_uri(),
-                               spec.configs(stages[0][1], stages[0][0])[0].tracking.experiment, name)
+                               spec.configs(stages[0][1], stages[0][0])[0].tracking.experiment, name,
+                               store.uri if store else None)
         print(f"sweep: {len(spec.variants)} trials" + (f" in stage 1 of {len(stages)}" if spec.is_staged else "")
               + f", {plan.max_concurrent} at a time; each Train worker asks for "
               f"{plan.cpus_per_worker:g} CPU ({plan.threads_per_worker} torch threads)"
@@ -543,7 +561,7 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
                     entry["note"] = f"not run: stage {stage.index - 1} has no completed trial to select from"
                     print(f"sweep: stage {stage.name}: {entry['note']}", file=sys.stderr)
                     break
-            df = _run_stage(spec, stage, sh, variants, frames, out, state, plan, progress)
+            df = _run_stage(spec, stage, sh, variants, frames, out, state, plan, progress, store)
             frames.append(df)
             if (df["status"] == "incomplete").any():
                 break  # later stages need this one finished: run the same command again
@@ -584,7 +602,8 @@ def _stage_inputs(out: Path, spec: SweepSpec, stage: Stage, previous: "pd.DataFr
 
 
 def _run_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Variant], earlier: list["pd.DataFrame"],
-               out: Path, state: dict[str, Any], plan: ResourcePlan, progress: dict[str, Any]) -> "pd.DataFrame":
+               out: Path, state: dict[str, Any], plan: ResourcePlan, progress: dict[str, Any],
+               store: Any = None) -> "pd.DataFrame":
     """One stage: reuse rows of identical earlier trials, run the others as Tune trials, return its frame."""
     import pandas as pd
 
@@ -614,7 +633,7 @@ def _run_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Var
     started = time.perf_counter()
     try:
         if to_run:
-            reported = _tune_stage(spec, stage, shrink, variants, configs, to_run, out, state, plan)
+            reported = _tune_stage(spec, stage, shrink, variants, configs, to_run, out, state, plan, store)
     finally:
         entry["wall_s"] = entry.get("wall_s", 0.0) + time.perf_counter() - started
         _save_progress(out, progress)
@@ -644,7 +663,7 @@ def _reused_row(row: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
 
 def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Variant],
                 configs: list[ExperimentConfig], to_run: list[int], out: Path, state: dict[str, Any],
-                plan: ResourcePlan) -> dict[int, tuple[dict[str, Any], BaseException | None, str]]:
+                plan: ResourcePlan, store: Any = None) -> dict[int, tuple[dict[str, Any], BaseException | None, str]]:
     """Run ``to_run`` (variant ids) as one Tune experiment; ``{id: (last result, error, trial status)}``."""
     from ray import tune
 
@@ -655,11 +674,16 @@ def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Va
                         stage=stage.index,
                         stage_name=stage.name, stage_overrides=dict(stage.overrides),
                         variants=tuple(asdict(v) for v in variants),
-                        run_prefix=f"s{stage.index}-" if spec.is_staged else "")
+                        run_prefix=f"s{stage.index}-" if spec.is_staged else "", storage=store)
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": DRIVER_CPU})
-    path = out / "tune" / (f"stage{stage.index}-{stage.name}" if spec.is_staged else "sweep")
-    if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    from . import storage
+
+    tune_root = (store or storage.resolve(out)) / "tune"  # a URI/pyarrow location or the local folder
+    tune_path, tune_fs = tune_root.ray_storage()
+    path = tune_root / (f"stage{stage.index}-{stage.name}" if spec.is_staged else "sweep")
+    restore_path = path.ray_storage()[0]
+    if tune.Tuner.can_restore(restore_path, storage_filesystem=tune_fs):
+        tuner = tune.Tuner.restore(restore_path, trainable, resume_errored=True, storage_filesystem=tune_fs)
     else:
         table = {v.id: {k: _scalar(x) for k, x in v.columns(c.seed).items()} for v, c in zip(variants, configs)}
         keys = list(dict.fromkeys(k for cols in table.values() for k in cols))
@@ -671,7 +695,8 @@ def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Va
             tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name, reuse_actors=False,
                                         scheduler=_scheduler(stage, spec, configs)),
-            run_config=tune.RunConfig(name=path.name, storage_path=str(out / "tune"), verbose=1,
+            run_config=tune.RunConfig(name=Path(path.path).name, storage_path=tune_path, storage_filesystem=tune_fs,
+                                      verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=TUNE_MAX_FAILURES),
                                       progress_reporter=_progress_reporter(spec, keys)),
         )
