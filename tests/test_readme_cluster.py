@@ -1,9 +1,12 @@
 """The README's cluster recipe ("On a Ray cluster"), typed as written into a shell with a bare
 environment: a token-authenticated Ray head on loopback, then ``ray job submit`` of a training job.
 
-Two changes to the recipe: ``--smoke`` for ``--quick`` (seconds of training instead of minutes), and
-no ``ray stop``, which stops every Ray process on the machine (other tests' and other users' local
-instances too): the test ends the processes of its own shell session instead. The repository's code is
+Three changes to the recipe: ``--smoke`` for ``--quick`` (seconds of training instead of minutes);
+free ports for the head's GCS and dashboard instead of 6379 and 8265 (on a shared machine another
+local Ray instance may hold 8265, its dashboard would then answer ``ray job submit`` and ours would
+move to another port); and no ``ray stop``, which stops every Ray process on the machine (other
+tests' and other users' local instances too): the test ends the processes of its own shell
+session instead. The repository's code is
 copied into a temporary folder with a ``.venv`` link to this interpreter's venv, so that ``$PWD``,
 ``--working-dir .`` and the outputs stay there; ``HOME`` is temporary too (the token file).
 """
@@ -12,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,16 +36,31 @@ def recipe() -> list[str]:
     return [ln.strip() for ln in block.replace("\\\n", " ").splitlines() if ln.strip()]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _session_processes(sid: int) -> list[int]:
-    pids = []
+    """The processes of session ``sid`` and their descendants (Ray starts a job's driver in a
+    session of its own)."""
+    parent, found = {}, set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
+                stat = (entry / "stat").read_text()
+                parent[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
                 if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except OSError:  # gone meanwhile
+                    found.add(int(entry.name))
+            except (OSError, ValueError):  # gone meanwhile
                 pass
-    return pids
+    grew = True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in found} - found
+        found |= more
+        grew = bool(more)
+    return sorted(found)
 
 
 def _end_session(sid: int) -> None:
@@ -74,7 +93,15 @@ def test_readme_cluster_recipe_runs_as_written_in_a_fresh_shell(tmp_path):
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / ".gitignore", work)  # --working-dir . leaves out what it ignores (.venv, runs, mlflow.db)
     (work / ".venv").symlink_to(VENV)
-    lines = [ln.replace("--quick", "--smoke") for ln in recipe() if ln != "ray stop"]
+    gcs, dashboard = _free_port(), _free_port()
+    lines = []
+    for ln in recipe():
+        if ln == "ray stop":
+            continue
+        if ln.startswith("ray start --head"):
+            ln += f" --port={gcs} --dashboard-port={dashboard}"
+        lines.append(ln.replace("--quick", "--smoke").replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard}"))
+    assert sum(f":{dashboard}" in ln for ln in lines) == 1  # ray job submit --address
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
            "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     shell = subprocess.Popen(["bash", "-e", "-c", "\n".join(lines)], cwd=work, env=env, stdout=subprocess.PIPE,
