@@ -2,7 +2,7 @@
 environment: a token-authenticated Ray head on loopback, then ``ray job submit`` of a training job.
 
 Four changes to the recipe: ``--smoke`` for ``--quick`` (seconds of training instead of minutes);
-``ray job submit`` repeated (up to 6 times, 10 s apart) only while the new head answers "No
+``ray job submit`` repeated (up to 30 times, 10 s apart) only while the new head answers "No
 available agent to submit job" (seen on a loaded machine right after ``ray start``);
 free ports for the head's GCS and dashboard instead of 6379 and 8265 (on a shared machine another
 local Ray instance may hold 8265, its dashboard would then answer ``ray job submit`` and ours would
@@ -41,11 +41,11 @@ def recipe() -> list[str]:
 # Right after `ray start` on a loaded machine the head's job agent may not be up yet: the submission
 # is refused ("No available agent to submit job", no job created) and is safe to repeat; any other
 # failure ends the shell.
-RETRY = """for attempt in 1 2 3 4 5 6; do
+RETRY = """for attempt in $(seq 30); do
   if out=$({submit} 2>&1); then echo "$out"; break; fi
   echo "$out"
   echo "$out" | grep -q "No available agent to submit job" || exit 1
-  [ "$attempt" = 6 ] && exit 1
+  [ "$attempt" = 30 ] && exit 1
   sleep 10
 done"""
 
