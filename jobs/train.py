@@ -11,6 +11,8 @@ The same command again resumes from the latest checkpoint: the default run name 
 ``<preset>-<hash of the config and --output-dir>`` (another config or folder is another run).
 Re-using a run name with another config is refused (the differing fields are listed) unless
 ``--allow-config-change``.
+The console shows one progress display (phase, iteration, it/s, ETA, headline losses; a bar on a
+terminal, about 25 lines in a log or under ``ray job submit``); every metric is in MLflow.
 A killed worker restarts from the last checkpoint (``--max-failures``, default 2); a diverged
 run fails at once. Ctrl-C / SIGTERM stop the run and mark its MLflow run KILLED.
 """
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {run_name!r}: resuming from its latest checkpoint in {storage / run_name}", file=sys.stderr)
     try:
         result = fit(cfg, output_dir=out, run_name=run_name, storage_path=storage, tracking_uri=args.tracking_uri,
-                     max_failures=max_failures, allow_config_change=args.allow_config_change)
+                     max_failures=max_failures, allow_config_change=args.allow_config_change, progress=True)
     except ConfigChanged as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -170,12 +171,20 @@ def image_purity(model: Model, classifier: ImageClassifier | None, samples_per_c
 
 
 def fid_metrics(model: Model, real: Tensor, extractor: FeatureExtractor, generator: torch.Generator, *,
-                batch: int = CHUNK) -> dict[str, float]:
-    """FID(GEN), FID(REC), precision and recall of ``model`` against uint8 ``real`` images."""
+                batch: int = CHUNK, log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
+    """FID(GEN), FID(REC), precision and recall of ``model`` against uint8 ``real`` images; ``log``
+    hears each of the long steps as it starts."""
     n = len(real)
+    log(f"generating {n:,} samples")
     fake = generate_uint8(model, n, generator, batch)
+    log(f"reconstructing {n:,} images")
     rec = reconstruct_uint8(model, real, generator, batch)
-    f_real, f_fake, f_rec = (extractor.features(x) for x in (real, fake, rec))
+    features = {}
+    for name, x in (("real", real), ("generated", fake), ("reconstructed", rec)):
+        log(f"features of the {n:,} {name} images")
+        features[name] = extractor.features(x)
+    f_real, f_fake, f_rec = features.values()
+    log("precision / recall")
     precision, recall = precision_recall(f_real, f_fake, device=_device(model))
     return {extractor.metric("fid"): fid_from_features(f_real, f_fake),
             extractor.metric("fid_rec"): fid_from_features(f_real, f_rec),
@@ -186,6 +195,26 @@ def fid_metrics(model: Model, real: Tensor, extractor: FeatureExtractor, generat
 # --------------------------------------------------------------------------------------------
 # The whole evaluation
 # --------------------------------------------------------------------------------------------
+
+class _Phases:
+    """Progress of a long evaluation: ``evaluate [k/n] <phase>`` as each phase starts, its steps
+    as ``evaluate [k/n] <phase>: <step> (+<seconds into the phase> s)``, and how long each took."""
+
+    def __init__(self, log: Callable[[str], None], total: int) -> None:
+        self.log, self.total, self.k, self.name, self.start = log, total, 0, "", time.perf_counter()
+
+    def __call__(self, name: str, detail: str = "") -> None:
+        now = time.perf_counter()
+        took = f" ({self.name} took {now - self.start:.1f} s)" if self.name else ""
+        self.k, self.name, self.start = self.k + 1, name, now
+        self.log(f"evaluate [{self.k}/{self.total}] {name}{': ' + detail if detail else ''}{took}")
+
+    def step(self, what: str) -> None:
+        self.log(f"evaluate [{self.k}/{self.total}] {self.name}: {what} (+{time.perf_counter() - self.start:.1f} s)")
+
+    def done(self) -> None:
+        self.log(f"evaluate: {self.name} took {time.perf_counter() - self.start:.1f} s; done")
+
 
 def evaluate_image_model(model: Model, cfg: ExperimentConfig, train_source: ImageSplit, test_source: ImageSplit, *,
                          extractor: FeatureExtractor, n_samples: int, out_dir: str | Path | None,
@@ -210,28 +239,35 @@ def evaluate_image_model(model: Model, cfg: ExperimentConfig, train_source: Imag
     if extractor.model_train_mode:  # paper protocol: BN batch statistics of the VAE too, on a copy
         fid_model, batch = copy.deepcopy(model).train(), cfg.data.batch_size
     real, _ = _subset(train_source, n_samples, generator)
-    log(f"evaluate: FID with {len(real)} images per set, protocol {extractor.protocol!r}")
-    metrics = fid_metrics(fid_model, real, extractor, generator, batch=batch)
+    n_purity = cfg.eval.purity_samples if purity_samples is None else purity_samples
+    with_purity = classifier is not None and model.prior.is_mixture and n_purity > 0
+    with_plots = out_dir is not None and cfg.eval.plots
+    phase = _Phases(log, 2 + model.prior.is_mixture + with_purity + with_plots)
+    phase("FID", f"{len(real):,} images per set, protocol {extractor.protocol!r}")
+    metrics = fid_metrics(fid_model, real, extractor, generator, batch=batch, log=phase.step)
 
-    log("evaluate: latents and probes")
+    phase("latents and probes")
     train_x, train_y = _subset(train_source, probe_train, generator)
+    phase.step(f"latents of {len(train_x):,} training images")
     z_train, mu_train, r_train = stochastic_latents(model, train_x, generator)
+    phase.step(f"latents of {len(test_source.images):,} test images")
     z_test, mu_test, r_test = stochastic_latents(model, test_source.images, generator)
     if len(torch.unique(train_y)) > 1 and len(z_train) >= MIN_TRAIN:
+        phase.step("linear SVM and k-NN probes")
         metrics.update(probe_accuracies(z_train.numpy(), train_y.numpy(), z_test.numpy(), test_source.labels.numpy()))
     else:
         log("evaluate: probes skipped (the train labels hold one class, or fewer than 100 images)")
 
     usage = None
     if model.prior.is_mixture:
+        phase("prior usage", f"{len(test_source.images):,} test images")
         usage = prior_usage(model, _float(test_source.images, _device(model)), cfg.eval.mc_samples, generator).cpu()
         metrics["prior_entropy_norm"] = float(normalized_entropy(usage))
         metrics["prior_active_components"] = float(active_components(usage))
 
     purity = None
-    n_purity = cfg.eval.purity_samples if purity_samples is None else purity_samples
-    if classifier is not None and model.prior.is_mixture and n_purity > 0:
-        log(f"evaluate: mode purity, {n_purity} samples per component")
+    if with_purity:
+        phase("mode purity", f"{n_purity} samples per component")
         purity_gen = torch.Generator().manual_seed(generator.initial_seed() + PURITY_SEED_OFFSET)
         purity = image_purity(model, classifier, n_purity, purity_gen, usage=usage)
         metrics.update(purity.metrics())
@@ -245,10 +281,11 @@ def evaluate_image_model(model: Model, cfg: ExperimentConfig, train_source: Imag
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_latents(out / "latents.parquet",
                       {"train": (mu_train, r_train, train_y), "test": (mu_test, r_test, test_source.labels)})
-        if cfg.eval.plots:
-            log("evaluate: plots")
+        if with_plots:
+            phase("plots")
             image_plots(model, test_source, mu_test, usage, out, generator, tsne_points=tsne_points,
                         purity=purity, classifier=classifier)
+    phase.done()
     model.train(was_training)
     return metrics
 

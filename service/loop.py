@@ -88,6 +88,13 @@ def _batch(source: PointSource, cfg: ExperimentConfig, it: int, rank: int, world
     return source.sample(cfg.data.batch_size // world_size, generator)[0].to(device)
 
 
+def in_iteration_units(cfg: ExperimentConfig, source: PointSource) -> ExperimentConfig:
+    """``cfg`` with an epoch-unit schedule in iterations of ``source`` (images); 2D configs unchanged."""
+    if hasattr(source, "steps_per_epoch"):
+        return in_iterations(cfg, source.steps_per_epoch(cfg.data.batch_size))
+    return cfg
+
+
 def _build(cfg: ExperimentConfig, source: PointSource, resume: dict[str, Any] | None) -> Model:
     if resume is not None:
         model = build_model(cfg, source.shape, prior_type=resume["prior_type"])
@@ -142,8 +149,7 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
     """
     device, sink, is_main = torch.device(device), sink or NullSink(), rank == 0
     user_cfg = cfg  # checkpoints keep the config as given (epochs stay epochs)
-    if hasattr(source, "steps_per_epoch"):
-        cfg = in_iterations(cfg, source.steps_per_epoch(cfg.data.batch_size))
+    cfg = in_iteration_units(cfg, source)
     model = _build(cfg, source, resume).to(device)
     if cfg.network.sync_bn and world_size > 1:
         use_sync_batchnorm(model)

@@ -20,9 +20,11 @@ by SIGINT/SIGTERM is marked KILLED.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -41,8 +43,9 @@ from . import checkpoint, storage
 from .config import ConfigError, ExperimentConfig, dump_yaml, flatten, from_dict, to_dict
 from .data import make_source
 from .distributed import allreduce_mean
-from .loop import train
-from .tracking import ConsoleSink, FanoutSink, MlflowSink, NullSink, _fail_fast_requests
+from .loop import in_iteration_units, train
+from .ray_progress import ProgressSink, Watcher, create_board
+from .tracking import FanoutSink, MlflowSink, NullSink, _fail_fast_requests
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
@@ -57,6 +60,9 @@ NON_RETRYABLE = ("TrainingDiverged", "CheckpointError", "ConfigError")
 RESUME_EXEMPT = ("scaling.workers", "scaling.threads_per_worker", "scaling.use_gpu", "schedule.log_every",
                  "schedule.eval_every", "schedule.checkpoint_every", "tracking.*")
 MLFLOW_FINAL_WAIT_S = 120.0  # how long the end of a run waits for an unreachable MLflow before warning
+# Ray Train's own console logs (a "Reporting training result ..." line per report and rank, state
+# transitions) at WARNING and above only; the session's log files keep everything.
+RAY_TRAIN_LOG_LEVEL = "WARNING"
 
 
 class ConfigChanged(ConfigError):
@@ -120,10 +126,23 @@ def worker_placement(rank: int) -> list[dict[str, Any]]:
     return gather_objects({"rank": rank, "node_id": node, "host": socket.gethostname(), "pid": os.getpid()})
 
 
+def _quiet_report_echo() -> None:
+    """Ray Train 2.60 logs "Reporting training result N: TrainingReport(<every metric>) from rank R"
+    at INFO for every report of every rank, under a logger named after its file (outside
+    ``ray.train``, so ``LoggingConfig(log_level=...)`` does not reach it): WARNING and above only."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: nothing to quiet here
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Body of every Ray Train worker: build, resume, train, report."""
     import ray.train
     import ray.train.torch
+
+    _quiet_report_echo()
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -135,9 +154,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
             resume = checkpoint.load(Path(d) / CHECKPOINT_FILE)
+    source = make_source(cfg.data)
     sink, mlflow_sink = NullSink(), None
     if rank == 0:
-        sinks = [ConsoleSink()]
+        sinks = []
+        if config.get("progress") is not None:  # the driver's console (ray_progress)
+            schedule = in_iteration_units(cfg, source).schedule
+            sinks.append(ProgressSink(config["progress"], schedule.iterations, schedule.warmup))
         if config.get("mlflow_run_id"):
             mlflow_sink = MlflowSink(config["tracking_uri"], config["mlflow_run_id"])
             sinks.append(mlflow_sink)
@@ -145,7 +168,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     hook_wait = float(config.get("mlflow_wait_s", 60.0))
     workers = worker_placement(rank)  # recorded with the final checkpoint (workers.json)
     with tempfile.TemporaryDirectory() as plot_dir:
-        train(cfg, make_source(cfg.data), sink=sink,
+        train(cfg, source, sink=sink,
               on_checkpoint=_report_hook(rank, Path(plot_dir), mlflow_sink, hook_wait, workers),
               grad_sync=allreduce_mean, rank=rank, world_size=world, device=device, resume=resume,
               plot_dir=plot_dir, gather=gather_objects)
@@ -343,7 +366,7 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Location, run
         tracking_uri: str | None = None, max_failures: int = DEFAULT_MAX_FAILURES, cpus_per_worker: int | None = None,
         callbacks: list | None = None, mlflow_run_id: str | None = None,
         gpus_per_worker: float | None = None, allow_config_change: bool = False,
-        mlflow_wait_s: float = MLFLOW_FINAL_WAIT_S) -> dict[str, Any]:
+        mlflow_wait_s: float = MLFLOW_FINAL_WAIT_S, progress: bool = False) -> dict[str, Any]:
     """Train ``cfg`` with a ``TorchTrainer``; leave checkpoint, metrics, plots and config in ``output_dir``.
 
     A second call with the same ``run_name`` and ``storage_path`` resumes from the latest checkpoint;
@@ -356,11 +379,12 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Location, run
     ``gpus_per_worker`` (with ``scaling.use_gpu``) may be a fraction: several sweep trials share a GPU.
     ``output_dir`` and ``storage_path`` are local paths, URIs (``file://``, ``s3://``, ``gs://``: a
     cluster without a shared volume) or ``storage.Location`` (a path in a ``pyarrow.fs`` filesystem).
+    ``progress`` shows the run on this process's stdout (``ray_progress``; a bar on a terminal).
     Returns ``{"metrics", "output_dir", "mlflow_run_id", "iteration", "workers"}`` (``workers``: each
     rank's node, from ``workers.json``).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     store = storage.resolve(storage_path)
@@ -385,21 +409,23 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Location, run
     (run_dir / RUN_RECORD).write_text(dump_yaml(cfg))
     cpus = cpus_per_worker or _cpus_per_worker(cfg)
     ray_path, ray_fs = store.ray_storage()
+    board = create_board() if progress else None
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
-                           "cpus_per_worker": cpus, "mlflow_wait_s": min(60.0, mlflow_wait_s)},
+                           "cpus_per_worker": cpus, "mlflow_wait_s": min(60.0, mlflow_wait_s), "progress": board},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": gpus_per_worker}
                                                                           if gpus_per_worker else {})}),
         run_config=RunConfig(name=run_name, storage_path=ray_path, storage_filesystem=ray_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures),
+                             logging_config=LoggingConfig(log_level=RAY_TRAIN_LOG_LEVEL),
                              callbacks=[*(callbacks or []), _fail_fast_callback()]),
     )
     interrupts = _Interrupts()
     try:
-        with interrupts:
+        with interrupts, (Watcher(board) if board is not None else contextlib.nullcontext()):
             result = trainer.fit()
     except BaseException as e:  # the MLflow run says why it stopped; the caller gets the error
         killed = interrupts.signum is not None or isinstance(e, (KeyboardInterrupt, SystemExit))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import sys
 import time
@@ -71,18 +70,112 @@ class MemorySink(NullSink):
         return None
 
 
-class ConsoleSink(NullSink):
-    """One JSON line per logging step on stdout (grep-able, machine-readable)."""
+# --------------------------------------------------------------------------------------------
+# Console: one progress display per run (the full metrics are MLflow's)
+# --------------------------------------------------------------------------------------------
 
-    def __init__(self, stream=None, keys: tuple[str, ...] = ("train/loss_vae", "train/loss_encoder",
-                                                             "train/loss_decoder", "prior/entropy_norm",
-                                                             "train/iterations_per_s")) -> None:
-        self.stream, self.keys = stream or sys.stdout, keys
+# What the console shows of a training step, with its short name.
+HEADLINE = {"train/loss_vae": "loss_vae", "train/loss_encoder": "loss_enc", "train/loss_decoder": "loss_dec",
+            "prior/entropy_norm": "entropy", "prior/active_components": "active"}
+RATE = "train/iterations_per_s"
+
+
+def _number(v: float) -> str:
+    return f"{int(v):,}" if float(v).is_integer() and abs(v) < 1e7 else f"{v:.4g}"
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class ProgressDisplay:
+    """One progress display for a training run: phase (warm-up / adversarial), iteration of total,
+    it/s, ETA and a few headline numbers; evaluations get a line of their own.
+
+    On a terminal one status line is redrawn in place (carriage return, with a bar), and each phase
+    leaves its last status as a line. Elsewhere (a log file, ``ray job submit``) it prints a line
+    when a phase starts and then every ``total / lines`` iterations: about ``lines`` + 3 lines per
+    run whatever its length. ``update`` takes what the loop logs (``train/*`` at ``log_every``, or
+    ``eval/*``). The ETA is the remaining iterations at the current training rate; during the
+    warm-up, which runs faster, only the warm-up's end is estimated.
+    """
+
+    def __init__(self, total: int, warmup: int, *, stream=None, tty: bool | None = None, lines: int = 20) -> None:
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
+        self.total, self.warmup, self.every = total, warmup, max(1, total // max(1, lines))
+        self._phase: str | None = None
+        self._next, self._width, self._done = 0, 0, False
+
+    def phase(self, step: int) -> str:
+        """The phase of the iteration after which ``step`` iterations are done."""
+        return "warm-up" if step <= self.warmup else "adversarial"
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        evals = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
+        if evals:
+            self.line(f"[eval] iteration {step:,}: " + "  ".join(f"{k} {_number(v)}" for k, v in evals.items()))
+            return
+        phase = self.phase(step)
+        status = self._status(step, phase, metrics)
+        if self.tty:
+            if self._phase is not None and phase != self._phase and self._width:
+                self.stream.write("\n")  # the finished phase keeps its last status
+                self._width = 0
+            self.stream.write("\r" + status.ljust(self._width))
+            self.stream.flush()
+            self._width = len(status)
+        elif phase != self._phase or step >= self._next or step >= self.total:
+            self.line(status)
+            self._next = (step // self.every + 1) * self.every
+        self._phase = phase
+        if step >= self.total and not self._done:
+            self._done = True
+            self.close()  # on a terminal the last status stays
+            self.line(f"[evaluating] {self.total:,} iterations done; final evaluation")
+
+    def line(self, text: str) -> None:
+        """A line of its own (on a terminal: above the status line, which is cleared)."""
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self._width = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
+
+    def _status(self, step: int, phase: str, metrics: dict[str, float]) -> str:
+        fraction = min(1.0, step / max(1, self.total))
+        head = f"[{phase}] {step:,}/{self.total:,} {fraction:4.0%}"
+        if self.tty:
+            filled = int(round(20 * fraction))
+            head = f"[{phase}] |{'#' * filled}{'.' * (20 - filled)}| {step:,}/{self.total:,} {fraction:4.0%}"
+        parts = [head]
+        rate = metrics.get(RATE)
+        if rate:  # the warm-up is faster than the adversarial phase: it gives only its own end
+            end, what = (self.warmup, "warm-up ends in") if phase == "warm-up" and self.warmup < self.total else (
+                self.total, "ETA")
+            parts += [f"{rate:.1f} it/s", f"{what} {_duration((end - step) / rate)}"]
+        parts += [f"{short} {_number(metrics[k])}" for k, short in HEADLINE.items() if k in metrics]
+        return "  ".join(parts)
+
+
+class ConsoleSink(NullSink):
+    """A ``MetricSink`` that shows a single-process run on a ``ProgressDisplay`` (a Ray Train run
+    shows it on the driver instead: ``service.ray_progress``)."""
+
+    def __init__(self, display: ProgressDisplay) -> None:
+        self.display = display
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        shown = {k: round(v, 5) for k, v in metrics.items() if k in self.keys or k.startswith("eval/")}
-        if shown:
-            print(json.dumps({"iteration": step, **shown}), file=self.stream, flush=True)
+        self.display.update(step, metrics)
 
 
 class FanoutSink(NullSink):

@@ -10,8 +10,11 @@ with two seeds, one of which is the previous stage's run and is reused. One Ray 
 the module.
 """
 
+import contextlib
+import io
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -51,7 +54,11 @@ def _run_sweep(root, space, name, what):
     args = [str(space), "--output-dir", str(root / "out"), "--max-concurrent", "2",
             "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--name", name]
     start = time.perf_counter()
-    rc = sweep_job.main(args)
+    console = io.StringIO()  # the driver's console: Tune's status table, forwarded trial output
+    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+        rc = sweep_job.main(args)
+    (root / f"console-{name}.txt").write_text(console.getvalue())
+    sys.stdout.write(console.getvalue())
     print(f"{what}: {time.perf_counter() - start:.1f} s")
     return root, args, rc
 
@@ -60,6 +67,17 @@ def _results(root):
     import pandas as pd
 
     return pd.read_parquet(root / "out" / "results.parquet")
+
+
+def test_console_is_tunes_table_of_the_hyperparameters_and_the_selection_metric(sweep):
+    root, _, _ = sweep
+    text = (root / "console-e2e.txt").read_text()
+    headers = [ln for ln in text.splitlines() if "Trial name" in ln and "|" in ln]
+    assert headers, text[-3000:]
+    columns = [c.strip() for c in headers[-1].strip().strip("|").split("|")]
+    assert {"preset", "seed", "hist_kl"} <= set(columns) and "variant" not in columns, columns
+    assert "Reporting training result" not in text and "TrainingReport(" not in text  # Ray Train's echo is off
+    assert '{"iteration":' not in text and "[adversarial]" not in text  # no per-trial training console
 
 
 def test_diverged_trials_fail_and_the_others_complete(sweep):

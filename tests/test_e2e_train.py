@@ -1,6 +1,9 @@
 """End to end: jobs.train through real Ray Train (2 CPU workers) and a real MLflow SQLite store."""
 
+import contextlib
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +25,26 @@ def smoke_run(ray_local, tmp_path_factory):
     args = ["--preset", "8gaussians/mog-ip-lc", "--smoke", "--workers", "2", "--run-name", "e2e",
             "--output-dir", str(root / "out"), "--storage-path", str(root / "ray"),
             "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]
-    assert train_job.main(args) == 0
+    console = io.StringIO()  # the driver's stdout and stderr, Ray's forwarded worker output included
+    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+        assert train_job.main(args) == 0
+    (root / "console.txt").write_text(console.getvalue())
+    sys.stdout.write(console.getvalue())
     return root, args
+
+
+def test_console_shows_one_progress_display_and_no_ray_report_echo(smoke_run):
+    """What ``make run`` prints, at smoke size: one line per logged step (12 iterations, each logged;
+    in a log about 20 lines whatever the length), the final evaluation, where the results went."""
+    root, _ = smoke_run
+    text = (root / "console.txt").read_text()
+    assert "Reporting training result" not in text and "TrainingReport(" not in text  # Ray Train's echo is off
+    assert '{"iteration":' not in text  # no per-step JSON (MLflow has every metric)
+    progress = [ln for ln in text.splitlines() if ln.startswith(("[warm-up]", "[adversarial]"))]
+    assert [ln.split()[1] for ln in progress] == [f"{i}/12" for i in range(1, 13)]
+    assert "[evaluating] 12 iterations done; final evaluation" in text
+    assert re.search(r"^\[eval\] iteration 12: gnelbo_x1e7 \S+  hist_kl ", text, re.M)
+    assert re.search(r"^results: .*out  \(mlflow run \w+\)$", text, re.M)
 
 
 def _client(root):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,7 +39,21 @@ def test_evaluate_job_smoke(image_checkpoint: Path, tmp_path: Path, capsys) -> N
                         "--extractor-train-images", "512", "--cache-dir", str(tmp_path / "cache"),
                         "--output-dir", str(out), "--tsne-points", "100"])
     assert rc == 0
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    # progress on stderr: each phase as it starts ([k/n]), the long steps inside, how long each took
+    err = captured.err.splitlines()
+    phases = [ln for ln in err if re.match(r"evaluate \[\d/5\] [a-zA-Z ]+(: [^(]*)?( \(.* took [\d.]+ s\))?$", ln)]
+    assert [ln.split(":")[0].split(" (")[0] for ln in phases] == [
+        "evaluate [1/5] FID", "evaluate [2/5] latents and probes", "evaluate [3/5] prior usage",
+        "evaluate [4/5] mode purity", "evaluate [5/5] plots"]
+    assert phases[0] == "evaluate [1/5] FID: 200 images per set, protocol 'cnn'"
+    assert re.match(r"evaluate \[2/5\] latents and probes \(FID took [\d.]+ s\)$", phases[1])
+    steps = [ln for ln in err if ln.startswith("evaluate [1/5] FID: ") and ln.endswith(" s)")]
+    assert [re.sub(r" \(\+[\d.]+ s\)$", "", ln).split(": ", 1)[1] for ln in steps] == [
+        "generating 200 samples", "reconstructing 200 images", "features of the 200 real images",
+        "features of the 200 generated images", "features of the 200 reconstructed images", "precision / recall"]
+    assert re.match(r"evaluate: plots took [\d.]+ s; done$", [ln for ln in err if "; done" in ln][0])
     assert printed == pytest.approx(json.loads((out / "metrics.json").read_text()))
     assert {"fid_fmnist_cnn", "fid_rec_fmnist_cnn", "knn_5_acc", "prior_entropy_norm", "mode_purity",
             "modes_covered"} <= set(printed)

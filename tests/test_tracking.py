@@ -1,9 +1,11 @@
-"""MlflowSink through tracking outages (a fake client; the real server is in test_e2e_faults.py)."""
+"""MlflowSink through tracking outages (a fake client; the real server is in test_e2e_faults.py), and
+the console's progress display on a real (smoke) training run, in a log and on a terminal."""
 
 import io
 import os
+import re
 
-from service.tracking import MlflowSink
+from service.tracking import ConsoleSink, FanoutSink, MlflowSink, ProgressDisplay
 
 
 class _FlakyClient:
@@ -79,3 +81,39 @@ def test_user_set_request_variables_are_kept(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     sink.log_metrics(1, {"a": 1.0})
     assert sink.client.env[0][0] == "3" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+
+
+def test_progress_display_of_a_training_run_in_a_log_and_on_a_terminal(one_thread):
+    """One smoke run of ``loop.train`` (12 iterations, warm-up 6, logged every iteration) shown twice."""
+    from service.data import make_source
+    from service.loop import train
+    from service.presets import get_preset, smoke
+
+    cfg = smoke(get_preset("8gaussians/mog-ip-lc"))
+    log, term = io.StringIO(), io.StringIO()
+    displays = [ProgressDisplay(12, 6, stream=log, tty=False), ProgressDisplay(12, 6, stream=term, tty=True)]
+    train(cfg, make_source(cfg.data), sink=FanoutSink(*(ConsoleSink(d) for d in displays)))
+    for d in displays:
+        d.close()
+    lines = log.getvalue().splitlines()
+    assert [ln.split()[0:2] for ln in lines[:12]] == [["[warm-up]", f"{i}/12"] for i in range(1, 7)] + [
+        ["[adversarial]", f"{i}/12"] for i in range(7, 13)]
+    assert re.search(r" it/s  warm-up ends in \d+s  loss_vae [-\d.]+", lines[0])
+    assert re.search(r" it/s  ETA \d+s  loss_enc [-\d.]+  loss_dec [-\d.]+  entropy [\d.]+  active \d+$", lines[6])
+    assert lines[12] == "[evaluating] 12 iterations done; final evaluation"
+    assert lines[13].startswith("[eval] iteration 12: gnelbo_x1e7 ") and " hist_kl " in lines[13] and len(lines) == 14
+    # a terminal: one status line per phase, redrawn in place ("\r"), with a bar; each phase keeps its last
+    text = term.getvalue()
+    assert text.count("\r[warm-up] |") == 6 and text.count("\r[adversarial] |") == 6
+    final = [ln.rsplit("\r", 1)[-1].rstrip() for ln in text.split("\n") if ln.strip()]
+    assert final[0].startswith("[warm-up] |##########..........| 6/12  50%")
+    assert final[1].startswith("[adversarial] |####################| 12/12 100%")
+    assert final[2:] == lines[12:]
+
+
+def test_progress_display_prints_about_twenty_lines_however_long_the_run():
+    out = io.StringIO()
+    display = ProgressDisplay(30_000, 1_000, stream=out, tty=False)
+    for step in range(100, 30_001, 100):
+        display.update(step, {"train/iterations_per_s": 10.0, "train/loss_encoder": 1.0})
+    assert len(out.getvalue().splitlines()) == 2 + 20 + 1  # 2 phase starts, 20 steps of 1,500, final evaluation
