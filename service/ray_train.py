@@ -395,14 +395,17 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path, run_name: str, storage
             checkpoint.atomic_copy(f, out / f.name)  # a reader never sees half a file
     checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     metrics = json.loads((out / METRICS_FILE).read_text())
-    _finish_tracking(client, run_id, out, mlflow_wait_s)
-    return {"metrics": metrics, "output_dir": str(out), "mlflow_run_id": run_id,
+    _finish_tracking(client, run_id, out, mlflow_wait_s, tracking_uri)
+    return {"metrics": metrics, "output_dir": str(out), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
             "iteration": int(result.metrics.get("iteration", cfg.schedule.iterations))}
 
 
-def _finish_tracking(client, run_id: str, out: Path, wait_s: float) -> None:
-    """Metric values the worker could not log, the output files as artifacts, then FINISHED;
-    each waits up to ``wait_s`` for an unreachable MLflow, then warns (the files are complete)."""
+def _finish_tracking(client, run_id: str, out: Path, wait_s: float, tracking_uri: str) -> None:
+    """Metric values the worker could not log, the output files as artifacts, the checkpoint as a pyfunc
+    model (``service.mlflow_model``), then FINISHED; each waits up to ``wait_s`` for an unreachable
+    MLflow, then warns (the files are complete)."""
+    from .mlflow_model import log_model
+
     from mlflow.entities import Metric
 
     unlogged = out / UNLOGGED_FILE
@@ -422,4 +425,6 @@ def _finish_tracking(client, run_id: str, out: Path, wait_s: float) -> None:
         if not mlflow_retry(lambda f=f: client.log_artifact(run_id, str(f), "checkpoint" if f.suffix == ".pt" else None),
                             f"log the artifact {f.name}", wait_s):
             wait_s = 0.0  # do not wait once per file
+    if (out / "checkpoint.pt").is_file():
+        mlflow_retry(lambda: log_model(tracking_uri, run_id, out / "checkpoint.pt"), "log the pyfunc model", wait_s)
     mlflow_retry(lambda: client.set_terminated(run_id), "mark the run FINISHED", max(wait_s, 10.0))
