@@ -161,8 +161,8 @@ def register(tracking_uri: str, run_id: str, name: str, alias: str | None = None
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         experiment = client.get_run(run_id).info.experiment_id
         models = [m for m in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
                   if m.name == MODEL_NAME]
