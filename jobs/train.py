@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               f"the same command resumes it from its last checkpoint", file=sys.stderr)
         return 128 + int(signum)
     print(f"results: {result['output_dir']}  (mlflow run {result['mlflow_run_id']})")
-    if args.register:
+    if args.register and result.get("tracking_uri"):  # the MLflow store fit() logged the run and its model to
         register_model(cfg, result)
     print(json.dumps(result["metrics"], indent=2))
     return 0

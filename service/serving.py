@@ -5,17 +5,20 @@ Launch (see docs/serving.md):
     serve run service.serving:build_app checkpoint=/abs/runs/demo/checkpoint.pt
     serve deploy deploy/serve.yaml                                         # after `ray start --head`
 
-Four files, each readable alone (this module re-exports their public names):
-    ``serving_schema``  ``ServeArgs``, request models and costs, JSON parsing, the error format;
-    ``serving_model``   ``Sampler``: the model, chunked and deadline-checked work, bytes out;
-    ``serving_routes``  ``make_api``: routes, auth/content-type/size middleware, the work pool;
-    ``serving``         checkpoint resolution, ``SamplerDeployment`` (Ray Serve) and ``build_app``.
+Five files, each readable alone (this module re-exports the public names of the first four):
+    ``serving_schema``     ``ServeArgs``/``MultiplexArgs``/``BatchConfig``, request models and costs, the error format;
+    ``serving_model``      ``Sampler``: the model, chunked and deadline-checked work, bytes out;
+    ``serving_routes``     ``make_api``: routes, auth/content-type/size middleware, the work pool;
+    ``serving``            checkpoint resolution, ``BatchedReplica`` (threads, batching, ``user_config``),
+                           ``SamplerDeployment`` (one checkpoint) and ``build_app``;
+    ``serving_multiplex``  one endpoint for many models by id (``@serve.multiplexed``).
 
 BatchNorm policy: the model is served in eval mode, so BatchNorm layers (the image ResNets) use
 their running statistics; a sample never depends on the other requests that batching puts
 into the same decoder call.
 
-Request batching: concurrent ``POST /v1/samples`` are gathered by ``@serve.batch``. Each request
+Request batching: concurrent ``POST /v1/samples`` are gathered by ``@serve.batch``; its settings
+are the deployment's ``user_config`` (``BatchConfig``), changed by ``serve deploy`` without a restart. Each request
 draws its latents with its own seeded generator (so a seed fixes the latents and components
 exactly); the latents of the whole batch go through the decoder together, in chunks. Decoded
 values are bitwise reproducible with ``batching: false`` and equal up to float rounding otherwise.
@@ -52,12 +55,13 @@ from .serving_schema import (BODIES, MAX_SEED, MAX_TEMPERATURE, BatchConfig, Enc
                              SamplesRequest, ServeArgs, ServingOptions, describe_validation_error, error_response,
                              parse_json)
 
-__all__ = ["BODIES", "MAX_SEED", "MAX_TEMPERATURE", "BatchConfig", "BatchedReplica", "BearerToken", "BodyLimit", "Deadline", "EncodeRequest", "Format",
-           "InterpolateRequest", "JsonOnly", "Limits", "ModelOutputError", "MultiplexArgs", "ReconstructRequest", "Rendered",
-           "RequestError", "SampleResult", "Sampler", "SamplerDeployment", "SamplesRequest", "ServeArgs",
-           "ServeConfigError", "ServingOptions", "WorkGate", "WorkTimeout", "Worker", "build_app", "component_spec",
-           "deployment_options", "describe_validation_error", "error_response", "file_sha256", "load_checked", "make_api", "parse_json",
-           "png_bytes", "read_token", "render_samples", "replica_threads", "resolve_checkpoint", "sample_many"]
+__all__ = ["BODIES", "MAX_SEED", "MAX_TEMPERATURE", "BatchConfig", "BatchedReplica", "BearerToken", "BodyLimit",
+           "Deadline", "EncodeRequest", "Format", "InterpolateRequest", "JsonOnly", "Limits", "ModelOutputError",
+           "MultiplexArgs", "ReconstructRequest", "Rendered", "RequestError", "SampleResult", "Sampler",
+           "SamplerDeployment", "SamplesRequest", "ServeArgs", "ServeConfigError", "ServingOptions", "WorkGate",
+           "WorkTimeout", "Worker", "build_app", "component_spec", "deployment_options", "describe_validation_error",
+           "error_response", "file_sha256", "load_checked", "make_api", "parse_json", "png_bytes", "read_token",
+           "render_samples", "replica_threads", "resolve_checkpoint", "sample_many"]
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 TOKEN_ENV = "INTROPRIOR_API_TOKEN"

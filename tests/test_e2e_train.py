@@ -79,7 +79,7 @@ def test_finished_run_is_a_registered_pyfunc_model_that_samples_like_the_checkpo
     (run,) = client.search_runs([client.get_experiment_by_name("introprior").experiment_id],
                                 filter_string="tags.`mlflow.runName` = 'e2e'")
     (version,) = client.search_model_versions("name = 'introprior-8gaussians-mog-ip-lc'")
-    assert version.run_id == run.info.run_id and version.version == "1"
+    assert version.run_id == run.info.run_id and str(version.version) == "1"
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     try:
         model = mlflow.pyfunc.load_model("models:/introprior-8gaussians-mog-ip-lc/1")
