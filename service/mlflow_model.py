@@ -132,7 +132,7 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_path: str | Path) -> st
     state = load(checkpoint_path)  # refuse to log a file that the pyfunc could not load
     metadata = {"data_shape": [int(s) for s in state["data_shape"]], "preset": state["config"].get("name"),
                 "prior_type": state.get("prior_type"), "iteration": int(state["iteration"])}
-    with _tracking(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+    with using_store(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=IntroPriorModel(),
                                        artifacts={"checkpoint": str(Path(checkpoint_path).resolve())},
                                        signature=SIGNATURE, input_example=INPUT_EXAMPLE,
@@ -141,8 +141,14 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_path: str | Path) -> st
 
 
 @contextlib.contextmanager
-def _tracking(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (log_model, models:/ resolution) on ``uri``; the process's own URI afterwards."""
+def using_store(uri: str | None) -> Iterator[None]:
+    """MLflow's fluent API (log_model, models:/ resolution) on ``uri``; the process's own URI afterwards.
+
+    (``download_artifacts(registry_uri=...)`` does not reach the resolution of a ``models:/`` URI.)
+    """
+    if uri is None:
+        yield
+        return
     previous = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -174,7 +180,7 @@ def register(tracking_uri: str, run_id: str, name: str, alias: str | None = None
         except MlflowException:
             client.create_registered_model(name, description="introprior: a Soft-Intro VAE with a learned prior "
                                                               "(pyfunc: n, mode, temperature, seed -> samples)")
-        with _tracking(tracking_uri):  # the registry resolves the models:/ source through the fluent URI
+        with using_store(tracking_uri):  # the registry resolves the models:/ source through the fluent URI
             version = client.create_model_version(name, source=model.model_uri, run_id=run_id,
                                                   model_id=model.model_id)
         if alias:

@@ -96,8 +96,11 @@ def resolve_checkpoint(spec: str, tracking_uri: str | None = None, sha256: str |
     folder = tempfile.mkdtemp(prefix="introprior-ckpt-")
     try:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, tracking_uri=tracking_uri,
-                                                             dst_path=folder))
+            from .mlflow_model import using_store
+
+            with using_store(tracking_uri):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, tracking_uri=tracking_uri,
+                                                                 dst_path=folder))
         except Exception as e:  # noqa: BLE001 - MlflowException, OSError: all mean "cannot fetch it"
             raise checkpoint.CheckpointError(f"checkpoint: cannot download {spec!r} from MLflow (tracking URI "
                                              f"{tracking_uri or 'from $MLFLOW_TRACKING_URI'}): {e}") from None
