@@ -503,7 +503,8 @@ def test_deploy_config_user_config_changes_batching_without_a_restart(served: st
             time.sleep(0.5)
         raise AssertionError(f"the deployment did not reach the expected state; status: {serve.status()}")
 
-    before = deploy_and_wait(lambda s: s["max_batch_size"] == 16 and s["batching"] is True)
+    dep["user_config"]["max_batch_size"] = 8  # not the served fixture's 16: the answer comes from this deployment
+    before = deploy_and_wait(lambda s: s["max_batch_size"] == 8 and s["batching"] is True)
     assert before["checkpoint"]["path"] == str(smoke_checkpoint) and before["serving"]["torch_threads"] == 1
     dep["user_config"] = {"batching": False, "max_batch_size": 4}
     after = deploy_and_wait(lambda s: s["max_batch_size"] == 4 and s["batching"] is False)
