@@ -3,12 +3,14 @@ r"""Serve a checkpoint over HTTP (Ray Serve + FastAPI) until SIGTERM/SIGINT (doc
 Local (starts Ray in-process, with Ray token auth; OpenAPI at http://127.0.0.1:8000/docs):
     python -m jobs.serve --checkpoint runs/demo/checkpoint.pt
     python -m jobs.serve --checkpoint runs:/<run_id>/checkpoint/checkpoint.pt --tracking-uri sqlite:////abs/mlflow.db
+    python -m jobs.serve --checkpoint models:/introprior-8gaussians-mog-ip-lc@champion --tracking-uri sqlite:////abs/mlflow.db
 Reachable from other machines only with a bearer token for the API:
     openssl rand -hex 32 > ~/.introprior_token && chmod 600 ~/.introprior_token
     python -m jobs.serve --checkpoint runs/demo/checkpoint.pt --host 0.0.0.0 --auth-token-file ~/.introprior_token
 On a running cluster (RAY_AUTH_MODE and the Ray token as the cluster was started):
     RAY_ADDRESS=auto python -m jobs.serve --checkpoint /abs/runs/demo/checkpoint.pt --num-replicas 2
-Or with the Serve CLI: ``serve run deploy/serve.yaml`` / ``serve deploy deploy/serve.yaml``.
+Or with the Serve CLI: ``serve run deploy/serve.yaml`` / ``serve deploy deploy/serve.yaml``; many models behind
+one endpoint (by run id or registered version): ``serve run deploy/serve_models.yaml``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def is_loopback(host: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt path or MLflow runs:/<run_id>/<path> URI")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt path, or an MLflow URI: runs:/<run_id>/checkpoint/checkpoint.pt, "
+                                                         "models:/<name>/<version>, models:/<name>@<alias>")
     p.add_argument("--checkpoint-sha256", help="refuse a checkpoint file with another SHA-256")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host; other than loopback needs a bearer token")

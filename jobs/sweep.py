@@ -13,7 +13,8 @@ Leaves ``results.parquet`` (every trial's config, hyperparameter columns, metric
 in ``--output-dir``, and logs them to the sweep's parent MLflow run. Every trial reports its
 evaluation to Tune every ``schedule.eval_every`` iterations (a ``scheduler:`` such as ASHA stops
 poor trials early); a ``stages:`` space re-runs the best settings of each stage in the next.
-Running the same command again resumes an interrupted sweep; a second sweep on a folder in use is
+The selected trial of each preset is registered as ``models:/introprior-<preset>@champion``
+(``--no-register`` skips it). Running the same command again resumes an interrupted sweep; a second sweep on a folder in use is
 refused (``sweep.lock``). The space is validated before Ray starts: a bad file exits with status 2
 and a message naming the file, the key and the allowed values.
 """
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Ray Tune/Train storage and trial outputs: a path or a URI (file://, s3://, gs://) "
                                      "for a cluster without a shared volume (default: --output-dir)")
     p.add_argument("--name", help="sweep name (parent MLflow run prefix; default: the space file's name)")
+    p.add_argument("--no-register", dest="register", action="store_false",
+                   help="do not register the selected trial's model as models:/introprior-<preset>@champion")
     return p
 
 
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir).resolve()
     print((out / "table.md").read_text())
     print((out / "selection.md").read_text())
+    if args.register:
+        register_champions(spec, df, args.tracking_uri)
     counts = df["status"].value_counts()
     ok, incomplete = int(counts.get("ok", 0)), int(counts.get("incomplete", 0))
     stopped = f", {int(counts['stopped'])} stopped early" if counts.get("stopped", 0) else ""
@@ -87,6 +92,38 @@ def main(argv: list[str] | None = None) -> int:
     if missing and not incomplete:
         print(f"{missing} stage(s) could not run (see selection.md)", file=sys.stderr)
     return 0 if ok and not incomplete and not missing else 1
+
+
+def register_champions(spec, df, tracking_uri: str | None) -> list[tuple[str, str]]:
+    """Per preset, the selected setting's best completed trial (``selection.md``'s pick, then its best seed by
+    the space's metric) as a new version of ``introprior-<preset>`` with the alias ``champion``.
+
+    Returns ``(model URI, run id)`` per registration; a store without a registry only warns.
+    """
+    from service.mlflow_model import CHAMPION, RegistrationError, default_model_name, register
+    from service.ray_train import default_tracking_uri
+    from service.spaces import pick_candidates
+
+    last = df[df["stage"] == df["stage"].max()]
+    picks, _ = pick_candidates(last, spec.select, 1)
+    done = []
+    for pick in picks:
+        trials = last[(last["preset"] == pick["preset"]) & (last["hparams"] == pick["hparams"])
+                      & (last["status"] == "ok") & last["mlflow_run_id"].notna()]
+        if not len(trials):
+            continue
+        best = trials.sort_values(spec.metric, ascending=spec.mode == "min", kind="stable").iloc[0]
+        name = default_model_name(pick["preset"])
+        try:
+            version = register(tracking_uri or default_tracking_uri(), best["mlflow_run_id"], name, alias=CHAMPION)
+        except RegistrationError as e:
+            print(f"warning: {e}; the sweep's results are complete (--no-register skips this step)", file=sys.stderr)
+            continue
+        uri = f"models:/{name}@{CHAMPION}"
+        print(f"champion: {uri} = version {version.version} (run {best['mlflow_run_id']}, seed {int(best['seed'])}, "
+              f"{spec.metric} {best[spec.metric]:.4g})")
+        done.append((uri, best["mlflow_run_id"]))
+    return done
 
 
 if __name__ == "__main__":

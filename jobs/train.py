@@ -43,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
                         "unlimited); a diverged run or a bad checkpoint is never retried")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume --run-name although its config changed (the change is logged to MLflow)")
+    p.add_argument("--model-name", help="registered MLflow model name (= --set tracking.model_name=NAME; default "
+                                        "introprior-<preset with '/' as '-'>)")
+    p.add_argument("--no-register", dest="register", action="store_false",
+                   help="log the run's pyfunc model but do not register a model version")
     args = p.parse_args(argv)
+    if args.model_name:
+        args.overrides.append(f"tracking.model_name={args.model_name}")
     if (cfg := config_or_exit(args)) is None:
         return 0
     from ray.train import TrainingFailedError  # Ray is imported only once the config is valid
@@ -83,8 +89,25 @@ def main(argv: list[str] | None = None) -> int:
               f"the same command resumes it from its last checkpoint", file=sys.stderr)
         return 128 + int(signum)
     print(f"results: {result['output_dir']}  (mlflow run {result['mlflow_run_id']})")
+    if args.register and result.get("tracking_uri"):  # the MLflow store fit() logged the run and its model to
+        register_model(cfg, result)
     print(json.dumps(result["metrics"], indent=2))
     return 0
+
+
+def register_model(cfg, result: dict) -> None:
+    """A new version of the run's registered model; a store without a registry (a file store) only warns."""
+    from service.mlflow_model import RegistrationError, default_model_name, register
+
+    name = cfg.tracking.model_name or default_model_name(cfg.name)
+    try:
+        version = register(result["tracking_uri"], result["mlflow_run_id"], name)
+    except RegistrationError as e:
+        print(f"warning: {e}; the run and its logged model are complete (--no-register skips this step)",
+              file=sys.stderr)
+        return
+    print(f"registered model: models:/{name}/{version.version}  (mlflow models serve -m models:/{name}/"
+          f"{version.version} --env-manager local)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import numbers
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -249,6 +250,12 @@ class TrackingConfig:
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite in the output dir's parent
     experiment: str = "introprior"
     run_name: str | None = None  # also the Ray Train run name: a re-run with the same name resumes
+    model_name: str | None = None  # registered MLflow model (jobs.train); None = introprior-<preset, '/' as '-'>
+
+    def __post_init__(self) -> None:
+        if self.model_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", self.model_name):
+            raise ConfigError(f"tracking.model_name: {self.model_name!r} is invalid; allowed 1-100 letters, digits, "
+                              "'_', '.', '-' (no '/': it would split a models:/ URI), starting with a letter or digit")
 
 
 @dataclass(frozen=True, kw_only=True)

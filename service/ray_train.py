@@ -449,18 +449,21 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Location, run
         metrics = json.loads((out / METRICS_FILE).read_text())
         workers = json.loads((out / WORKERS_FILE).read_text()) if (out / WORKERS_FILE).is_file() else []
         staging.finish()  # the results reach the output location before tracking may wait on MLflow
-        _finish_tracking(client, run_id, out, mlflow_wait_s)
+        _finish_tracking(client, run_id, out, mlflow_wait_s, tracking_uri)
         if not (out / UNLOGGED_FILE).exists():  # logged late after all: not left behind at the output location
             (target / UNLOGGED_FILE).delete_file()
     finally:
         staging.close()
-    return {"metrics": metrics, "output_dir": target.uri, "mlflow_run_id": run_id,
+    return {"metrics": metrics, "output_dir": target.uri, "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
             "iteration": int(result.metrics.get("iteration", cfg.schedule.iterations)), "workers": workers}
 
 
-def _finish_tracking(client, run_id: str, out: Path, wait_s: float) -> None:
-    """Metric values the worker could not log, the output files as artifacts, then FINISHED;
-    each waits up to ``wait_s`` for an unreachable MLflow, then warns (the files are complete)."""
+def _finish_tracking(client, run_id: str, out: Path, wait_s: float, tracking_uri: str) -> None:
+    """Metric values the worker could not log, the output files as artifacts, the checkpoint as a pyfunc
+    model (``service.mlflow_model``), then FINISHED; each waits up to ``wait_s`` for an unreachable
+    MLflow, then warns (the files are complete)."""
+    from .mlflow_model import log_model
+
     from mlflow.entities import Metric
 
     unlogged = out / UNLOGGED_FILE
@@ -480,4 +483,6 @@ def _finish_tracking(client, run_id: str, out: Path, wait_s: float) -> None:
         if not mlflow_retry(lambda f=f: client.log_artifact(run_id, str(f), "checkpoint" if f.suffix == ".pt" else None),
                             f"log the artifact {f.name}", wait_s):
             wait_s = 0.0  # do not wait once per file
+    if (out / "checkpoint.pt").is_file():
+        mlflow_retry(lambda: log_model(tracking_uri, run_id, out / "checkpoint.pt"), "log the pyfunc model", wait_s)
     mlflow_retry(lambda: client.set_terminated(run_id), "mark the run FINISHED", max(wait_s, 10.0))

@@ -5,17 +5,20 @@ Launch (see docs/serving.md):
     serve run service.serving:build_app checkpoint=/abs/runs/demo/checkpoint.pt
     serve deploy deploy/serve.yaml                                         # after `ray start --head`
 
-Four files, each readable alone (this module re-exports their public names):
-    ``serving_schema``  ``ServeArgs``, request models and costs, JSON parsing, the error format;
-    ``serving_model``   ``Sampler``: the model, chunked and deadline-checked work, bytes out;
-    ``serving_routes``  ``make_api``: routes, auth/content-type/size middleware, the work pool;
-    ``serving``         checkpoint resolution, ``SamplerDeployment`` (Ray Serve) and ``build_app``.
+Five files, each readable alone (this module re-exports the public names of the first four):
+    ``serving_schema``     ``ServeArgs``/``MultiplexArgs``/``BatchConfig``, request models and costs, the error format;
+    ``serving_model``      ``Sampler``: the model, chunked and deadline-checked work, bytes out;
+    ``serving_routes``     ``make_api``: routes, auth/content-type/size middleware, the work pool;
+    ``serving``            checkpoint resolution, ``BatchedReplica`` (threads, batching, ``user_config``),
+                           ``SamplerDeployment`` (one checkpoint) and ``build_app``;
+    ``serving_multiplex``  one endpoint for many models by id (``@serve.multiplexed``).
 
 BatchNorm policy: the model is served in eval mode, so BatchNorm layers (the image ResNets) use
 their running statistics; a sample never depends on the other requests that batching puts
 into the same decoder call.
 
-Request batching: concurrent ``POST /v1/samples`` are gathered by ``@serve.batch``. Each request
+Request batching: concurrent ``POST /v1/samples`` are gathered by ``@serve.batch``; its settings
+are the deployment's ``user_config`` (``BatchConfig``), changed by ``serve deploy`` without a restart. Each request
 draws its latents with its own seeded generator (so a seed fixes the latents and components
 exactly); the latents of the whole batch go through the decoder together, in chunks. Decoded
 values are bitwise reproducible with ``batching: false`` and equal up to float rounding otherwise.
@@ -34,6 +37,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,16 +50,18 @@ from .model import Model
 from .serving_model import (Deadline, ModelOutputError, Rendered, SampleResult, Sampler, WorkTimeout, component_spec,
                             file_sha256, load_checked, png_bytes, render_samples, sample_many)
 from .serving_routes import BodyLimit, BearerToken, JsonOnly, Worker, WorkGate, make_api
-from .serving_schema import (BODIES, MAX_SEED, MAX_TEMPERATURE, EncodeRequest, Format, InterpolateRequest, Limits,
-                             ReconstructRequest, RequestError, SamplesRequest, ServeArgs, describe_validation_error,
-                             error_response, parse_json)
+from .serving_schema import (BODIES, MAX_SEED, MAX_TEMPERATURE, BatchConfig, EncodeRequest, Format,
+                             InterpolateRequest, Limits, MultiplexArgs, ReconstructRequest, RequestError,
+                             SamplesRequest, ServeArgs, ServingOptions, describe_validation_error, error_response,
+                             parse_json)
 
-__all__ = ["BODIES", "MAX_SEED", "MAX_TEMPERATURE", "BearerToken", "BodyLimit", "Deadline", "EncodeRequest", "Format",
-           "InterpolateRequest", "JsonOnly", "Limits", "ModelOutputError", "ReconstructRequest", "Rendered",
-           "RequestError", "SampleResult", "Sampler", "SamplerDeployment", "SamplesRequest", "ServeArgs",
-           "ServeConfigError", "WorkGate", "WorkTimeout", "Worker", "build_app", "component_spec",
-           "describe_validation_error", "error_response", "file_sha256", "load_checked", "make_api", "parse_json",
-           "png_bytes", "read_token", "render_samples", "resolve_checkpoint", "sample_many"]
+__all__ = ["BODIES", "MAX_SEED", "MAX_TEMPERATURE", "BatchConfig", "BatchedReplica", "BearerToken", "BodyLimit",
+           "Deadline", "EncodeRequest", "Format", "InterpolateRequest", "JsonOnly", "Limits", "ModelOutputError",
+           "MultiplexArgs", "ReconstructRequest", "Rendered", "RequestError", "SampleResult", "Sampler",
+           "SamplerDeployment", "SamplesRequest", "ServeArgs", "ServeConfigError", "ServingOptions", "WorkGate",
+           "WorkTimeout", "Worker", "build_app", "component_spec", "deployment_options", "describe_validation_error",
+           "error_response", "file_sha256", "load_checked", "make_api", "parse_json", "png_bytes", "read_token",
+           "render_samples", "replica_threads", "resolve_checkpoint", "sample_many"]
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 TOKEN_ENV = "INTROPRIOR_API_TOKEN"
@@ -90,8 +96,11 @@ def resolve_checkpoint(spec: str, tracking_uri: str | None = None, sha256: str |
     folder = tempfile.mkdtemp(prefix="introprior-ckpt-")
     try:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, tracking_uri=tracking_uri,
-                                                             dst_path=folder))
+            from .mlflow_model import using_store
+
+            with using_store(tracking_uri):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, tracking_uri=tracking_uri,
+                                                                 dst_path=folder))
         except Exception as e:  # noqa: BLE001 - MlflowException, OSError: all mean "cannot fetch it"
             raise checkpoint.CheckpointError(f"checkpoint: cannot download {spec!r} from MLflow (tracking URI "
                                              f"{tracking_uri or 'from $MLFLOW_TRACKING_URI'}): {e}") from None
@@ -138,32 +147,91 @@ def read_token(args: ServeArgs) -> str | None:
 # Ray Serve deployment and application builder
 # --------------------------------------------------------------------------------------------
 
+def replica_threads(default_cpus: float) -> int:
+    """Torch threads = the CPUs Ray gave this replica (a config file's ``ray_actor_options`` included), min 1."""
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", default_cpus)
+    except Exception:  # noqa: BLE001 - not in a Ray worker (tests): the argument
+        cpus = default_cpus
+    return max(1, int(cpus))
+
+
+class BatchedReplica:
+    """What both deployments share: torch threads, the work pool, and ``/v1/samples`` batching.
+
+    Batching runs through one ``@serve.batch`` queue per replica; a batch is split by model, and each
+    model's requests share one decoder pass. Its settings are the deployment's ``user_config``
+    (``BatchConfig``), so ``serve deploy`` with a new ``user_config`` changes them without a restart.
+    """
+
+    def _setup(self, args: ServingOptions, token_sha256: str | None) -> None:
+        self.token_sha256 = token_sha256
+        torch.set_num_threads(replica_threads(args.num_cpus))  # Ray's OMP_NUM_THREADS is not enough
+        self.worker = Worker(args.work_threads, args.max_inflight_bytes, args.request_timeout_s, args.queue_wait_s)
+        self._defaults, self._samplers = args.batch_config(), weakref.WeakSet()
+        self.reconfigure({})
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this with the deployment's ``user_config``: ``BatchConfig`` fields over the builder's args."""
+        self.batch = BatchConfig.model_validate(self._defaults.model_dump() | dict(user_config or {}))
+        self._sample_batched.set_max_batch_size(self.batch.max_batch_size)
+        self._sample_batched.set_batch_wait_timeout_s(self.batch.batch_wait_timeout_s)
+        for sampler in list(self._samplers):
+            self._track(sampler)
+
+    def _track(self, sampler: Sampler) -> Sampler:
+        """``/v1/model`` of ``sampler`` shows the batch settings in force."""
+        sampler.args = sampler.args.model_copy(update=self.batch.model_dump())
+        self._samplers.add(sampler)
+        return sampler
+
+    async def sample(self, sampler: Sampler, body: SamplesRequest, deadline: Deadline) -> SampleResult:
+        if self.batch.batching:
+            return await self._sample_batched((sampler, body, deadline))
+        return (await self.worker.call(deadline, sampler.sample_batch, [body]))[0]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _sample_batched(self, jobs: list[tuple[Sampler, SamplesRequest, Deadline]]) -> list[SampleResult]:
+        """Per model, one decoder pass (in chunks, in the work pool); stops once every job's deadline passed."""
+        loop = asyncio.get_running_loop()
+        out: list[SampleResult | None] = [None] * len(jobs)
+        by_model: dict[int, list[int]] = {}
+        for i, (sampler, _, _) in enumerate(jobs):
+            by_model.setdefault(id(sampler), []).append(i)
+        for idx in by_model.values():
+            sampler, latest = jobs[idx[0]][0], max((jobs[i][2] for i in idx), key=lambda d: d.at)
+            results = await loop.run_in_executor(self.worker.pool, sampler.sample_batch, [jobs[i][1] for i in idx],
+                                                 latest)
+            for i, r in zip(idx, results):
+                out[i] = r
+        return out
+
+
 @serve.deployment(name="IntroPriorSampler")
 @serve.ingress()  # late-bound: __serve_build_asgi_app__ builds the app once the model is loaded
-class SamplerDeployment:
+class SamplerDeployment(BatchedReplica):
     """One replica: the model on CPU, torch threads = its CPU allotment, batched /v1/samples."""
 
     def __init__(self, args: dict[str, Any], sha256: str, token_sha256: str | None = None):
         self.args = ServeArgs.model_validate(args)
-        torch.set_num_threads(max(1, int(self.args.num_cpus)))  # Ray's OMP_NUM_THREADS is not enough
+        self._setup(self.args, token_sha256)
         with resolve_checkpoint(self.args.checkpoint, self.args.tracking_uri, sha256) as path:
-            self.sampler = Sampler.from_checkpoint(path, self.args, sha256=sha256)
-        self.token_sha256 = token_sha256
-        self.worker = Worker(self.args.work_threads, self.args.max_inflight_bytes, self.args.request_timeout_s,
-                             self.args.queue_wait_s)
-        self._sample_batched.set_max_batch_size(self.args.max_batch_size)
-        self._sample_batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+            self.sampler = self._track(Sampler.from_checkpoint(path, self.args, sha256=sha256))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        sample_fn = (lambda body, deadline: self._sample_batched((body, deadline))) if self.args.batching else None
-        return make_api(self.sampler, sample_fn, token_sha256=self.token_sha256, worker=self.worker)
+        return make_api(self.sampler, lambda body, deadline: self.sample(self.sampler, body, deadline),
+                        token_sha256=self.token_sha256, worker=self.worker)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _sample_batched(self, jobs: list[tuple[SamplesRequest, Deadline]]) -> list[SampleResult]:
-        """One decoder pass (in chunks, in the work pool) for the batch; stops once every job's deadline passed."""
-        latest = max(jobs, key=lambda j: j[1].at)[1]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.worker.pool, self.sampler.sample_batch, [r for r, _ in jobs], latest)
+
+def deployment_options(args: ServingOptions) -> dict[str, Any]:
+    """``.options()`` from the builder's args; a config file's ``deployments:`` block overrides each of them."""
+    return {"num_replicas": args.num_replicas, "ray_actor_options": {"num_cpus": args.num_cpus},
+            "max_ongoing_requests": args.max_ongoing_requests, "max_queued_requests": args.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": 1},
+            "logging_config": {"enable_access_log": args.access_log},
+            "user_config": args.batch_config().model_dump()}
 
 
 def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
@@ -178,9 +246,4 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
     with resolve_checkpoint(args.checkpoint, args.tracking_uri, args.checkpoint_sha256) as path:
         sha256 = file_sha256(path)
         Sampler.from_checkpoint(path, args, sha256=sha256)  # the replicas' own check, run once here
-    deployment = SamplerDeployment.options(
-        num_replicas=args.num_replicas, ray_actor_options={"num_cpus": args.num_cpus},
-        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
-        backpressure_config={"status_code": 503, "retry_after_s": 1},
-        logging_config={"enable_access_log": args.access_log})
-    return deployment.bind(args.model_dump(), sha256, token_sha256)
+    return SamplerDeployment.options(**deployment_options(args)).bind(args.model_dump(), sha256, token_sha256)

@@ -141,6 +141,12 @@ async def _reply(status: int, field: str, message: str, scope: dict, receive: Ca
     await error_response(status, [{"field": field, "message": f"{field}: {message}"}], headers)(scope, receive, send)
 
 
+def route_path(scope: dict) -> str:
+    """The request's path below the app's route prefix (ASGI ``root_path``)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
 class BodyLimit:
     """ASGI middleware: 413 for a body over ``max_bytes`` (by Content-Length, or counted when chunked)."""
 
@@ -207,7 +213,7 @@ class BearerToken:
         self.app, self.digest = app, bytes.fromhex(token_sha256)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or route_path(scope) in OPEN_PATHS:
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")

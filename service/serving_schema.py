@@ -44,16 +44,23 @@ BYTES_PER_VALUE: dict[str, int] = {"json": 64, "npy": 12, "npz": 16, "png": 24}
 # Builder arguments
 # --------------------------------------------------------------------------------------------
 
-class ServeArgs(BaseModel):
-    """Arguments of ``build_app``: ``serve run ... key=value``, deploy/serve.yaml ``args:``, jobs/serve.py."""
+class BatchConfig(BaseModel):
+    """Request batching of ``/v1/samples``: the deployment's ``user_config`` (changed without a restart)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    checkpoint: str = Field(min_length=1, description="checkpoint.pt path (absolute on a cluster), or an MLflow URI "
-                            "runs:/<run_id>/checkpoint/checkpoint.pt (each replica downloads it)")
-    checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
-                                          description="refuse a checkpoint file with another SHA-256")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI for runs:/ (default $MLFLOW_TRACKING_URI)")
+    batching: bool = Field(True, description="gather concurrent /v1/samples with @serve.batch")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="requests per batch")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description="wait for a batch to fill")
+
+
+class ServingOptions(BaseModel):
+    """What every replica of either app needs: limits, budgets, threads, batching, Ray resources, the token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI for runs:/ and models:/ "
+                                     "(default $MLFLOW_TRACKING_URI)")
     max_samples: int = Field(4096, ge=1, le=1_000_000, description="largest n of one /v1/samples request")
     max_points: int = Field(4096, ge=1, le=1_000_000, description="most points of one /v1/encode or /v1/reconstruct")
     max_steps: int = Field(1024, ge=2, le=100_000, description="most steps of one /v1/interpolate")
@@ -66,9 +73,9 @@ class ServeArgs(BaseModel):
     queue_wait_s: float = Field(10.0, ge=0, le=3600, description="longest wait for the work budget before 503")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="model work longer than this gets 504")
     work_threads: int = Field(2, ge=1, le=32, description="threads for model work and encoding (off the event loop)")
-    batching: bool = Field(True, description="gather concurrent /v1/samples with @serve.batch")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="requests per batch")
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description="wait for a batch to fill")
+    batching: bool = BatchConfig.model_fields["batching"]
+    max_batch_size: int = BatchConfig.model_fields["max_batch_size"]
+    batch_wait_timeout_s: float = BatchConfig.model_fields["batch_wait_timeout_s"]
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0.0, description="CPUs per replica; torch threads = max(1, floor(num_cpus))")
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; keep >= max_batch_size")
@@ -78,11 +85,34 @@ class ServeArgs(BaseModel):
     access_log: bool = Field(True, description="one replica log line per request (off for benchmarks)")
 
     @model_validator(mode="after")
-    def _budgets(self) -> ServeArgs:
+    def _budgets(self) -> ServingOptions:
         if self.max_request_bytes > self.max_inflight_bytes:
             raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be <= max_inflight_bytes "
                              f"({self.max_inflight_bytes}): a maximal request must fit the replica's budget")
         return self
+
+    def batch_config(self) -> BatchConfig:
+        return BatchConfig(**{k: getattr(self, k) for k in BatchConfig.model_fields})
+
+
+class ServeArgs(ServingOptions):
+    """Arguments of ``build_app``: ``serve run ... key=value``, deploy/serve.yaml ``args:``, jobs/serve.py.
+
+    Ray resources and batching here are defaults: a config file's ``deployments:`` block (replicas,
+    CPUs, autoscaling, ``user_config``) overrides them.
+    """
+
+    checkpoint: str = Field(min_length=1, description="checkpoint.pt path (absolute on a cluster), or an MLflow URI: "
+                            "runs:/<run_id>/checkpoint/checkpoint.pt, models:/<name>/<version>, models:/<name>@<alias> "
+                            "(each replica downloads it)")
+    checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                                          description="refuse a checkpoint file with another SHA-256")
+
+
+class MultiplexArgs(ServingOptions):
+    """Arguments of ``serving_multiplex.build_app``: models come per request, by id (``serve_multiplexed_model_id``)."""
+
+    max_models_per_replica: int = Field(4, ge=1, le=256, description="loaded models a replica keeps (LRU)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -316,3 +317,198 @@ def test_runs_uri_is_downloaded_from_mlflow(tmp_path: Path, smoke_checkpoint: Pa
     with pytest.raises(checkpoint.CheckpointError, match="cannot download 'runs:/0123456789abcdef/x.pt'"):
         with resolve_checkpoint("runs:/0123456789abcdef/x.pt", uri):
             pass
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow models: a registry with two versions, served by alias (mlflow models serve, the Serve
+# app) and side by side behind one multiplexed endpoint
+# --------------------------------------------------------------------------------------------
+
+SHIFT = 10.0  # version 2 = version 1's decoder with its output bias moved by SHIFT: a different, known model
+MODEL = "introprior-e2e"
+
+
+@pytest.fixture(scope="module")
+def registry(smoke_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Two runs in a SQLite store, each with its checkpoint artifact and pyfunc model; versions 1, 2; v2 = champion."""
+    import torch
+
+    from service.config import from_dict
+    from service.mlflow_model import CHAMPION, log_model, register
+    from service.ray_train import start_mlflow_run
+
+    root = tmp_path_factory.mktemp("registry")
+    state = checkpoint.load(smoke_checkpoint)
+    bias = [k for k in state["model"] if k.startswith("decoder.") and k.endswith(".bias")][-1]
+    state["model"][bias] = state["model"][bias] + SHIFT
+    shifted = root / "shifted" / "checkpoint.pt"
+    checkpoint.save(shifted, state)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = from_dict(state["config"])
+    ids = {}
+    for name, path in (("a", smoke_checkpoint), ("b", shifted)):
+        run_id = ids[name] = start_mlflow_run(cfg, uri, name)
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).log_artifact(run_id, str(path), "checkpoint")  # what jobs.train logs: runs:/ ids work
+        log_model(uri, run_id, path)
+        register(uri, run_id, MODEL, alias=CHAMPION if name == "b" else None)
+    return {"uri": uri, "a": ids["a"], "b": ids["b"], "sha_b": hashlib.sha256(shifted.read_bytes()).hexdigest()}
+
+
+def expected_samples(smoke_checkpoint: Path, n: int, mode: int, seed: int, shift: float = 0.0) -> list:
+    from service import sampling
+
+    _, model = checkpoint.restore_model(checkpoint.load(smoke_checkpoint))
+    x, _, _ = sampling.sample(model.eval(), n, component=mode, seed=seed)
+    return (x + shift).tolist()
+
+
+def test_mlflow_models_serve_by_alias(registry: dict[str, str], smoke_checkpoint: Path) -> None:
+    """``mlflow models serve -m models:/<name>@champion --env-manager local`` (offline) answers /invocations."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent  # the scoring server runs `uvicorn` from PATH: the venv's
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "PYTHONPATH": str(ROOT),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    mlflow_cli = bin_dir / "mlflow"
+    proc = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager",
+                             "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            try:
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "mlflow models serve did not start in 300 s"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/invocations", json={"dataframe_records": [{"n": 3, "mode": 1, "seed": 5}]}, timeout=60)
+        assert r.status_code == 200, r.text
+        rows = r.json()["predictions"]
+        assert [row["component"] for row in rows] == [1, 1, 1] and {row["seed"] for row in rows} == {5}
+        got = [row["sample"] for row in rows]
+        np.testing.assert_allclose(got, expected_samples(smoke_checkpoint, 3, 1, 5, SHIFT), atol=1e-5)  # champion: v2
+        bad = httpx.post(f"{url}/invocations", json={"dataframe_records": [{"n": 3, "mode": 99}]}, timeout=60)
+        assert bad.status_code == 400 and "mode: 99 is out of range; allowed [0, 7]" in bad.text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def test_serve_app_accepts_a_registered_model_alias(served: str, registry: dict[str, str]) -> None:
+    from ray import serve
+
+    from service.serving import build_app
+
+    serve.run(build_app({"checkpoint": f"models:/{MODEL}@champion", "tracking_uri": registry["uri"]}),
+              name="alias", route_prefix="/alias")
+    try:
+        info = httpx.get(f"{served}/alias/v1/model", timeout=60).json()
+        assert info["checkpoint"]["source"] == f"models:/{MODEL}@champion"
+        assert info["checkpoint"]["sha256"] == registry["sha_b"]
+    finally:
+        serve.delete("alias")
+
+
+def test_multiplexed_endpoint_serves_runs_and_versions_by_header(served: str, registry: dict[str, str],
+                                                                 smoke_checkpoint: Path) -> None:
+    """One endpoint, models by Serve's header: a run id, a version, an alias; an LRU of 2 per replica."""
+    from ray import serve
+
+    from service.serving_multiplex import MODEL_ID_HEADER, build_app
+
+    start = time.perf_counter()
+    serve.run(build_app({"tracking_uri": registry["uri"], "max_models_per_replica": 2}), name="models",
+              route_prefix="/models")
+    url = f"{served}/models"
+    wait_healthy(url, timeout_s=300)
+    healthy_s = time.perf_counter() - start
+    body = {"n": 4, "mode": 0, "seed": 3}
+
+    def post(model_id: str | None, path: str = "/v1/samples") -> httpx.Response:
+        headers = {MODEL_ID_HEADER: model_id} if model_id is not None else {}
+        return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=120)
+
+    def model(model_id: str) -> dict:
+        return httpx.get(f"{url}/v1/model", headers={MODEL_ID_HEADER: model_id}, timeout=120).json()
+
+    try:
+        t0 = time.perf_counter()
+        a = post(registry["a"])
+        first_s = time.perf_counter() - t0
+        assert a.status_code == 200, a.text
+        t0 = time.perf_counter()
+        assert post(registry["a"]).status_code == 200
+        cached_s = time.perf_counter() - t0
+        print(f"multiplexed: app healthy {healthy_s:.1f} s after serve.run; first request for a model (download + "
+              f"load + sample) {first_s:.2f} s; again (loaded) {cached_s * 1000:.0f} ms")
+        want = expected_samples(smoke_checkpoint, 4, 0, 3)
+        np.testing.assert_allclose(a.json()["samples"], want, atol=1e-5)
+        v2 = post(f"{MODEL}/2").json()["samples"]
+        np.testing.assert_allclose(v2, expected_samples(smoke_checkpoint, 4, 0, 3, SHIFT), atol=1e-5)  # another model
+        first_load = model(registry["a"])
+        assert first_load["checkpoint"]["source"] == f"runs:/{registry['a']}/checkpoint/checkpoint.pt"
+        assert model(f"{MODEL}@champion")["checkpoint"]["sha256"] == registry["sha_b"]  # evicts version 2
+        assert model(f"{MODEL}/1")["checkpoint"]["sha256"] == first_load["checkpoint"]["sha256"]  # evicts run a
+        # a replica keeps two models: run a was the least recently used of three, so it is loaded again
+        assert model(registry["a"])["serving"]["started_at"] > first_load["serving"]["started_at"]
+        missing = post(None)
+        assert missing.status_code == 400 and missing.json()["detail"][0]["field"] == MODEL_ID_HEADER
+        assert "allowed an MLflow run id" in missing.json()["detail"][0]["message"]
+        assert post("not a model").status_code == 400
+        unknown = post("0" * 32)
+        assert unknown.status_code == 404 and "cannot be loaded" in unknown.json()["detail"][0]["message"]
+        bad = httpx.post(f"{url}/v1/samples", json={"n": 0}, headers={MODEL_ID_HEADER: registry["a"]}, timeout=60)
+        assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "n"  # the routes' own checks
+    finally:
+        serve.delete("models")
+
+
+# --------------------------------------------------------------------------------------------
+# deploy/serve.yaml as `serve deploy` applies it (runs last: a config deploy replaces the apps above)
+# --------------------------------------------------------------------------------------------
+
+def test_deploy_config_user_config_changes_batching_without_a_restart(served: str, smoke_checkpoint: Path) -> None:
+    import yaml
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": int(served.rsplit(":", 1)[1])}
+    (app,) = config["applications"]
+    app["args"]["checkpoint"] = str(smoke_checkpoint)
+    (dep,) = app["deployments"]
+
+    def deploy_and_wait(check) -> dict:
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                info = httpx.get(f"{served}/v1/model", timeout=10).json()
+                if check(info["serving"]):
+                    return info
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"the deployment did not reach the expected state; status: {serve.status()}")
+
+    dep["user_config"]["max_batch_size"] = 8  # not the served fixture's 16: the answer comes from this deployment
+    before = deploy_and_wait(lambda s: s["max_batch_size"] == 8 and s["batching"] is True)
+    assert before["checkpoint"]["path"] == str(smoke_checkpoint) and before["serving"]["torch_threads"] == 1
+    dep["user_config"] = {"batching": False, "max_batch_size": 4}
+    after = deploy_and_wait(lambda s: s["max_batch_size"] == 4 and s["batching"] is False)
+    assert (after["serving"]["pid"], after["serving"]["started_at"]) == (before["serving"]["pid"],
+                                                                        before["serving"]["started_at"])  # no restart
+    r = httpx.post(f"{served}/v1/samples", json={"n": 2, "seed": 1}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["samples"]) == 2

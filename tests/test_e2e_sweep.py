@@ -147,6 +147,32 @@ def test_trials_are_mlflow_runs_nested_under_the_parent(sweep):
             assert run.data.tags["error"].startswith("TrainingDiverged")
 
 
+def test_selected_trial_is_the_champion_model(sweep):
+    """The selected setting's best seed is registered as introprior-<preset>@champion; a failed preset has none."""
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    root, _, _ = sweep
+    df = _results(root)
+    ok = df[(df["preset"] == "8gaussians/sintro") & (df["status"] == "ok")]
+    best = ok.sort_values("hist_kl").iloc[0]
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    assert client.get_model_version_by_alias("introprior-8gaussians-sintro", "champion").run_id == best["mlflow_run_id"]
+    assert not client.search_registered_models("name = 'introprior-8gaussians-vae'")
+    for row in ok.itertuples():  # every completed trial is a logged model, comparable without registering
+        (logged,) = client.search_logged_models([client.get_run(row.mlflow_run_id).info.experiment_id],
+                                                filter_string=f"source_run_id = '{row.mlflow_run_id}'")
+        assert logged.name == "model"
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/introprior-8gaussians-sintro@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(model.predict(pd.DataFrame({"n": [3], "seed": [0]}))) == 3
+
+
 def test_rerun_resumes_the_finished_sweep_and_report_rerenders_the_table(sweep, capsys):
     root, args, _ = sweep
     before = _results(root)

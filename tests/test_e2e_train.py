@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -86,6 +87,44 @@ def test_mlflow_run_has_params_metrics_and_artifacts(smoke_run):
     assert run.info.status == "FINISHED"
 
 
+def test_finished_run_is_a_registered_pyfunc_model_that_samples_like_the_checkpoint(smoke_run):
+    """Logged (signature, input example), registered by default as introprior-<preset>, loaded back, predicting."""
+    import mlflow
+    import pandas as pd
+
+    from service import sampling
+    from service.mlflow_model import INPUT_SCHEMA
+
+    root, _ = smoke_run
+    client = _client(root)
+    (run,) = client.search_runs([client.get_experiment_by_name("introprior").experiment_id],
+                                filter_string="tags.`mlflow.runName` = 'e2e'")
+    (version,) = client.search_model_versions("name = 'introprior-8gaussians-mog-ip-lc'")
+    assert version.run_id == run.info.run_id and str(version.version) == "1"
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        model = mlflow.pyfunc.load_model("models:/introprior-8gaussians-mog-ip-lc/1")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert model.metadata.signature.inputs == INPUT_SCHEMA and model.metadata.saved_input_example_info
+    assert model.metadata.metadata["data_shape"] == [2]
+    out = model.predict(pd.DataFrame({"n": [5, 3], "mode": [2, -1], "seed": [7, 8]}))
+    assert list(out.columns) == ["request", "seed", "component", "sample"] and out["request"].tolist() == [0] * 5 + [1] * 3
+    _, net = checkpoint.restore_model(checkpoint.load(root / "out" / "checkpoint.pt"))
+    x, _, idx = sampling.sample(net.eval(), 5, component=2, seed=7)
+    assert out["component"].tolist()[:5] == idx.tolist() == [2] * 5
+    np.testing.assert_allclose(out["sample"].tolist()[:5], x.double().numpy(), atol=1e-6)
+
+
+def test_registration_failure_warns_and_no_register_skips(capsys, tmp_path):
+    from service.presets import get_preset
+
+    train_job.register_model(get_preset("8gaussians/sintro"), {"tracking_uri": f"file://{tmp_path}/mlruns",
+                                                                "mlflow_run_id": "0" * 32})
+    err = capsys.readouterr().err
+    assert "warning: cannot register model 'introprior-8gaussians-sintro'" in err and "--no-register" in err
+
+
 def test_rerun_with_same_name_and_another_config_is_refused_listing_the_fields(smoke_run, capsys):
     root, args = smoke_run
     before = (root / "out" / "checkpoint.pt").read_bytes()
@@ -99,10 +138,11 @@ def test_rerun_with_same_name_and_another_config_is_refused_listing_the_fields(s
 
 def test_rerun_with_same_name_resumes_and_continues(smoke_run):
     root, args = smoke_run
-    assert train_job.main(args + ["--set", "schedule.iterations=18", "--allow-config-change"]) == 0
+    assert train_job.main(args + ["--set", "schedule.iterations=18", "--allow-config-change", "--no-register"]) == 0
     state = checkpoint.load(root / "out" / "checkpoint.pt")
     assert state["iteration"] == 18
     client = _client(root)
+    assert len(client.search_model_versions("name = 'introprior-8gaussians-mog-ip-lc'")) == 1  # --no-register
     exp = client.get_experiment_by_name("introprior")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.runName` = 'e2e'")
     assert len(runs) == 1  # the same MLflow run continues

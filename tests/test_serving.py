@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from service import checkpoint, sampling
 from service.model import Model
 from service.priors import MixturePrior
-from service.serving import (EncodeRequest, InterpolateRequest, Limits, ReconstructRequest, RequestError, Sampler,
+from service.serving import (BatchConfig, EncodeRequest, InterpolateRequest, Limits, ReconstructRequest, RequestError, Sampler,
                              SamplesRequest, ServeArgs, build_app, component_spec, describe_validation_error,
-                             make_api, png_bytes, render_samples, sample_many)
+                             make_api, MultiplexArgs, png_bytes, render_samples, sample_many)
 
 ROOT = Path(__file__).resolve().parents[1]
 MEANS = torch.tensor([[-5.0, 0.0], [5.0, 0.0]])
@@ -307,6 +307,7 @@ def test_api_routes_and_errors(sampler: Sampler) -> None:
 # --------------------------------------------------------------------------------------------
 
 def test_deploy_yaml_validates() -> None:
+    """Serve's schema; args are ServeArgs fields; Ray options live in ``deployments:``, batching in user_config."""
     from ray.serve.schema import ServeDeploySchema
 
     config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
@@ -315,7 +316,45 @@ def test_deploy_yaml_validates() -> None:
     (app,) = config["applications"]
     assert app["import_path"] == "service.serving:build_app"
     args = ServeArgs.model_validate(app["args"])
-    assert args.checkpoint.startswith("/ABSOLUTE/") and args.num_cpus == 0.5
+    assert args.checkpoint.startswith("/ABSOLUTE/")
+    deployment_keys = {"num_replicas", "num_cpus", "max_ongoing_requests", "max_queued_requests", *BatchConfig.model_fields}
+    assert not deployment_keys & set(app["args"]), "Ray options and batching belong in deployments:, not args:"
+    (dep,) = app["deployments"]
+    assert dep["name"] == "IntroPriorSampler" and dep["ray_actor_options"]["num_cpus"] == 0.5
+    assert dep["autoscaling_config"]["max_replicas"] >= dep["autoscaling_config"]["min_replicas"] >= 1
+    assert dep["max_ongoing_requests"] >= BatchConfig.model_validate(dep["user_config"]).max_batch_size
+
+
+def test_deploy_models_yaml_validates() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve_models.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "service.serving_multiplex:build_app"
+    assert MultiplexArgs.model_validate(app["args"]).max_models_per_replica == 4
+    (dep,) = app["deployments"]
+    assert dep["name"] == "IntroPriorModels"
+    BatchConfig.model_validate(dep["user_config"])
+
+
+def test_user_config_is_checked_naming_the_field() -> None:
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        BatchConfig.model_validate({"max_batch_size": 0})
+    with pytest.raises(ValidationError, match="max_batch_siz"):
+        BatchConfig.model_validate({"max_batch_siz": 4})
+    assert ServeArgs(checkpoint="x", max_batch_size=4).batch_config() == BatchConfig(max_batch_size=4)
+
+
+def test_model_ids_map_to_mlflow_uris() -> None:
+    from service.serving_multiplex import ModelIdError, model_uri
+
+    assert model_uri("0123456789abcdef0123456789abcdef") == "runs:/0123456789abcdef0123456789abcdef/checkpoint/checkpoint.pt"
+    assert model_uri("introprior-8gaussians-sintro/3") == "models:/introprior-8gaussians-sintro/3"
+    assert model_uri("introprior-8gaussians-sintro@champion") == "models:/introprior-8gaussians-sintro@champion"
+    for bad in ("", "x/y", "../etc/passwd", "a@", "runs:/abc"):
+        with pytest.raises(ModelIdError, match="serve_multiplexed_model_id: .* allowed an MLflow run id"):
+            model_uri(bad)
 
 
 def test_serve_args_reject_unknown_and_bad_values() -> None:
