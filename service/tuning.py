@@ -737,8 +737,11 @@ def _progress_reporter(spec: SweepSpec, keys: list[str]):
     shown = [k for k in keys if k in spec.varying or k in spec.searched] or keys[:4]
     metrics = {"iteration": "iter", spec.metric: spec.metric}
     metrics.update({m: m for m in ("hist_kl", "hist_jsd", "gnelbo_x1e7", "mode_purity") if m not in metrics})
+    # print_intermediate_tables explicitly: its default reads Tune's process-wide verbosity when the
+    # reporter is built, which the first Tuner.fit lowers to verbose=1, so a second stage (or sweep)
+    # in the same process would show the status without the trial table
     return CLIReporter(parameter_columns={k: k.rsplit(".", 1)[-1] for k in shown}, metric_columns=metrics,
-                       max_report_frequency=60, max_column_length=24)
+                       max_report_frequency=60, max_column_length=24, print_intermediate_tables=True)
 
 
 def _close_stopped(tracking_uri: str, df: "pd.DataFrame") -> None:

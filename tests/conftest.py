@@ -25,7 +25,8 @@ def ray_local():
     """A local Ray instance (2 CPUs) shared by one end-to-end module's tests."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    # address="local": a fresh instance even where /tmp/ray names another (live or stale) cluster
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
 

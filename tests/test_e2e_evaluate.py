@@ -27,7 +27,7 @@ def test_train_with_two_workers_then_evaluate_offline(tmp_path: Path, capsys) ->
     from jobs import train as train_job
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         assert train_job.main(["--preset", "fmnist/mog10-ip-lc", "--smoke", "--workers", "2", "--run-name", "fm",
                                "--output-dir", str(tmp_path / "run"), "--storage-path", str(tmp_path / "ray"),

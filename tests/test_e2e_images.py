@@ -175,7 +175,7 @@ def test_fmnist_smoke_through_ray_train_with_two_workers(tmp_path):
 
     from jobs import train as train_job
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         args = ["--preset", "fmnist/mog10-ip-lc", "--smoke", "--workers", "2", "--run-name", "fmnist-smoke",
                 "--output-dir", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"),
