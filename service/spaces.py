@@ -164,13 +164,17 @@ class Selection:
         the metric when none is feasible), so a scheduler does not stop the trials the selection wants:
         unconstrained, ASHA would rank a sharp setting (pure modes, higher KL) behind a blurry one."""
         value = float(values.get(self.metric, math.nan))
-        if math.isnan(value):
-            return math.nan
+        if math.isnan(value) or self.holds(values):
+            return value
+        return value + INFEASIBLE if self.mode == "min" else value - INFEASIBLE
+
+    def holds(self, values: dict[str, Any]) -> bool:
+        """Every ``where`` bound holds on ``values`` (a missing or NaN value does not)."""
         for name, lo, hi in self.where:
             x = float(values.get(name, math.nan))
             if math.isnan(x) or (lo is not None and x < lo) or (hi is not None and x > hi):
-                return value + INFEASIBLE if self.mode == "min" else value - INFEASIBLE
-        return value
+                return False
+        return True
 
     def to_dict(self) -> dict[str, Any]:
         where = {name: {k: v for k, v in (("min", lo), ("max", hi)) if v is not None} for name, lo, hi in self.where}
@@ -676,12 +680,9 @@ def rank_settings(df: "pd.DataFrame", select: Selection) -> "pd.DataFrame":
                "params": g["params"].iloc[0] if "params" in g else hparams,
                "score": float(g[select.metric].mean()), "seeds": sorted(int(s) for s in g["seed"].unique()),
                "n": len(g), "first": int(g["variant"].min())}
-        satisfies = True
-        for name, lo, hi in select.where:
-            mean = float(g[name].mean()) if name in g and g[name].notna().any() else math.nan
-            row[name] = mean
-            satisfies &= not math.isnan(mean) and (lo is None or mean >= lo) and (hi is None or mean <= hi)
-        row["satisfies"] = bool(satisfies)
+        for name, _, _ in select.where:
+            row[name] = float(g[name].mean()) if name in g and g[name].notna().any() else math.nan
+        row["satisfies"] = select.holds(row)
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=cols)
