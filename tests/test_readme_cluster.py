@@ -121,6 +121,10 @@ def test_readme_cluster_recipe_runs_as_written_in_a_fresh_shell(tmp_path):
     assert sum(f":{dashboard}" in ln for ln in lines) == 1  # ray job submit --address (in its retry loop)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
            "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    # `ray start` records its head in Ray's current-cluster file, and `ray stop` (not run here) would
+    # remove it: put back what was there, or a later ray.init() (make run after make test) waits for a dead head
+    current = Path("/tmp/ray/ray_current_cluster")
+    before = current.read_text() if current.is_file() else None
     shell = subprocess.Popen(["bash", "-e", "-c", "\n".join(lines)], cwd=work, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -129,6 +133,10 @@ def test_readme_cluster_recipe_runs_as_written_in_a_fresh_shell(tmp_path):
         if shell.poll() is None:
             shell.kill()
         _end_session(shell.pid)
+        if before is None:
+            current.unlink(missing_ok=True)
+        else:
+            current.write_text(before)
     print(out[-4000:])
     assert "command not found" not in out
     assert shell.returncode == 0, out[-3000:]
