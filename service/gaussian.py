@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import mixture_native
+
 LOG_2PI = math.log(2.0 * math.pi)
 _WIDE = torch.float64  # the accumulation dtype of the mixture expansion (see _MixtureLogProb)
 
@@ -89,81 +91,110 @@ def accumulation_dtype(z: Tensor, means: Tensor, logvars: Tensor, tolerance: flo
 
 
 class _MixtureLogProb(torch.autograd.Function):
-    """``log p(z) = logsumexp_m comp_m(z)`` and responsibilities, with a hand-written backward.
+    """``log p(z) = logsumexp_m comp_m(z)`` with a hand-written backward, in three passes over (N, M).
 
     Autograd through ``mixture_component_log_prob`` + ``logsumexp`` keeps several (N, M)
-    intermediates and makes about a dozen passes over them, and ``logsumexp`` / ``max`` over a
-    short last dimension are slow on CPU; the Monte-Carlo KL evaluates N = T * B = 51,200 points
-    against M = 64 components six times per step. Here the component log-densities come from a
-    single matrix product of the augmented features ``A = [z^2, z, 1]`` (N, 2D+1) with the
-    per-component coefficients, the forward makes one exp pass (in place) and keeps only the
-    responsibilities ``r`` (N, M), and the backward is two small matrix products:
-      dlogp/dz     = r @ (mu/var) - z * (r @ 1/var)
-      dlogp/dmu_m  = sum_n r_nm (z_n - mu_m) / var_m
-      dlogp/dlv_md = 0.5 sum_n r_nm ((z_nd - mu_md)^2 / var_md - 1)
-      dlogp/dlw_m  = sum_n r_nm
-    (each weighted by the incoming gradient). Both products run in ``accumulation_dtype`` (the
-    precision guard above); the exp pass and the saved responsibilities stay in z's dtype.
+    intermediates and makes about a dozen passes over them; the Monte-Carlo KL evaluates
+    N = T * B = 51,200 points against M = 64 components six times per step. Here:
+
+    - the component log-densities come from one matrix product of the augmented features
+      ``A = [z^2, z, 1]`` (N, 2D+1) with per-component coefficients, shifted by one constant,
+      the largest peak ``c = max_m (log w_m - 0.5 sum_d log(2 pi var_md))``, so that every entry
+      is <= 0 and ``e = exp(comp - c)`` cannot overflow: no per-row max pass. The forward is the
+      product, one in-place exp and one row sum ``S``; ``log p = c + log S``. Rows far from every
+      component (``S`` below ``sqrt(tiny)``, where exp would underflow) are recomputed with their
+      own maximum, exactly as a per-row log-sum-exp.
+    - the responsibilities ``r = e / S`` are never normalised in memory: the backward folds
+      ``g / S`` (g the incoming gradient, (N,)) into the narrow operands of two matrix products:
+        dlogp/dz     = (g/S) * (e @ (mu/var) - z * (e @ 1/var))
+        sum_n g r_nm [z^2, z, 1]_n = ((g/S) * A)^T @ e   ->  d/dmu, d/dlogvar, d/dlog w:
+        dlogp/dmu_m  = sum_n r_nm (z_n - mu_m) / var_m
+        dlogp/dlv_md = 0.5 sum_n r_nm ((z_nd - mu_md)^2 / var_md - 1)
+        dlogp/dlw_m  = sum_n r_nm
+      and each product runs only when its inputs need a gradient.
+
+    The products run in ``accumulation_dtype`` (the precision guard above); ``e`` stays in z's
+    dtype. ``extra`` chooses the second output: ``"resp"`` the normalised responsibilities
+    (N, M), ``"usage"`` their mean over the rows (M,) (one matrix-vector product), ``"none"``.
     """
 
     CHUNK = 8_192  # rows per block: keeps the (rows, M) temporaries in cache
 
     @staticmethod
-    def forward(ctx, z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor):  # type: ignore[override]
+    def forward(ctx, z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor, extra: str):  # type: ignore[override]
         n, d = z.shape
+        dtype, m = z.dtype, means.shape[0]
         acc = accumulation_dtype(z, means, logvars)
-        mu, lv = means.to(acc), logvars.to(acc)
+        mu, lv, lw = means.to(acc), logvars.to(acc), log_weights.to(acc)
         inv_var = torch.exp(-lv)  # (M, D)
-        const = (mu * mu * inv_var).sum(-1) + lv.sum(-1) + d * LOG_2PI - 2.0 * log_weights.to(acc)  # (M,)
+        log_norm = lv.sum(-1) + d * LOG_2PI  # (M,)
+        shift = (lw - 0.5 * log_norm).max()  # the largest peak: comp - shift <= 0 everywhere
+        const = (mu * mu * inv_var).sum(-1) + log_norm - 2.0 * (lw - shift)  # (M,)
         coef_t = (-0.5 * torch.cat([inv_var, -2.0 * mu * inv_var, const.unsqueeze(-1)], dim=1)).T  # (2D+1, M)
         za = z.to(acc)
         feats = torch.cat([za * za, za, torch.ones_like(za[:, :1])], dim=1)  # (N, 2D+1) = [z^2, z, 1]
-        r = torch.empty(n, means.shape[0], dtype=z.dtype, device=z.device)
-        log_p = torch.empty(n, dtype=z.dtype, device=z.device)
-        wide = None if acc == z.dtype else torch.empty(min(n, _MixtureLogProb.CHUNK), means.shape[0], dtype=acc,
-                                                        device=z.device)
+        e = torch.empty(n, m, dtype=dtype, device=z.device)
+        total = torch.empty(n, dtype=dtype, device=z.device)
+        wide = None if acc == dtype else torch.empty(min(n, _MixtureLogProb.CHUNK), m, dtype=acc, device=z.device)
         for i in range(0, n, _MixtureLogProb.CHUNK):
             sl = slice(i, i + _MixtureLogProb.CHUNK)
-            comp = r[sl]  # log w_m + log N(z | m), then the responsibilities, in place
+            blk = e[sl]
             if wide is None:
-                torch.mm(feats[sl], coef_t, out=comp)
+                torch.mm(feats[sl], coef_t, out=blk)
             else:  # exact in float64, narrowed only after the cancellation
-                comp.copy_(torch.mm(feats[sl], coef_t, out=wide[:comp.shape[0]]))
-            top = comp.amax(dim=-1, keepdim=True)  # stabilised
-            total = comp.sub_(top).exp_().sum(-1, keepdim=True)
-            comp.div_(total)
-            log_p[sl] = (top + torch.log(total)).squeeze(-1)
-        ctx.save_for_backward(feats, mu, inv_var, r)
-        ctx.mark_non_differentiable(r)
-        ctx.set_materialize_grads(False)  # r has no gradient: never allocate an (N, M) zero tensor
-        return log_p, r
+                blk.copy_(torch.mm(feats[sl], coef_t, out=wide[:blk.shape[0]]))
+            torch.sum(blk.exp_(), dim=-1, out=total[sl])
+        log_p = torch.log(total).to(acc) + shift
+        far = (total < torch.finfo(dtype).tiny ** 0.5).nonzero().squeeze(-1)
+        if far.numel():  # exp underflowed (nearly) everywhere on these rows: their own maximum instead
+            comp = feats[far] @ coef_t
+            top = comp.amax(dim=-1, keepdim=True)
+            ex = torch.exp(comp - top)
+            row_total = ex.sum(-1)
+            e[far], total[far] = ex.to(dtype), row_total.to(dtype)
+            log_p[far] = shift + top.squeeze(-1) + torch.log(row_total)
+        ctx.save_for_backward(feats, mu, inv_var, e, total)
+        if extra == "resp":
+            second = e / total.unsqueeze(-1)
+        elif extra == "usage":
+            second = torch.mv(e.T, total.reciprocal()) / max(n, 1)
+        else:
+            second = e.new_empty(0)
+        ctx.mark_non_differentiable(second)
+        ctx.set_materialize_grads(False)  # the second output has no gradient: never allocate zeros for it
+        return log_p.to(dtype), second
 
     @staticmethod
-    def backward(ctx, grad_log_p: Tensor, _grad_r: Tensor):  # type: ignore[override]
-        feats, means, inv_var, r = ctx.saved_tensors
-        need_z, need_mu, need_lv, need_w = ctx.needs_input_grad
+    def backward(ctx, grad_log_p: Tensor, _grad_second: Tensor):  # type: ignore[override]
+        feats, means, inv_var, e, total = ctx.saved_tensors
+        need_z, need_mu, need_lv, need_w = ctx.needs_input_grad[:4]
         if grad_log_p is None:
-            return None, None, None, None
-        dtype, acc, d = r.dtype, feats.dtype, means.shape[-1]
-        to_z_t = torch.cat([means * inv_var, inv_var], dim=1).T.contiguous()  # (2D, M)
-        grad_z = torch.empty(r.shape[0], d, dtype=dtype, device=r.device) if need_z else None
-        stats = feats.new_zeros(2 * d + 1, means.shape[0])  # sum_n gr [z^2; z; 1]
-        g = grad_log_p.to(acc).unsqueeze(-1)
-        for i in range(0, r.shape[0], _MixtureLogProb.CHUNK):
+            return None, None, None, None, None
+        dtype, acc, d = e.dtype, feats.dtype, means.shape[-1]
+        scale = (grad_log_p / total).to(acc).unsqueeze(-1)  # (N, 1): g / S, the normalisation folded in
+        grad_z = None
+        if need_z:
+            to_z_t = torch.cat([means * inv_var, inv_var], dim=1).T.contiguous()  # (2D, M)
+            grad_z = torch.empty(e.shape[0], d, dtype=dtype, device=e.device)
+        need_stats = need_mu or need_lv or need_w
+        stats = feats.new_zeros(2 * d + 1, means.shape[0])  # sum_n g r [z^2; z; 1]
+        for i in range(0, e.shape[0], _MixtureLogProb.CHUNK):
             sl = slice(i, i + _MixtureLogProb.CHUNK)
-            gr = r[sl].to(acc) * g[sl]  # (rows, M)
+            blk = e[sl].to(acc)
             if need_z:
-                both = (to_z_t @ gr.T).T  # (rows, 2D): sum_m gr mu/var, sum_m gr/var (this layout: 2.5x faster)
-                grad_z[sl] = both[:, :d] - feats[sl, d:2 * d] * both[:, d:]
-            if need_mu or need_lv or need_w:
-                stats += feats[sl].T @ gr
-        gzz, gz, s = stats[:d].T, stats[d:2 * d].T, stats[2 * d]
-        grad_mu = (inv_var * (gz - s.unsqueeze(-1) * means)).to(dtype) if need_mu else None
-        grad_lv = None
-        if need_lv:
-            sq = gzz - 2.0 * means * gz + s.unsqueeze(-1) * means * means  # sum_n gr (z - mu)^2
-            grad_lv = (0.5 * (inv_var * sq - s.unsqueeze(-1))).to(dtype)
-        return grad_z, grad_mu, grad_lv, (s.to(dtype) if need_w else None)
+                both = (to_z_t @ blk.T).T  # (rows, 2D): sum_m e mu/var, sum_m e/var (this layout: 2.5x faster)
+                grad_z[sl] = scale[sl] * (both[:, :d] - feats[sl, d:2 * d] * both[:, d:])
+            if need_stats:
+                stats.addmm_((feats[sl] * scale[sl]).T, blk)
+        grad_mu = grad_lv = grad_w = None
+        if need_stats:
+            gzz, gz, s = stats[:d].T, stats[d:2 * d].T, stats[2 * d]
+            grad_mu = (inv_var * (gz - s.unsqueeze(-1) * means)).to(dtype) if need_mu else None
+            if need_lv:
+                sq = gzz - 2.0 * means * gz + s.unsqueeze(-1) * means * means  # sum_n g r (z - mu)^2
+                grad_lv = (0.5 * (inv_var * sq - s.unsqueeze(-1))).to(dtype)
+            grad_w = s.to(dtype) if need_w else None
+        return grad_z, grad_mu, grad_lv, grad_w, None
 
 
 def mixture_log_prob(z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,4 +203,84 @@ def mixture_log_prob(z: Tensor, means: Tensor, logvars: Tensor, log_weights: Ten
     The responsibilities carry no gradient; use ``mixture_component_log_prob`` + softmax where a
     gradient through them is needed (the responsibility-entropy term).
     """
-    return _MixtureLogProb.apply(z, means, logvars, log_weights)
+    return _MixtureLogProb.apply(z, means, logvars, log_weights, "resp")
+
+
+class _NativeMixtureLogProb(torch.autograd.Function):
+    """``log p(z)`` (and the usage) through the fused C kernel (``mixture_native``), float32 CPU.
+
+    The kernel evaluates each row against its own maximum, in centred form (no cancellation, so
+    no precision guard is needed), and returns the sums the gradients are made of:
+      S0_m = sum_n g r_nm,  S1_md = sum_n g r_nm (z_nd - mu_md),  S2_md = sum_n g r_nm (z_nd - mu_md)^2
+      dlogp/dmu = S1 / var,  dlogp/dlogvar = 0.5 (S2 / var - S0),  dlogp/dlog w = S0,
+      dlogp/dz_n = -g_n sum_m r_nm (z_n - mu_m) / var_m.
+    The last one is formed in the forward with g = 1 (where z needs a gradient) and multiplied by
+    g in the backward: of the six evaluations of an adversarial step only the prior's own KL (whose
+    z needs none) pays a second pass, for the parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor, want_usage: bool):  # type: ignore[override]
+        n, d = z.shape
+        m = means.shape[0]
+        zc = z.detach().contiguous()
+        lv = logvars.detach()
+        mu_t = means.detach().T.contiguous()  # (D, M): the kernel runs along m
+        iv_t = torch.exp(-lv).T.contiguous()
+        bias = (log_weights.detach() - 0.5 * (lv.sum(-1) + d * LOG_2PI)).contiguous()
+        usage = torch.zeros(m, dtype=_WIDE) if want_usage else None
+        dlogp_dz = torch.empty(n, d, dtype=z.dtype) if ctx.needs_input_grad[0] else None
+        log_p = mixture_native.forward(zc, mu_t, iv_t, bias, usage, dlogp_dz)
+        ctx.save_for_backward(zc, mu_t, iv_t, bias, log_p, dlogp_dz)
+        second = (usage / max(n, 1)).to(z.dtype) if want_usage else z.new_empty(0)
+        ctx.mark_non_differentiable(second)
+        ctx.set_materialize_grads(False)
+        return log_p, second
+
+    @staticmethod
+    def backward(ctx, grad_log_p: Tensor, _grad_second: Tensor):  # type: ignore[override]
+        zc, mu_t, iv_t, bias, log_p, dlogp_dz = ctx.saved_tensors
+        need_z, need_mu, need_lv, need_w = ctx.needs_input_grad[:4]
+        if grad_log_p is None:
+            return None, None, None, None, None
+        (n, d), m = zc.shape, mu_t.shape[1]
+        dz = grad_log_p.to(zc.dtype).unsqueeze(-1) * dlogp_dz if need_z else None  # from the forward
+        stats = None
+        if need_mu or need_lv or need_w:  # one more pass of exps, for the parameters only
+            stats = torch.zeros((1 + 2 * d) * m, dtype=_WIDE)
+            mixture_native.backward(zc, mu_t, iv_t, bias, log_p, grad_log_p.to(zc.dtype).contiguous(), None, stats)
+        grad_mu = grad_lv = grad_w = None
+        if stats is not None:
+            s0 = stats[:m]
+            s1 = stats[m:m + d * m].view(d, m).T  # (M, D)
+            s2 = stats[m + d * m:].view(d, m).T
+            inv_var = iv_t.T.to(_WIDE)
+            grad_mu = (inv_var * s1).to(zc.dtype) if need_mu else None
+            grad_lv = (0.5 * (inv_var * s2 - s0.unsqueeze(-1))).to(zc.dtype) if need_lv else None
+            grad_w = s0.to(zc.dtype) if need_w else None
+        return dz, grad_mu, grad_lv, grad_w, None
+
+
+def native_applies(z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor) -> bool:
+    """The C kernel takes float32 CPU tensors with finite values (anything else: the PyTorch path)."""
+    tensors = (z, means, logvars, log_weights)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or z.dim() != 2:
+        return False
+    if mixture_native.library() is None:
+        return False
+    with torch.no_grad():  # NaN / inf: the PyTorch path propagates them the way the rest of the step does
+        return math.isfinite(float(z.sum())) and all(bool(torch.isfinite(t).all()) for t in tensors[1:])
+
+
+def mixture_log_prob_and_usage(z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor,
+                               usage: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``(log p(z) (N,), mean responsibilities (M,) or None)``: the Monte-Carlo KL's fast path.
+
+    float32 on CPU: the fused C kernel (``mixture_native``); otherwise the PyTorch kernel above.
+    Never materialises the normalised (N, M) responsibilities; the usage carries no gradient.
+    """
+    if native_applies(z, means, logvars, log_weights):
+        log_p, second = _NativeMixtureLogProb.apply(z, means, logvars, log_weights, usage)
+    else:
+        log_p, second = _MixtureLogProb.apply(z, means, logvars, log_weights, "usage" if usage else "none")
+    return log_p, (second if usage else None)

@@ -53,11 +53,10 @@ def kl_term(prior: Prior, mu: Tensor, logvar: Tensor, cfg: ObjectiveConfig, gene
     log_q = -0.5 * (LOG_2PI + logvar + eps * eps).sum(-1)  # (T, B)
     if usage_grad:
         comp = prior.component_log_prob(z.reshape(t * b, d), detach=detach_prior)  # (T*B, M)
-        log_p, resp = torch.logsumexp(comp, dim=-1), torch.softmax(comp, dim=-1)
+        log_p, usage = torch.logsumexp(comp, dim=-1), torch.softmax(comp, dim=-1).mean(0)
     else:
-        log_p, resp = prior.log_prob_and_responsibilities(z.reshape(t * b, d), detach=detach_prior)
-    usage = resp.mean(0) if want_usage else None
-    return KlResult((log_q - log_p.reshape(t, b)).mean(0), usage)
+        log_p, usage = prior.log_prob_and_usage(z.reshape(t * b, d), detach=detach_prior, usage=want_usage)
+    return KlResult((log_q - log_p.reshape(t, b)).mean(0), usage if want_usage else None)
 
 
 def energy(x: Tensor, x_hat: Tensor, kl: Tensor, beta_rec: float, beta_kl: float) -> Tensor:
@@ -118,12 +117,14 @@ def encoder_objective(model, x: Tensor, cfg: ObjectiveConfig, generator: torch.G
     mu, logvar, z = _encode_sample(model, x, generator)
     x_rec = model.decoder(z)
     rec_real = reconstruction_error(x, x_rec)
-    kl_real = kl_term(model.prior, mu, logvar, cfg, generator, want_usage=model.prior.is_mixture,
+    # The encoder step steps the encoder only, so the prior enters L_E as a constant: the same values
+    # and the same encoder gradients, without the prior-parameter sums the kernel would otherwise form.
+    kl_real = kl_term(model.prior, mu, logvar, cfg, generator, detach_prior=True, want_usage=model.prior.is_mixture,
                       usage_grad=model.prior.is_mixture and cfg.r_entropy > 0)
 
     # negatives: [fake; rec] in one pass. Target of rec is x_rec itself, not detached (reference)
     re_n, kl_n, _, _ = _negatives(model, torch.cat([x_fake, x_rec.detach()]), torch.cat([x_fake, x_rec]),
-                                  cfg, generator, detach_latent=False, detach_prior=False)
+                                  cfg, generator, detach_latent=False, detach_prior=True)
     exp_elbo = torch.exp(-cfg.alpha * scale * (cfg.beta_rec * re_n + cfg.beta_neg * kl_n.kl))  # (2B,)
     exp_fake, exp_rec = exp_elbo[:b].mean(), exp_elbo[b:].mean()
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gaussian import mixture_component_log_prob, mixture_log_prob, randn
+from .gaussian import mixture_component_log_prob, mixture_log_prob, mixture_log_prob_and_usage, randn
 
 
 @dataclass
@@ -83,6 +83,11 @@ class Prior(nn.Module):
         """``(log p(z) (N,), r (N, M))``; the responsibilities carry no gradient (fast path)."""
         c = self.components(detach)
         return mixture_log_prob(z, c.means, c.logvars, c.log_weights)
+
+    def log_prob_and_usage(self, z: Tensor, detach: bool = False, usage: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(log p(z) (N,), mean responsibilities C (M,) or None)``; C carries no gradient (fastest path)."""
+        c = self.components(detach)
+        return mixture_log_prob_and_usage(z, c.means, c.logvars, c.log_weights, usage)
 
     def sample(self, n: int, generator: torch.Generator | None = None, *, component: int | Tensor | None = None,
                deterministic: bool = False, temperature: float = 1.0) -> tuple[Tensor, Tensor]:

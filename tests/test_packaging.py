@@ -117,6 +117,7 @@ def test_the_files_the_dockerfile_copies_build_the_wheel_with_every_console_scri
     for module in {t.split(":")[0] for t in SCRIPTS.values()} | {"service.ray_train", "service.serving",
                                                                   "service.metrics.density"}:
         assert module.replace(".", "/") + ".py" in names, module
+    assert "service/mixture_kernel.c" in names  # the C mixture kernel is built from the installed source
 
 
 def test_the_image_is_the_one_rayjob_runs_with_the_pinned_ray_and_the_documented_build_command():

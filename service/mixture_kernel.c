@@ -1,0 +1,291 @@
+/* Fused CPU kernel of the diagonal-Gaussian mixture log-density and its gradients (float32).
+ *
+ * Built on first use by service/mixture_native.py (cc -O3 -march=native, cached per CPU);
+ * service/gaussian.py keeps its PyTorch path where this cannot be built or does not apply.
+ *
+ * comp[n][m] = bias_m - 0.5 * sum_d (z_nd - mu_md)^2 / var_md,  bias_m = log w_m - 0.5 sum_d log(2 pi var_md)
+ * log p[n]   = logsumexp_m comp[n][m]               (each row against its own maximum)
+ * r[n][m]    = exp(comp[n][m] - log p[n])           (responsibilities: never stored, recomputed)
+ *
+ * The quadratic is evaluated in centred form, (z - mu)^2 / var, so sharp components far from the
+ * origin lose nothing to cancellation. Eight rows travel together in one SIMD vector (GCC/Clang
+ * vector extensions: AVX2 where -march=native has it, narrower vectors or scalar code elsewhere)
+ * and the components' parameters are broadcast, so that every row costs the same few vector
+ * instructions per component and nothing but log p leaves the kernel. The backward recomputes
+ * r from log p and accumulates, in float over blocks of 1,024 rows and then in double,
+ *   S0[m]    = sum_n g_n r_nm
+ *   S1[d][m] = sum_n g_n r_nm (z_nd - mu_md)
+ *   S2[d][m] = sum_n g_n r_nm (z_nd - mu_md)^2
+ * from which the Python side forms the gradients of mu, log var and log w, and writes
+ *   dz[n][d] = -g_n sum_m r_nm (z_nd - mu_md) / var_md.
+ * The forward can also return dlogp/dz itself (g = 1): it costs a few multiply-adds per component
+ * beside the exp it already made, and spares a backward that would recompute every exp.
+ * Parameters arrive transposed, (D, M), and the bias as (M,).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 8
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+#define BLOCK_FLUSH 128 /* blocks of 8 rows between float -> double flushes of the sums */
+
+static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+
+#if defined(__AVX__) && LANES == 8
+#include <immintrin.h>
+static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
+#else
+static inline vf vmax(vf a, vf b) {
+    vi take_b = b > a;
+    return (vf)(((vi)b & take_b) | ((vi)a & ~take_b));
+}
+#endif
+
+/* exp(x) for x <= 0 (arguments are shifted by the row maximum or by log p): Cody-Waite
+ * reduction x = k ln2 + r, |r| <= ln2 / 2, the degree-7 Taylor polynomial of exp(r) (truncation
+ * below 1e-8, under float rounding) and 2^k from the exponent bits. x is clamped at -87 where
+ * exp is about 1.6e-38 (the smallest normal float is 1.2e-38): no denormals, whose slow path
+ * costs about 15x, and nothing a row sum of at least 1 could notice. */
+static inline vf vexp(vf x) {
+    x = vmax(x, splat(-87.0f));
+    vf t = x * splat(1.44269504088896341f);
+    vi k = __builtin_convertvector(t - splat(0.5f), vi); /* round half away for t <= 0 ... */
+    vf kf = __builtin_convertvector(k, vf);              /* ... (truncation toward zero of t - 0.5) */
+    vf r = x - kf * splat(0.693145751953125f);
+    r = r - kf * splat(1.42860682030941723e-06f);
+    vf p = splat(1.0f / 5040.0f);
+    p = p * r + splat(1.0f / 720.0f);
+    p = p * r + splat(1.0f / 120.0f);
+    p = p * r + splat(1.0f / 24.0f);
+    p = p * r + splat(1.0f / 6.0f);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    vi bits = (k + 127) << 23;
+    return p * (vf)bits;
+}
+
+typedef struct {
+    int64_t lo, hi, m, d;                  /* rows [lo, hi); lo is a multiple of LANES */
+    int64_t n;                             /* all rows: the last block may be partial */
+    const float *z, *mu_t, *iv_t, *bias;   /* z (N, D); mu_t, iv_t (D, M); bias (M,) */
+    const float *log_p, *g;                /* backward: saved log p (N,), incoming gradient (N,) */
+    float *out_log_p, *dz;                 /* forward log p (N,); dlogp/dz (N, D) or NULL, both passes */
+    double *acc;                           /* per thread: usage (M) | S0 (M), S1 (D*M), S2 (D*M) */
+    int want_acc;
+} Task;
+
+/* the rows of one block as D vectors; lanes past the end repeat the last row */
+static inline int load_block(const Task *t, int64_t start, vf *zv) {
+    const int64_t d = t->d;
+    int valid = (int)(t->n - start < LANES ? t->n - start : LANES);
+    for (int64_t k = 0; k < d; ++k) {
+        float tmp[LANES];
+        for (int i = 0; i < LANES; ++i) tmp[i] = t->z[(start + (i < valid ? i : valid - 1)) * d + k];
+        memcpy(&zv[k], tmp, sizeof tmp);
+    }
+    return valid;
+}
+
+static inline vf component(const Task *t, const vf *zv, int64_t j, const int64_t d) {
+    vf q = splat(0.0f);
+    for (int64_t k = 0; k < d; ++k) {
+        vf diff = zv[k] - splat(t->mu_t[k * t->m + j]);
+        q += diff * diff * splat(t->iv_t[k * t->m + j]);
+    }
+    return splat(t->bias[j]) - splat(0.5f) * q;
+}
+
+static inline void forward_block(const Task *t, int64_t start, vf *zv, vf *qbuf, vf *usage, const int64_t d) {
+    const int64_t m = t->m;
+    int valid = load_block(t, start, zv);
+    vf top = splat(-INFINITY);
+    for (int64_t j = 0; j < m; ++j) {
+        qbuf[j] = component(t, zv, j, d);
+        top = vmax(top, qbuf[j]);
+    }
+    vf total = splat(0.0f);
+    if (t->dz) { /* the direction of dlogp/dz, -sum_m e_m (z - mu_m) / var_m, normalised below */
+        vf dir[d];
+        for (int64_t k = 0; k < d; ++k) dir[k] = splat(0.0f);
+        for (int64_t j = 0; j < m; ++j) {
+            vf e = vexp(qbuf[j] - top);
+            qbuf[j] = e;
+            total += e;
+            for (int64_t k = 0; k < d; ++k)
+                dir[k] += e * (zv[k] - splat(t->mu_t[k * m + j])) * splat(t->iv_t[k * m + j]);
+        }
+        vf scale = splat(-1.0f) / total;
+        for (int64_t k = 0; k < d; ++k) {
+            float lanes[LANES];
+            vf v = dir[k] * scale;
+            memcpy(lanes, &v, sizeof lanes);
+            for (int i = 0; i < valid; ++i) t->dz[(start + i) * d + k] = lanes[i];
+        }
+    } else {
+        for (int64_t j = 0; j < m; ++j) {
+            qbuf[j] = vexp(qbuf[j] - top);
+            total += qbuf[j];
+        }
+    }
+    float tot[LANES], mx[LANES];
+    memcpy(tot, &total, sizeof tot);
+    memcpy(mx, &top, sizeof mx);
+    for (int i = 0; i < valid; ++i) t->out_log_p[start + i] = mx[i] + logf(tot[i]);
+    if (usage) {
+        float inv[LANES];
+        for (int i = 0; i < LANES; ++i) inv[i] = i < valid ? 1.0f / tot[i] : 0.0f;
+        vf w;
+        memcpy(&w, inv, sizeof w);
+        for (int64_t j = 0; j < m; ++j) usage[j] += qbuf[j] * w;
+    }
+}
+
+static inline void backward_block(const Task *t, int64_t start, vf *zv, vf *acc, const int64_t d) {
+    const int64_t m = t->m;
+    int valid = load_block(t, start, zv);
+    float gl[LANES], lpl[LANES];
+    for (int i = 0; i < LANES; ++i) {
+        gl[i] = i < valid ? t->g[start + i] : 0.0f; /* padding lanes carry no gradient */
+        lpl[i] = t->log_p[start + (i < valid ? i : valid - 1)];
+    }
+    vf g, lp;
+    memcpy(&g, gl, sizeof g);
+    memcpy(&lp, lpl, sizeof lp);
+    vf gz[d];
+    for (int64_t k = 0; k < d; ++k) gz[k] = splat(0.0f);
+    for (int64_t j = 0; j < m; ++j) {
+        vf w = g * vexp(component(t, zv, j, d) - lp); /* g r */
+        if (acc) acc[j] += w;
+        for (int64_t k = 0; k < d; ++k) {
+            vf diff = zv[k] - splat(t->mu_t[k * m + j]);
+            vf wd = w * diff;
+            gz[k] += wd * splat(t->iv_t[k * m + j]);
+            if (acc) {
+                acc[m + k * m + j] += wd;
+                acc[m + (d + k) * m + j] += wd * diff;
+            }
+        }
+    }
+    if (t->dz) {
+        for (int64_t k = 0; k < d; ++k) {
+            float lanes[LANES];
+            memcpy(lanes, &gz[k], sizeof lanes);
+            for (int i = 0; i < valid; ++i) t->dz[(start + i) * d + k] = -lanes[i];
+        }
+    }
+}
+
+static void flush(vf *part, double *acc, size_t width) {
+    for (size_t j = 0; j < width; ++j) {
+        float lanes[LANES];
+        memcpy(lanes, &part[j], sizeof lanes);
+        double s = 0.0;
+        for (int i = 0; i < LANES; ++i) s += lanes[i];
+        acc[j] += s;
+        part[j] = splat(0.0f);
+    }
+}
+
+/* Flush-to-zero and denormals-are-zero for the duration of a task (x86): products of a tiny
+ * responsibility with a small gradient weight land in the denormal range, where each operation
+ * takes a slow path (measured: sharp priors ran 2x slower); contributions of 1e-38 are nothing
+ * here. The caller's floating-point mode is restored before the task returns. */
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#define FTZ_BEGIN const unsigned int saved_csr = _mm_getcsr(); _mm_setcsr(saved_csr | 0x8040u)
+#define FTZ_END _mm_setcsr(saved_csr)
+#else
+#define FTZ_BEGIN
+#define FTZ_END
+#endif
+
+/* D = 2 (the 2D toys) gets its own instantiation: the compiler unrolls the inner loops */
+#define RUN_ROWS(BODY)                                            \
+    do {                                                          \
+        if (t->d == 2) { const int64_t dd = 2; BODY; }            \
+        else { const int64_t dd = t->d; BODY; }                   \
+    } while (0)
+
+static void *forward_task(void *arg) {
+    FTZ_BEGIN;
+    Task *t = (Task *)arg;
+    const int64_t m = t->m;
+    vf *zv = aligned_alloc(32, sizeof(vf) * (size_t)(t->d + 1));
+    vf *qbuf = aligned_alloc(32, sizeof(vf) * (size_t)m);
+    vf *usage = t->want_acc ? aligned_alloc(32, sizeof(vf) * (size_t)m) : NULL;
+    if (usage) for (int64_t j = 0; j < m; ++j) usage[j] = splat(0.0f);
+    int64_t blocks = 0;
+    RUN_ROWS(for (int64_t s = t->lo; s < t->hi; s += LANES) {
+        forward_block(t, s, zv, qbuf, usage, dd);
+        if (usage && ++blocks == BLOCK_FLUSH) { flush(usage, t->acc, (size_t)m); blocks = 0; }
+    });
+    if (usage) { flush(usage, t->acc, (size_t)m); free(usage); }
+    free(qbuf);
+    free(zv);
+    FTZ_END;
+    return NULL;
+}
+
+static void *backward_task(void *arg) {
+    FTZ_BEGIN;
+    Task *t = (Task *)arg;
+    const size_t width = (size_t)(t->m * (1 + 2 * t->d));
+    vf *zv = aligned_alloc(32, sizeof(vf) * (size_t)(t->d + 1));
+    vf *part = t->want_acc ? aligned_alloc(32, sizeof(vf) * width) : NULL;
+    if (part) for (size_t j = 0; j < width; ++j) part[j] = splat(0.0f);
+    int64_t blocks = 0;
+    RUN_ROWS(for (int64_t s = t->lo; s < t->hi; s += LANES) {
+        backward_block(t, s, zv, part, dd);
+        if (part && ++blocks == BLOCK_FLUSH) { flush(part, t->acc, width); blocks = 0; }
+    });
+    if (part) { flush(part, t->acc, width); free(part); }
+    free(zv);
+    FTZ_END;
+    return NULL;
+}
+
+/* Rows are split into one contiguous range per thread, run by OpenMP. Linked against the
+ * libgomp.so.1 that PyTorch has already loaded, the kernel shares PyTorch's thread pool: no thread
+ * start-up per call, and no second pool competing with PyTorch's spinning workers. */
+static void run_tasks(void *(*fn)(void *), const Task *base, int threads, double *acc_out, size_t width) {
+    const int64_t blocks = (base->n + LANES - 1) / LANES;
+    if (threads < 1) threads = 1;
+    if (blocks < 512) threads = 1; /* under 4,096 rows a thread costs more than it saves */
+    double *accs = acc_out ? calloc(width * (size_t)threads, sizeof(double)) : NULL;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int i = 0; i < threads; ++i) {
+        Task task = *base;
+        task.lo = LANES * (blocks * i / threads);
+        task.hi = LANES * (blocks * (i + 1) / threads);
+        task.acc = accs ? accs + width * (size_t)i : NULL;
+        task.want_acc = acc_out != NULL;
+        fn(&task);
+    }
+    if (accs) {
+        for (int i = 0; i < threads; ++i)
+            for (size_t j = 0; j < width; ++j) acc_out[j] += accs[width * (size_t)i + j];
+        free(accs);
+    }
+}
+
+/* log p (N,); when usage != NULL, sum_n r_nm (M,) added in double; when dlogp_dz != NULL, the
+ * gradient of each row's own log p with respect to its z (N, D): the backward of every call that
+ * needs only dz is then one product with the incoming gradient, without a second pass of exps */
+void mixture_forward(int64_t n, int64_t m, int64_t d, const float *z, const float *mu_t, const float *iv_t,
+                     const float *bias, float *log_p, double *usage, float *dlogp_dz, int threads) {
+    if (n <= 0) return;
+    Task base = {0, 0, m, d, n, z, mu_t, iv_t, bias, NULL, NULL, log_p, dlogp_dz, NULL, 0};
+    run_tasks(forward_task, &base, threads, usage, (size_t)m);
+}
+
+/* dz (N, D) when dz != NULL; S0 | S1 | S2 ((1 + 2D) * M doubles) added when stats != NULL */
+void mixture_backward(int64_t n, int64_t m, int64_t d, const float *z, const float *mu_t, const float *iv_t,
+                      const float *bias, const float *log_p, const float *g, float *dz, double *stats, int threads) {
+    if (n <= 0) return;
+    Task base = {0, 0, m, d, n, z, mu_t, iv_t, bias, log_p, g, NULL, dz, NULL, 0};
+    run_tasks(backward_task, &base, threads, stats, (size_t)(m * (1 + 2 * d)));
+}
