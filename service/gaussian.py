@@ -215,8 +215,9 @@ class _NativeMixtureLogProb(torch.autograd.Function):
       dlogp/dmu = S1 / var,  dlogp/dlogvar = 0.5 (S2 / var - S0),  dlogp/dlog w = S0,
       dlogp/dz_n = -g_n sum_m r_nm (z_n - mu_m) / var_m.
     The last one is formed in the forward with g = 1 (where z needs a gradient) and multiplied by
-    g in the backward: of the six evaluations of an adversarial step only the prior's own KL (whose
-    z needs none) pays a second pass, for the parameters.
+    g in the backward. Where the parameters need gradients the forward also forms S0, S1, S2 with
+    g = 1; a uniform incoming gradient (a mean over the samples: the prior's own KL, the warm-up)
+    only scales them, and any other gradient takes a second pass of the kernel for the parameters.
     """
 
     @staticmethod
@@ -228,27 +229,33 @@ class _NativeMixtureLogProb(torch.autograd.Function):
         mu_t = means.detach().T.contiguous()  # (D, M): the kernel runs along m
         iv_t = torch.exp(-lv).T.contiguous()
         bias = (log_weights.detach() - 0.5 * (lv.sum(-1) + d * LOG_2PI)).contiguous()
-        usage = torch.zeros(m, dtype=_WIDE) if want_usage else None
+        need_params = any(ctx.needs_input_grad[1:4])
+        # with parameter gradients to come, the forward also forms their sums for g = 1 (no exp more)
+        sums = torch.zeros((1 + 2 * d) * m if need_params else m, dtype=_WIDE) if need_params or want_usage else None
         dlogp_dz = torch.empty(n, d, dtype=z.dtype) if ctx.needs_input_grad[0] else None
-        log_p = mixture_native.forward(zc, mu_t, iv_t, bias, usage, dlogp_dz)
-        ctx.save_for_backward(zc, mu_t, iv_t, bias, log_p, dlogp_dz)
-        second = (usage / max(n, 1)).to(z.dtype) if want_usage else z.new_empty(0)
+        log_p = mixture_native.forward(zc, mu_t, iv_t, bias, sums, dlogp_dz)
+        ctx.save_for_backward(zc, mu_t, iv_t, bias, log_p, dlogp_dz, sums if need_params else None)
+        second = (sums[:m] / max(n, 1)).to(z.dtype) if want_usage else z.new_empty(0)
         ctx.mark_non_differentiable(second)
         ctx.set_materialize_grads(False)
         return log_p, second
 
     @staticmethod
     def backward(ctx, grad_log_p: Tensor, _grad_second: Tensor):  # type: ignore[override]
-        zc, mu_t, iv_t, bias, log_p, dlogp_dz = ctx.saved_tensors
+        zc, mu_t, iv_t, bias, log_p, dlogp_dz, unit_sums = ctx.saved_tensors
         need_z, need_mu, need_lv, need_w = ctx.needs_input_grad[:4]
         if grad_log_p is None:
             return None, None, None, None, None
         (n, d), m = zc.shape, mu_t.shape[1]
-        dz = grad_log_p.to(zc.dtype).unsqueeze(-1) * dlogp_dz if need_z else None  # from the forward
+        g = grad_log_p.to(zc.dtype)
+        dz = g.unsqueeze(-1) * dlogp_dz if need_z else None  # from the forward
         stats = None
-        if need_mu or need_lv or need_w:  # one more pass of exps, for the parameters only
-            stats = torch.zeros((1 + 2 * d) * m, dtype=_WIDE)
-            mixture_native.backward(zc, mu_t, iv_t, bias, log_p, grad_log_p.to(zc.dtype).contiguous(), None, stats)
+        if need_mu or need_lv or need_w:
+            if n and bool((g == g[0]).all()):  # a mean over the samples: the forward's g = 1 sums, scaled
+                stats = unit_sums * float(g[0])
+            else:  # one more pass of exps, for the parameters only
+                stats = torch.zeros((1 + 2 * d) * m, dtype=_WIDE)
+                mixture_native.backward(zc, mu_t, iv_t, bias, log_p, g.contiguous(), None, stats)
         grad_mu = grad_lv = grad_w = None
         if stats is not None:
             s0 = stats[:m]

@@ -74,8 +74,8 @@ typedef struct {
     const float *z, *mu_t, *iv_t, *bias;   /* z (N, D); mu_t, iv_t (D, M); bias (M,) */
     const float *log_p, *g;                /* backward: saved log p (N,), incoming gradient (N,) */
     float *out_log_p, *dz;                 /* forward log p (N,); dlogp/dz (N, D) or NULL, both passes */
-    double *acc;                           /* per thread: usage (M) | S0 (M), S1 (D*M), S2 (D*M) */
-    int want_acc;
+    double *acc;                           /* per thread: usage (M), or S0 (M) | S1 (D*M) | S2 (D*M) */
+    int want_acc, moments;                 /* forward: also S1, S2 with g = 1 (acc is S0 | S1 | S2) */
 } Task;
 
 /* the rows of one block as D vectors; lanes past the end repeat the last row */
@@ -135,12 +135,24 @@ static inline void forward_block(const Task *t, int64_t start, vf *zv, vf *qbuf,
     memcpy(tot, &total, sizeof tot);
     memcpy(mx, &top, sizeof mx);
     for (int i = 0; i < valid; ++i) t->out_log_p[start + i] = mx[i] + logf(tot[i]);
-    if (usage) {
+    if (usage) { /* S0 += r; with moments also S1 += r (z - mu), S2 += r (z - mu)^2 (g = 1) */
         float inv[LANES];
         for (int i = 0; i < LANES; ++i) inv[i] = i < valid ? 1.0f / tot[i] : 0.0f;
         vf w;
         memcpy(&w, inv, sizeof w);
-        for (int64_t j = 0; j < m; ++j) usage[j] += qbuf[j] * w;
+        if (!t->moments) {
+            for (int64_t j = 0; j < m; ++j) usage[j] += qbuf[j] * w;
+        } else {
+            for (int64_t j = 0; j < m; ++j) {
+                vf r = qbuf[j] * w;
+                usage[j] += r;
+                for (int64_t k = 0; k < d; ++k) {
+                    vf rd = r * (zv[k] - splat(t->mu_t[k * m + j]));
+                    usage[m + k * m + j] += rd;
+                    usage[m + (d + k) * m + j] += rd * (zv[k] - splat(t->mu_t[k * m + j]));
+                }
+            }
+        }
     }
 }
 
@@ -214,16 +226,17 @@ static void *forward_task(void *arg) {
     FTZ_BEGIN;
     Task *t = (Task *)arg;
     const int64_t m = t->m;
+    const size_t width = (size_t)(t->moments ? m * (1 + 2 * t->d) : m);
     vf *zv = aligned_alloc(32, sizeof(vf) * (size_t)(t->d + 1));
     vf *qbuf = aligned_alloc(32, sizeof(vf) * (size_t)m);
-    vf *usage = t->want_acc ? aligned_alloc(32, sizeof(vf) * (size_t)m) : NULL;
-    if (usage) for (int64_t j = 0; j < m; ++j) usage[j] = splat(0.0f);
+    vf *usage = t->want_acc ? aligned_alloc(32, sizeof(vf) * width) : NULL;
+    if (usage) for (size_t j = 0; j < width; ++j) usage[j] = splat(0.0f);
     int64_t blocks = 0;
     RUN_ROWS(for (int64_t s = t->lo; s < t->hi; s += LANES) {
         forward_block(t, s, zv, qbuf, usage, dd);
-        if (usage && ++blocks == BLOCK_FLUSH) { flush(usage, t->acc, (size_t)m); blocks = 0; }
+        if (usage && ++blocks == BLOCK_FLUSH) { flush(usage, t->acc, width); blocks = 0; }
     });
-    if (usage) { flush(usage, t->acc, (size_t)m); free(usage); }
+    if (usage) { flush(usage, t->acc, width); free(usage); }
     free(qbuf);
     free(zv);
     FTZ_END;
@@ -272,20 +285,22 @@ static void run_tasks(void *(*fn)(void *), const Task *base, int threads, double
     }
 }
 
-/* log p (N,); when usage != NULL, sum_n r_nm (M,) added in double; when dlogp_dz != NULL, the
- * gradient of each row's own log p with respect to its z (N, D): the backward of every call that
- * needs only dz is then one product with the incoming gradient, without a second pass of exps */
+/* log p (N,); when sums != NULL, sum_n r_nm (M,) added in double, or with moments != 0 the sums
+ * S0 | S1 | S2 of the backward for g = 1 ((1 + 2D) * M): where the incoming gradient turns out
+ * uniform (a mean over the samples) they are the parameters' gradient up to that one factor, and
+ * the backward needs no second pass of exps. When dlogp_dz != NULL, the gradient of each row's own
+ * log p with respect to its z (N, D): the backward of a call that needs only dz is one product. */
 void mixture_forward(int64_t n, int64_t m, int64_t d, const float *z, const float *mu_t, const float *iv_t,
-                     const float *bias, float *log_p, double *usage, float *dlogp_dz, int threads) {
+                     const float *bias, float *log_p, double *sums, int moments, float *dlogp_dz, int threads) {
     if (n <= 0) return;
-    Task base = {0, 0, m, d, n, z, mu_t, iv_t, bias, NULL, NULL, log_p, dlogp_dz, NULL, 0};
-    run_tasks(forward_task, &base, threads, usage, (size_t)m);
+    Task base = {0, 0, m, d, n, z, mu_t, iv_t, bias, NULL, NULL, log_p, dlogp_dz, NULL, 0, moments != 0};
+    run_tasks(forward_task, &base, threads, sums, (size_t)(moments ? m * (1 + 2 * d) : m));
 }
 
 /* dz (N, D) when dz != NULL; S0 | S1 | S2 ((1 + 2D) * M doubles) added when stats != NULL */
 void mixture_backward(int64_t n, int64_t m, int64_t d, const float *z, const float *mu_t, const float *iv_t,
                       const float *bias, const float *log_p, const float *g, float *dz, double *stats, int threads) {
     if (n <= 0) return;
-    Task base = {0, 0, m, d, n, z, mu_t, iv_t, bias, log_p, g, NULL, dz, NULL, 0};
+    Task base = {0, 0, m, d, n, z, mu_t, iv_t, bias, log_p, g, NULL, dz, NULL, 0, 0};
     run_tasks(backward_task, &base, threads, stats, (size_t)(m * (1 + 2 * d)));
 }

@@ -84,7 +84,8 @@ def _build() -> ctypes.CDLL:
             os.replace(built, target)
     lib = ctypes.CDLL(str(target))
     i64, f32p, f64p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
-    lib.mixture_forward.argtypes = [i64, i64, i64, f32p, f32p, f32p, f32p, f32p, f64p, f32p, ctypes.c_int]
+    lib.mixture_forward.argtypes = [i64, i64, i64, f32p, f32p, f32p, f32p, f32p, f64p, ctypes.c_int, f32p,
+                                    ctypes.c_int]
     lib.mixture_forward.restype = None
     lib.mixture_backward.argtypes = [i64, i64, i64, f32p, f32p, f32p, f32p, f32p, f32p, f32p, f64p, ctypes.c_int]
     lib.mixture_backward.restype = None
@@ -114,15 +115,18 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def forward(z: torch.Tensor, mu_t: torch.Tensor, iv_t: torch.Tensor, bias: torch.Tensor,
-            usage: torch.Tensor | None, dlogp_dz: torch.Tensor | None = None) -> torch.Tensor:
-    """log p (N,) of float32 contiguous ``z`` (N, D); ``usage`` (M,) float64 receives sum_n r_nm;
-    ``dlogp_dz`` (N, D), when given, receives the gradient of each row's log p with respect to its z."""
+            sums: torch.Tensor | None, dlogp_dz: torch.Tensor | None = None) -> torch.Tensor:
+    """log p (N,) of float32 contiguous ``z`` (N, D). ``sums`` (float64) receives sum_n r_nm when it
+    has M entries, or S0 | S1 | S2 with g = 1 when it has (1 + 2D) * M; ``dlogp_dz`` (N, D), when
+    given, the gradient of each row's log p with respect to its z."""
     lib = library()
     assert lib is not None
     n, d = z.shape
+    m = mu_t.shape[1]
+    moments = sums is not None and sums.numel() == (1 + 2 * d) * m
     log_p = torch.empty(n, dtype=torch.float32)
-    lib.mixture_forward(n, mu_t.shape[1], d, _ptr(z), _ptr(mu_t), _ptr(iv_t), _ptr(bias), _ptr(log_p),
-                        _ptr(usage), _ptr(dlogp_dz), torch.get_num_threads())
+    lib.mixture_forward(n, m, d, _ptr(z), _ptr(mu_t), _ptr(iv_t), _ptr(bias), _ptr(log_p),
+                        _ptr(sums), int(moments), _ptr(dlogp_dz), torch.get_num_threads())
     return log_p
 
 

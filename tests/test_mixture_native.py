@@ -53,9 +53,12 @@ def _rel(a, b):
 
 
 @needs_kernel
+@pytest.mark.parametrize("weights", ["per-sample", "uniform"])  # uniform: the forward's g = 1 sums are used
 @pytest.mark.parametrize("logvar,scale", [(0.0, 1.0), (-1.1, 1.5), (-3.5, 2.0), (-7.0, 5.0), (-9.0, 5.0)])
-def test_kernel_matches_float64_from_broad_to_sharp_components(logvar, scale):
+def test_kernel_matches_float64_from_broad_to_sharp_components(logvar, scale, weights):
     inputs, weight = _case(20_000, 64, 2, logvar, scale)
+    if weights == "uniform":
+        weight = torch.full_like(weight, -1.0 / weight.numel())
     assert native_applies(*inputs)
     got = _value_usage_grads(mixture_log_prob_and_usage, inputs, weight)
     ref = _value_usage_grads(_reference, [t.double() for t in inputs], weight)
