@@ -221,7 +221,8 @@ class _NativeMixtureLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor, want_usage: bool):  # type: ignore[override]
+    def forward(ctx, z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor, want_usage: bool,  # type: ignore[override]
+                grad_mode: bool):
         n, d = z.shape
         m = means.shape[0]
         zc = z.detach().contiguous()
@@ -229,10 +230,10 @@ class _NativeMixtureLogProb(torch.autograd.Function):
         mu_t = means.detach().T.contiguous()  # (D, M): the kernel runs along m
         iv_t = torch.exp(-lv).T.contiguous()
         bias = (log_weights.detach() - 0.5 * (lv.sum(-1) + d * LOG_2PI)).contiguous()
-        need_params = any(ctx.needs_input_grad[1:4])
+        need_params = grad_mode and any(ctx.needs_input_grad[1:4])  # (needs_input_grad ignores no_grad)
         # with parameter gradients to come, the forward also forms their sums for g = 1 (no exp more)
         sums = torch.zeros((1 + 2 * d) * m if need_params else m, dtype=_WIDE) if need_params or want_usage else None
-        dlogp_dz = torch.empty(n, d, dtype=z.dtype) if ctx.needs_input_grad[0] else None
+        dlogp_dz = torch.empty(n, d, dtype=z.dtype) if grad_mode and ctx.needs_input_grad[0] else None
         log_p = mixture_native.forward(zc, mu_t, iv_t, bias, sums, dlogp_dz)
         ctx.save_for_backward(zc, mu_t, iv_t, bias, log_p, dlogp_dz, sums if need_params else None)
         second = (sums[:m] / max(n, 1)).to(z.dtype) if want_usage else z.new_empty(0)
@@ -265,7 +266,7 @@ class _NativeMixtureLogProb(torch.autograd.Function):
             grad_mu = (inv_var * s1).to(zc.dtype) if need_mu else None
             grad_lv = (0.5 * (inv_var * s2 - s0.unsqueeze(-1))).to(zc.dtype) if need_lv else None
             grad_w = s0.to(zc.dtype) if need_w else None
-        return dz, grad_mu, grad_lv, grad_w, None
+        return dz, grad_mu, grad_lv, grad_w, None, None
 
 
 def native_applies(z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor) -> bool:
@@ -287,7 +288,7 @@ def mixture_log_prob_and_usage(z: Tensor, means: Tensor, logvars: Tensor, log_we
     Never materialises the normalised (N, M) responsibilities; the usage carries no gradient.
     """
     if native_applies(z, means, logvars, log_weights):
-        log_p, second = _NativeMixtureLogProb.apply(z, means, logvars, log_weights, usage)
+        log_p, second = _NativeMixtureLogProb.apply(z, means, logvars, log_weights, usage, torch.is_grad_enabled())
     else:
         log_p, second = _MixtureLogProb.apply(z, means, logvars, log_weights, "usage" if usage else "none")
     return log_p, (second if usage else None)

@@ -77,7 +77,7 @@ class Prior(nn.Module):
 
     def log_prob(self, z: Tensor, detach: bool = False) -> Tensor:
         """``log p(z)`` for z (N, D) -> (N,)."""
-        return self.log_prob_and_responsibilities(z, detach)[0]
+        return self.log_prob_and_usage(z, detach, usage=False)[0]
 
     def log_prob_and_responsibilities(self, z: Tensor, detach: bool = False) -> tuple[Tensor, Tensor]:
         """``(log p(z) (N,), r (N, M))``; the responsibilities carry no gradient (fast path)."""
