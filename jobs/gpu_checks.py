@@ -46,9 +46,11 @@ TAIL_CHARS = 2_000
 IMAGE_SWITCHES = {"baseline": [], "channels_last": ["--channels-last"], "amp_bf16": ["--amp-bf16"],
                   "compile": ["--compile"], "all": ["--channels-last", "--amp-bf16", "--compile"]}
 # --dry-run: the share2d trials at the smoke sizes (the space's own sizes are for a GPU)
-DRY_TRIAL = ["schedule.iterations=12", "schedule.warmup=6", "prior.mog_warmup=2", "schedule.checkpoint_every=6",
-             "schedule.log_every=2", "optim.milestones=[9]", "data.batch_size=32", "network.hidden=32",
-             "prior.num_components=8", "objective.mc_samples=8"]
+DRY_TRIAL = ["--shrink", "smoke"] + [a for o in ("schedule.iterations=12", "schedule.warmup=6", "prior.mog_warmup=2",
+                                                  "schedule.checkpoint_every=6", "schedule.log_every=2",
+                                                  "eval.grid_size=32", "eval.data_points=256",
+                                                  "eval.hist_samples=512", "eval.mc_samples=8")
+                                     for a in ("--set", o)]
 
 
 @dataclass
@@ -189,7 +191,7 @@ def plan(work: Path, *, dry_run: bool = False) -> list[Step]:
                     240 if compiles else 120, 45 if compiles else 30,
                     env={"TORCH_COMPILE_DISABLE": "1"} if dry_run and compiles else None)
 
-    share = ["--trials", "2"] + [a for o in DRY_TRIAL for a in ("--set", o)] if dry_run else []
+    share = ["--trials", "2", *DRY_TRIAL] if dry_run else []
     space = "tune_spaces/smoke_seeds.yaml" if dry_run else SPACE  # the GPU space's trials are too long for CPUs
     return [
         step("env", ["-m", "jobs.gpu_steps", "env", "--device", device], 60, 5),

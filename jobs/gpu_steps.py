@@ -142,8 +142,9 @@ def step2d(device: str, presets: list[str], batches: list[int], iterations: int,
 # trial / share2d: several 2D trials on one device, without Ray
 # --------------------------------------------------------------------------------------------
 
-def trial(space: str, variant: int, device: str, threads: int, overrides: list[str], out: str) -> dict:
-    """Train one variant of ``space`` (its ``smoke:`` shrink) with ``service.loop.train`` here."""
+def trial(space: str, variant: int, device: str, threads: int, shrink: str | None, overrides: list[str],
+          out: str) -> dict:
+    """Train one variant of ``space`` (``shrink``, else the space's ``smoke:``) with ``service.loop.train`` here."""
     import torch
 
     from service.config import apply_overrides
@@ -155,7 +156,7 @@ def trial(space: str, variant: int, device: str, threads: int, overrides: list[s
     torch.set_num_threads(threads)
     spec = load_space(space)
     v = spec.variants[variant]
-    cfg = apply_overrides(v.config("smoke" if spec.smoke else "full"), overrides)
+    cfg = apply_overrides(v.config(shrink or ("smoke" if spec.smoke else "full")), overrides)
     ready = time.perf_counter()
     res = train(cfg, make_source(cfg.data), device=device)
     _sync(torch.device(device))
@@ -167,8 +168,8 @@ def trial(space: str, variant: int, device: str, threads: int, overrides: list[s
     return result
 
 
-def _run_trials(space: str, indices: list[int], device: str, threads: int, overrides: list[str], work: Path,
-                concurrent: bool) -> tuple[float, list[dict]]:
+def _run_trials(space: str, indices: list[int], device: str, threads: int, shrink: str | None, overrides: list[str],
+                work: Path, concurrent: bool) -> tuple[float, list[dict]]:
     """Wall seconds of running the variants as ``trial`` processes, all at once or one by one."""
     procs, files = [], []
     start = time.perf_counter()
@@ -177,6 +178,7 @@ def _run_trials(space: str, indices: list[int], device: str, threads: int, overr
         files.append(path)
         cmd = [sys.executable, "-m", "jobs.gpu_steps", "trial", space, "--variant", str(i), "--device", device,
                "--threads", str(threads), "--json", str(path)] + [a for o in overrides for a in ("--set", o)]
+        cmd += ["--shrink", shrink] if shrink else []
         proc = subprocess.Popen(cmd)
         if concurrent:
             procs.append(proc)
@@ -189,7 +191,7 @@ def _run_trials(space: str, indices: list[int], device: str, threads: int, overr
     return wall, [json.loads(f.read_text()) for f in files]
 
 
-def share2d(space: str, device: str, trials: int | None, overrides: list[str], out: str) -> dict:
+def share2d(space: str, device: str, trials: int | None, shrink: str | None, overrides: list[str], out: str) -> dict:
     """The space's first ``trials`` variants one after another, then all at once; trials/hour of each."""
     from service.spaces import load_space
 
@@ -199,9 +201,9 @@ def share2d(space: str, device: str, trials: int | None, overrides: list[str], o
     work = Path(out).parent / f"{Path(out).stem}-work"
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"space": space, "device": device, "trials": n, "threads_per_trial": threads,
-                    "overrides": overrides, "modes": []}
+                    "shrink": shrink, "overrides": overrides, "modes": []}
     for concurrent in (False, True):
-        wall, rows = _run_trials(space, indices, device, threads, overrides, work, concurrent)
+        wall, rows = _run_trials(space, indices, device, threads, shrink, overrides, work, concurrent)
         result["modes"].append({"mode": f"{n} at once" if concurrent else "one at a time",
                                 "concurrent": n if concurrent else 1, "wall_s": wall,
                                 "trials_per_hour": 3600 * n / wall,
@@ -265,13 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
             t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="config override on top of every variant (repeatable)")
+        t.add_argument("--shrink", choices=["smoke", "quick", "full"], help="default: the space's smoke: flag")
     sub.choices["trial"].add_argument("--variant", type=int, required=True)
     sub.choices["trial"].add_argument("--threads", type=int, default=1)
     sub.choices["share2d"].add_argument("--trials", type=int, help="the first N variants (default: all)")
     sw = sub.choices["sweep"]
     sw.add_argument("--gpus-per-trial", type=float, default=0.0)
     sw.add_argument("--work", required=True, help="the sweep's --output-dir (must be new)")
-    sw.add_argument("--shrink", choices=["smoke", "quick", "full"])
     for sp in sub.choices.values():
         sp.add_argument("--json", required=True, metavar="PATH", help="where the result goes")
     return p
@@ -286,9 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         step2d(args.device, args.presets.split(","), [int(b) for b in args.batches.split(",")], args.iterations,
                args.rounds, args.warmup, args.json)
     elif args.what == "trial":
-        trial(args.space, args.variant, args.device, args.threads, args.overrides, args.json)
+        trial(args.space, args.variant, args.device, args.threads, args.shrink, args.overrides, args.json)
     elif args.what == "share2d":
-        share2d(args.space, args.device, args.trials, args.overrides, args.json)
+        share2d(args.space, args.device, args.trials, args.shrink, args.overrides, args.json)
     else:
         sweep(args.space, args.gpus_per_trial, args.work, args.shrink, args.json)
     return 0
