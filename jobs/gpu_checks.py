@@ -257,17 +257,21 @@ def _sharing_table(results: dict[str, dict]) -> list[str]:
     for m in (share or {}).get("modes", []):
         lines.append(f"| processes, no Ray | {share['trials']} | {m['concurrent']} | {m['wall_s']:.1f} | "
                      f"{m['trials_per_hour']:,.0f} | {m['mean_trial_s']:.1f} |")
-    for name in ("sweep-fractional", "sweep-whole"):
-        r = results.get(name)
-        if r:
-            lines.append(f"| jobs.sweep --gpus-per-trial {r['gpus_per_trial']:g} | {r['trials']} | "
-                         f"{'—'} | {r['wall_s']:.1f} | {r['trials_per_hour']:,.0f} | "
-                         f"{r['mean_trial_s'] or float('nan'):.1f} |")
+    sweeps = [results[n] for n in ("sweep-fractional", "sweep-whole") if results.get(n)]
+    for r in sweeps:
+        gpus = r["gpus_per_trial"]
+        at_once = min(r["trials"], int(1 / gpus + 1e-9)) if 0 < gpus <= 1 else "CPUs"
+        lines.append(f"| jobs.sweep --gpus-per-trial {gpus:g} (Ray start included) | {r['trials']} | {at_once} | "
+                     f"{r['wall_s']:.1f} | {r['trials_per_hour']:,.0f} | {r['mean_trial_s'] or float('nan'):.1f} |")
     if len(lines) == 2:
         return ["not measured"]
     if share and "speedup" in share:
         lines.append(f"\n{share['trials']} trials at once finished {share['speedup']:.2f}x sooner than one at a time "
                      f"({share['threads_per_trial']} torch threads per trial both ways).")
+    if len(sweeps) == 2:
+        lines.append(f"\nThrough Ray Tune: {sweeps[0]['trials_per_hour'] / sweeps[1]['trials_per_hour']:.2f}x the "
+                     f"trials/hour with --gpus-per-trial {sweeps[0]['gpus_per_trial']:g} against "
+                     f"{sweeps[1]['gpus_per_trial']:g}.")
     return lines
 
 

@@ -108,7 +108,10 @@ def test_markdown_tables_show_speedups_against_the_baseline():
              {"name": "share2d", "status": "ok", "wall_s": 1.0, "timeout_s": 60, "note": "",
               "result": {"trials": 4, "threads_per_trial": 4, "speedup": 2.5, "modes": [
                   {"concurrent": 1, "wall_s": 100.0, "trials_per_hour": 144.0, "mean_trial_s": 25.0},
-                  {"concurrent": 4, "wall_s": 40.0, "trials_per_hour": 360.0, "mean_trial_s": 38.0}]}}]
+                  {"concurrent": 4, "wall_s": 40.0, "trials_per_hour": 360.0, "mean_trial_s": 38.0}]}},
+             *({"name": f"sweep-{n}", "status": "ok", "wall_s": 1.0, "timeout_s": 60, "note": "",
+                "result": {"gpus_per_trial": g, "trials": 4, "wall_s": w, "trials_per_hour": 14400 / w,
+                           "mean_trial_s": 20.0}} for n, g, w in (("fractional", 0.25, 60.0), ("whole", 1.0, 120.0)))]
     report = {"date": "2027-01-01 00:00 UTC", "command": "python -m jobs.gpu_checks --out x", "budget_s": 540,
               "wall_s": 300, "steps": steps,
               "machine": {"device_name": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0", "cpus": 16, "python": "3.12"}}
@@ -117,6 +120,9 @@ def test_markdown_tables_show_speedups_against_the_baseline():
     assert "| fmnist | adversarial step | 1,000 | — | 2,500 (2.50x) | — | — |" in md
     assert "| mog-ip-lc | 512 | 100.0 | 10.00 | 51,200 | 2.00 |" in md
     assert "| processes, no Ray | 4 | 4 | 40.0 | 360 | 38.0 |" in md and "2.50x sooner" in md
+    assert "| jobs.sweep --gpus-per-trial 0.25 (Ray start included) | 4 | 4 | 60.0 | 240 | 20.0 |" in md
+    assert "| jobs.sweep --gpus-per-trial 1 (Ray start included) | 4 | 1 | 120.0 | 120 | 20.0 |" in md
+    assert "2.00x the trials/hour with --gpus-per-trial 0.25 against 1" in md
 
 
 def test_dry_run_cli_runs_a_real_step_and_writes_the_report(tmp_path, monkeypatch):
