@@ -233,15 +233,19 @@ def sweep(space: str, gpus_per_trial: float, work: str, shrink: str | None, out:
             "--tracking-uri", f"sqlite:///{folder}/mlflow.db"] + ([f"--{shrink}"] if shrink else [])
     start = time.perf_counter()
     rc = sweep_main(argv)
-    wall = time.perf_counter() - start
-    df = pd.read_parquet(folder / "results.parquet")
-    n = len(df)
-    result = {"space": space, "gpus_per_trial": gpus_per_trial, "rc": rc, "trials": n,
-              "ok": int((df["status"] == "ok").sum()), "wall_s": wall, "trials_per_hour": 3600 * n / wall,
-              "mean_trial_s": float(df["time_s"].mean()) if "time_s" in df else None,
-              "hist_kl": [float(x) for x in df["hist_kl"]] if "hist_kl" in df else []}
+    result = {"space": space, "gpus_per_trial": gpus_per_trial, "rc": rc,
+              **sweep_summary(pd.read_parquet(folder / "results.parquet"), time.perf_counter() - start)}
     write_json(out, result)
     return result
+
+
+def sweep_summary(df, wall_s: float) -> dict:
+    """Trials, completed ones, completed trials/hour over ``wall_s`` and the mean trial time of a sweep's
+    results frame (``results.parquet``)."""
+    ok = int((df["status"] == "ok").sum())
+    return {"trials": len(df), "ok": ok, "wall_s": wall_s, "trials_per_hour": 3600 * ok / wall_s,
+            "mean_trial_s": float(df["time_s"].mean()) if "time_s" in df else None,
+            "hist_kl": [float(x) for x in df["hist_kl"]] if "hist_kl" in df else []}
 
 
 # --------------------------------------------------------------------------------------------

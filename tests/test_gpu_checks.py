@@ -125,6 +125,16 @@ def test_markdown_tables_show_speedups_against_the_baseline():
     assert "2.00x the trials/hour with --gpus-per-trial 0.25 against 1" in md
 
 
+def test_sweep_summary_counts_completed_trials_per_hour():
+    pd = pytest.importorskip("pandas")
+    from jobs.gpu_steps import sweep_summary
+
+    df = pd.DataFrame({"status": ["ok", "ok", "ok", "failed"], "time_s": [10.0, 20.0, 30.0, 40.0],
+                       "hist_kl": [1.0, 2.0, 3.0, float("nan")]})
+    summary = sweep_summary(df, 120.0)
+    assert (summary["trials"], summary["ok"], summary["trials_per_hour"], summary["mean_trial_s"]) == (4, 3, 90.0, 25.0)
+
+
 def test_dry_run_cli_runs_a_real_step_and_writes_the_report(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "out"
