@@ -233,15 +233,16 @@ def _images_table(results: dict[str, dict]) -> list[str]:
             cells.append("—" if v is None else f"{v:,.0f}" + (f" ({v / b:.2f}x)" if b and n != "baseline" else ""))
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     if base:
-        lines.append(f"\nimages/s per GPU (1 worker), preset `*/{base['config']}`, {base['iterations']} timed steps per "
-                     f"phase after {base['warmup']}; in brackets: against the baseline.")
+        lines.append(f"\nimages/s per GPU (1 worker), preset `*/{base['config']}`, {base['iterations']} timed steps "
+                     f"per phase after {base['warmup']}; in brackets: against the baseline.")
     return lines
 
 
 def _step2d_table(result: dict | None) -> list[str]:
     if not result or not result.get("rows"):
         return ["not measured"]
-    lines = ["| preset | batch | it/s | ms/it | points/s | time vs sintro |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| preset | batch | it/s | ms/it | points/s | time vs sintro |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         ratio = next((v for k, v in r.items() if k.startswith("time_vs_")), None)
         lines.append(f"| {r['preset']} | {r['batch']:,} | {r['it_per_s']:,.1f} | {r['ms_per_it']:.2f} | "
@@ -252,7 +253,8 @@ def _step2d_table(result: dict | None) -> list[str]:
 
 
 def _sharing_table(results: dict[str, dict]) -> list[str]:
-    lines = ["| how | trials | at once | wall s | trials/hour | mean trial s |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| how | trials | at once | wall s | trials/hour | mean trial s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     share = results.get("share2d")
     for m in (share or {}).get("modes", []):
         lines.append(f"| processes, no Ray | {share['trials']} | {m['concurrent']} | {m['wall_s']:.1f} | "
@@ -284,7 +286,8 @@ def render_markdown(report: dict) -> str:
              + f"; torch {m.get('torch', '?')}, CUDA {m.get('cuda') or 'none'}, {m.get('cpus', '?')} CPUs, "
                f"Python {m.get('python', '?')}" + ("; **dry run on the CPU, tiny sizes: not figures**"
                                                   if report.get("dry_run") else ""),
-             f"command: `{report['command']}` (budget {report['budget_s']:.0f} s, took {report.get('wall_s', 0):.0f} s)",
+             f"command: `{report['command']}` (budget {report['budget_s']:.0f} s, "
+             f"took {report.get('wall_s', 0):.0f} s)",
              "", "## Image step (images/s per GPU)", "", *_images_table(results),
              "", "## 2D step", "", *_step2d_table(results.get("step2d")),
              "", f"## 2D trials sharing one GPU (`{SPACE}`)", "", *_sharing_table(results),

@@ -114,7 +114,8 @@ def test_markdown_tables_show_speedups_against_the_baseline():
                            "mean_trial_s": 20.0}} for n, g, w in (("fractional", 0.25, 60.0), ("whole", 1.0, 120.0)))]
     report = {"date": "2027-01-01 00:00 UTC", "command": "python -m jobs.gpu_checks --out x", "budget_s": 540,
               "wall_s": 300, "steps": steps,
-              "machine": {"device_name": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0", "cpus": 16, "python": "3.12"}}
+              "machine": {"device_name": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0", "cpus": 16,
+                          "python": "3.12"}}
     md = render_markdown(report)
     assert "# GPU checks, 2027-01-01 00:00 UTC" in md and "device: NVIDIA H200" in md and "CUDA 13.0" in md
     assert "| fmnist | adversarial step | 1,000 | — | 2,500 (2.50x) | — | — |" in md
