@@ -3,6 +3,7 @@
     python -m jobs.bench_images                                   # fmnist + cifar10, 1 and 2 CPU workers
     python -m jobs.bench_images --datasets cifar10 --workers 1,2 --iterations 5
     python -m jobs.bench_images --device cuda --workers 1 --channels-last --amp-bf16 --compile
+    python -m jobs.bench_images --device cuda --workers 1 --json runs/bench_images.json   # also machine-readable
 
 Every worker is a process (gloo on CPU, NCCL on GPUs, one GPU each) with ``--threads`` torch
 threads. It runs the training steps of ``service.step`` with the preset's official networks and
@@ -11,7 +12,8 @@ of the dataset's shape, with the gradient all-reduce of ``service/distributed.py
 epoch-sharded batches of ``service/images.py``. The prior is the preset's converted MoG (clip
 bounds set), so the adversarial step costs what it costs after the warm-up. After ``--warmup``
 untimed steps it times ``--iterations`` warm-up (VAE) steps and ``--iterations`` adversarial
-steps and prints images/s per worker (local batch x steps / seconds, slowest rank).
+steps and prints images/s per worker (local batch x steps / seconds, slowest rank). ``--json PATH``
+also writes the rows (rewritten after every row, so a run stopped part-way keeps what it measured).
 Run it alone: other processes on the same cores distort the figures (STACK.md, threads).
 """
 
@@ -58,7 +60,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
         cfg = apply_overrides(get_preset(f"{args['dataset']}/{args['config']}"), {
             "scaling.channels_last": args["channels_last"], "scaling.amp_bf16": args["amp_bf16"],
             "scaling.compile": args["compile"], "scaling.use_gpu": cuda, "scaling.workers": world,
-            "network.sync_bn": args["sync_bn"]})
+            "network.sync_bn": args["sync_bn"], **({"data.batch_size": args["batch"]} if args["batch"] else {})})
         shape, batch = SHAPES[args["dataset"]], cfg.data.batch_size
         steps = 2 * (args["warmup"] + args["iterations"])
         g = torch.Generator().manual_seed(0)
@@ -107,7 +109,7 @@ def bench(dataset: str, world: int, args: argparse.Namespace) -> dict[str, float
     import torch.multiprocessing as mp
 
     opts = {k: getattr(args, k) for k in ("config", "threads", "device", "channels_last", "amp_bf16", "compile",
-                                          "sync_bn", "warmup", "iterations")}
+                                          "sync_bn", "warmup", "iterations", "batch")}
     opts["dataset"] = dataset
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_worker, args=(world, _free_port(), opts, out), nprocs=world, join=True,
@@ -124,25 +126,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=10, help="timed steps per phase")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per phase")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--batch", type=int, help="global batch (default: the preset's)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--amp-bf16", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (GPUs)")
+    p.add_argument("--json", metavar="PATH", help="also write the settings and rows as JSON to PATH")
     args = p.parse_args(argv)
     switches = [s for s in ("channels_last", "amp_bf16", "compile", "sync_bn") if getattr(args, s)]
+    report = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": args.device,
+              "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+              "config": args.config, "batch": args.batch, "switches": switches, "threads": args.threads,
+              "iterations": args.iterations, "warmup": args.warmup, "rows": []}
+    if args.json:
+        _write_json(args.json, report)
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} thread(s)/worker, preset */{args.config}, "
           f"switches: {', '.join(switches) or 'none'}; {args.iterations} timed steps per phase")
     print(f"{'dataset':<8} {'workers':>7} {'batch/worker':>12} {'phase':<20} {'images/s/worker':>16} {'total':>8}")
     for dataset in args.datasets.split(","):
         from service.presets import get_preset
 
-        batch = get_preset(f"{dataset}/{args.config}").data.batch_size
+        batch = args.batch or get_preset(f"{dataset}/{args.config}").data.batch_size
         for world in (int(w) for w in args.workers.split(",")):
             for phase, rate in bench(dataset, world, args).items():
                 print(f"{dataset:<8} {world:>7} {batch // world:>12} {phase:<20} {rate:>16.1f} {rate * world:>8.1f}",
                       flush=True)
+                report["rows"].append({"dataset": dataset, "workers": world, "batch_per_worker": batch // world,
+                                       "phase": phase, "images_per_s_per_worker": rate, "images_per_s": rate * world})
+                if args.json:
+                    _write_json(args.json, report)
     return 0
+
+
+def _write_json(path: str, report: dict) -> None:
+    """Atomically (a reader never sees half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -305,6 +305,7 @@ def plan_resources(cpus: float, gpus: float, workers: int, max_concurrent: int |
     if gpus_per_trial and gpus + 1e-9 < gpus_per_trial and max_concurrent is None:
         raise ConfigError(f"--gpus-per-trial: {gpus_per_trial} is more than the Ray cluster's {gpus:g} GPUs; "
                           f"allowed [0, {gpus:g}] (on an autoscaling cluster, also give --max-concurrent)")
+    check_gpus_per_worker(gpus_per_trial, workers)
     fits = max(1, int(cpus // workers))
     if gpus_per_trial:
         fits = max(1, min(fits, int(gpus / gpus_per_trial + 1e-9)))
@@ -314,6 +315,22 @@ def plan_resources(cpus: float, gpus: float, workers: int, max_concurrent: int |
                         cpus_per_worker=math.floor((whole - DRIVER_CPU) * 1e4) / 1e4,
                         threads_per_worker=whole,
                         gpus_per_worker=gpus_per_trial / workers)
+
+
+GPU_PRECISION = 1e-4  # Ray's smallest resource fraction
+
+
+def check_gpus_per_worker(gpus_per_trial: float, workers: int) -> float:
+    """Each Train worker's GPU request, ``gpus_per_trial / workers``: a fraction in (0, 1] (several
+    workers or trials share a GPU) or a whole number. Ray cannot place 1.5 GPUs (above 1 it takes
+    whole GPUs only) nor fractions below 0.0001; both are refused here, before Ray starts."""
+    per_worker = gpus_per_trial / workers
+    whole = abs(per_worker - round(per_worker)) < 1e-9
+    if per_worker and (per_worker < GPU_PRECISION or (per_worker > 1 and not whole)):
+        raise ConfigError(f"--gpus-per-trial: {gpus_per_trial:g} gives each of a trial's {workers} Train worker(s) "
+                          f"{per_worker:g} GPU; allowed per worker a fraction in [{GPU_PRECISION:g}, 1] or a whole "
+                          f"number (--gpus-per-trial = workers x that)")
+    return per_worker
 
 
 def resolve_shrink(spec: SweepSpec, shrink: Shrink | None) -> str:

@@ -320,6 +320,27 @@ def test_plan_resources_rejects_more_gpus_than_the_cluster_has():
         plan_resources(2, 0, 1, None, 1.0)
 
 
+@pytest.mark.parametrize("gpus_per_trial,workers,per_worker", [
+    (0.25, 1, 0.25),  # four trials share a GPU
+    (1.0, 2, 0.5),  # two workers of one trial share a GPU
+    (1.0, 3, 1 / 3),
+    (2.0, 1, 2.0),  # a worker with two whole GPUs
+    (4.0, 2, 2.0),
+    (0.0, 1, 0.0),  # CPU trials
+])
+def test_gpus_per_worker_is_a_fraction_up_to_one_or_whole(gpus_per_trial, workers, per_worker):
+    assert plan_resources(16, 8, workers, 4, gpus_per_trial).gpus_per_worker == pytest.approx(per_worker)
+
+
+@pytest.mark.parametrize("gpus_per_trial,workers,shown", [(1.5, 1, "1.5"), (3.0, 2, "1.5"), (0.00005, 1, "5e-05"),
+                                                           (0.0003, 4, "7.5e-05")])
+def test_gpus_per_worker_that_ray_cannot_place_is_refused_naming_the_flag(gpus_per_trial, workers, shown):
+    with pytest.raises(ConfigError, match=rf"--gpus-per-trial: {gpus_per_trial:g} gives each of a trial's {workers} "
+                                          rf"Train worker\(s\) {shown} GPU; allowed per worker a fraction in "
+                                          r"\[0.0001, 1\] or a whole number"):
+        plan_resources(16, 8, workers, 4, gpus_per_trial)
+
+
 # ---- aggregation: selection by the SPEC criterion, mean ± s.e. over seeds -----------------
 
 def _frame(rows):
