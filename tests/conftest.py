@@ -9,6 +9,24 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers at most every 2 s by default, so each smoke run waits up to
+# 2 s to notice that training ended (a worker died): the suite runs about 20 Ray Train runs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Starting a Ray Train worker group (a process that imports torch per worker) has 60 s by default; with
+# pytest-xdist's workers and other jobs on 2 cores it can take longer, and a timeout costs a retry.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
+# The slowest modules first (their --durations, idle 2-core machine): with ``make test``'s pytest-xdist
+# (``--dist loadfile --no-loadscope-reorder``) a module that starts last cannot end the run on its own.
+# The order changes nothing else; modules not listed keep their places after these.
+SLOW_FIRST = ["test_e2e_faults.py", "test_e2e_sweep_staged.py", "test_e2e_sweep.py", "test_e2e_multinode.py",
+              "test_e2e_train.py", "test_e2e_evaluate.py", "test_e2e_signals.py", "test_readme_cluster.py",
+              "test_e2e_serve.py"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +38,35 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray instance (2 CPUs) shared by one end-to-end module's tests."""
+def _local_ray() -> None:
+    """Start this process's local Ray instance (2 CPUs) unless one is up; it lives until the session ends."""
     import ray
 
-    # address="local": a fresh instance even where /tmp/ray names another (live or stale) cluster
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    if not ray.is_initialized():
+        # address="local": a fresh instance even where /tmp/ray names another (live or stale) cluster
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts down, at the end of the session, the local Ray instance that the end-to-end modules shared."""
     yield
-    ray.shutdown()
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session):
+    """A local Ray instance (2 CPUs) for one end-to-end module's tests.
+
+    Started by the first module that asks and kept for the next ones (a Ray start and stop is
+    about 10 s of a loaded machine's time); a module that needs another cluster (a multi-node one)
+    shuts it down first and the next module starts a fresh one.
+    """
+    _local_ray()
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +81,4 @@ def smoke_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("smoke_checkpoint") / "checkpoint.pt"
     checkpoint.save(path, train(cfg, make_source(cfg.data)).state)
     return path
+

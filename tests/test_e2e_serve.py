@@ -91,16 +91,11 @@ def test_jobs_serve_refuses_an_open_host_without_a_token(smoke_checkpoint: Path,
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served(smoke_checkpoint: Path) -> Iterator[str]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # STACK.md: explicit, the same for server and clients
-    import ray
+def served(smoke_checkpoint: Path, ray_local) -> Iterator[str]:
     from ray import serve
 
     from service.serving import build_app
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": str(smoke_checkpoint), "max_samples": 512, "max_body_bytes": 65536}),
@@ -109,8 +104,6 @@ def served(smoke_checkpoint: Path) -> Iterator[str]:
     wait_healthy(url, timeout_s=300)
     yield url
     serve.shutdown()
-    if started_ray:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
