@@ -19,9 +19,9 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 # The slowest modules first (their --durations, idle 2-core machine): with ``make test``'s pytest-xdist
 # (``--dist loadfile --no-loadscope-reorder``) a module that starts last cannot end the run on its own.
 # The order changes nothing else; modules not listed keep their places after these.
-SLOW_FIRST = ["test_e2e_faults.py", "test_e2e_sweep_staged.py", "test_e2e_sweep.py", "test_e2e_multinode.py",
-              "test_e2e_train.py", "test_e2e_evaluate.py", "test_e2e_signals.py", "test_readme_cluster.py",
-              "test_e2e_serve.py"]
+SLOW_FIRST = ["test_e2e_faults.py", "test_e2e_sweep_staged.py", "test_e2e_sweep.py", "test_e2e_serve.py",
+              "test_e2e_multinode.py", "test_e2e_train.py", "test_e2e_evaluate.py", "test_e2e_signals.py",
+              "test_readme_cluster.py", "test_e2e_mlflow_outage.py"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
