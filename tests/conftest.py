@@ -15,6 +15,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Starting a Ray Train worker group (a process that imports torch per worker) has 60 s by default; with
 # pytest-xdist's workers and other jobs on 2 cores it can take longer, and a timeout costs a retry.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+# Ray Train starts a preemption watcher actor (one more Python process) with every worker group; no test
+# drains a node, and on 2 cores each process start is seconds.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # The slowest modules first (their --durations, idle 2-core machine): with ``make test``'s pytest-xdist
 # (``--dist loadfile --no-loadscope-reorder``) a module that starts last cannot end the run on its own.
