@@ -1,6 +1,7 @@
 """Shared test set-up: Ray auth off and identical for every process; no hidden downloads."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,15 +22,66 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # The slowest modules first (their --durations, idle 2-core machine): with ``make test``'s pytest-xdist
 # (``--dist loadfile --no-loadscope-reorder``) a module that starts last cannot end the run on its own.
-# The order changes nothing else; modules not listed keep their places after these.
-SLOW_FIRST = ["test_e2e_faults.py", "test_e2e_sweep_staged.py", "test_e2e_sweep.py", "test_e2e_serve.py",
-              "test_e2e_multinode.py", "test_e2e_train.py", "test_e2e_evaluate.py", "test_e2e_signals.py",
-              "test_readme_cluster.py", "test_e2e_mlflow_outage.py"]
+# Those that share ``ray_local`` come first, next to each other. The order changes nothing else; modules
+# not listed keep their places after these.
+SLOW_FIRST = ["test_e2e_faults.py", "test_e2e_sweep_staged.py", "test_e2e_sweep.py", "test_e2e_train.py",
+              "test_e2e_evaluate.py", "test_e2e_mlflow_outage.py", "test_e2e_serve.py", "test_e2e_multinode.py",
+              "test_e2e_signals.py", "test_readme_cluster.py"]
+_RAY_MODULES: set[Path] = set()  # modules with a test that uses ray_local
+_SHARED = {"gcs": None}  # the GCS address of the instance ray_local started
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
+    _RAY_MODULES.update(item.path for item in items if "ray_local" in item.fixturenames)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The shared instance ends before the first test of a module that does not use it: such tests check
+    that a command fails before Ray starts (``not ray.is_initialized()``) or start a Ray of their own."""
+    if item.path not in _RAY_MODULES:
+        _stop_local_ray()
+
+
+def _local_ray() -> None:
+    """Start this process's local Ray instance (2 CPUs) unless one is up; it lives until a module that
+    does not use it, or the session, ends it."""
+    import ray
+
+    if not ray.is_initialized():
+        # address="local": a fresh instance even where /tmp/ray names another (live or stale) cluster
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        _SHARED["gcs"] = ray.get_runtime_context().gcs_address
+
+
+def _stop_local_ray() -> None:
+    ray = sys.modules.get("ray")
+    if _SHARED["gcs"] and ray is not None and ray.is_initialized():
+        if ray.get_runtime_context().gcs_address == _SHARED["gcs"]:  # not another module's own instance
+            ray.shutdown()
+    if ray is None or not ray.is_initialized():
+        _SHARED["gcs"] = None
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Ends, with the session, the local Ray instance that the end-to-end modules shared."""
+    yield
+    _stop_local_ray()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session):
+    """A local Ray instance (2 CPUs) for one end-to-end module's tests.
+
+    Started by the first module that asks and kept for the next ones that use it (a Ray start and
+    stop is about 10 s of a loaded machine's time); the first test of a module that does not use it
+    shuts it down (conftest.pytest_runtest_setup), as does a module that builds another cluster.
+    """
+    _local_ray()
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -39,37 +91,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _local_ray() -> None:
-    """Start this process's local Ray instance (2 CPUs) unless one is up; it lives until the session ends."""
-    import ray
-
-    if not ray.is_initialized():
-        # address="local": a fresh instance even where /tmp/ray names another (live or stale) cluster
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-
-
-@pytest.fixture(scope="session")
-def _ray_session():
-    """Shuts down, at the end of the session, the local Ray instance that the end-to-end modules shared."""
-    yield
-    import sys
-
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        sys.modules["ray"].shutdown()
-
-
-@pytest.fixture(scope="module")
-def ray_local(_ray_session):
-    """A local Ray instance (2 CPUs) for one end-to-end module's tests.
-
-    Started by the first module that asks and kept for the next ones (a Ray start and stop is
-    about 10 s of a loaded machine's time); a module that needs another cluster (a multi-node one)
-    shuts it down first and the next module starts a fresh one.
-    """
-    _local_ray()
-    yield
 
 
 @pytest.fixture(scope="session")

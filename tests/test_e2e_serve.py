@@ -91,11 +91,16 @@ def test_jobs_serve_refuses_an_open_host_without_a_token(smoke_checkpoint: Path,
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served(smoke_checkpoint: Path, ray_local) -> Iterator[str]:
+def served(smoke_checkpoint: Path) -> Iterator[str]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # STACK.md: explicit, the same for server and clients
+    import ray
     from ray import serve
 
     from service.serving import build_app
 
+    if ray.is_initialized():  # conftest's shared instance forwards worker output: every request would print a line
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": str(smoke_checkpoint), "max_samples": 512, "max_body_bytes": 65536}),
@@ -104,6 +109,7 @@ def served(smoke_checkpoint: Path, ray_local) -> Iterator[str]:
     wait_healthy(url, timeout_s=300)
     yield url
     serve.shutdown()
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
