@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml
 run: setup
 	$(PY) -m jobs.train --preset 8gaussians/mog-ip-lc --quick --workers 2 --output-dir runs/quick-8gaussians-mog-ip-lc
 
+# pytest-xdist: TEST_WORKERS processes; a module runs whole on one of them (its fixtures, its one Ray
+# instance, once), the slowest modules first (tests/conftest.py). TEST_WORKERS=0: one process, in order.
+TEST_WORKERS ?= 3
 test: setup
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e" --durations=20

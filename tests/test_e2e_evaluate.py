@@ -1,5 +1,9 @@
 """Train on real Fashion-MNIST through Ray Train (2 workers), then ``jobs.evaluate`` with the offline
-extractor into the training run's MLflow record (issue 5: smoke training, then evaluation)."""
+extractor into the training run's MLflow record (issue 5: smoke training, then evaluation).
+
+One training run (``jobs.train --preset fmnist/mog10-ip-lc --smoke --workers 2``) serves the module:
+the first test checks what it wrote, the second evaluates it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from service import checkpoint
 from service.images import DEBIAN_FASHION_MNIST
 
 pytestmark = [
@@ -19,27 +25,51 @@ pytestmark = [
 ]
 
 
-def test_train_with_two_workers_then_evaluate_offline(tmp_path: Path, capsys) -> None:
-    import ray
+@pytest.fixture(scope="module")
+def fmnist_run(ray_local, tmp_path_factory) -> dict:
+    from jobs import train as train_job
+
+    root = tmp_path_factory.mktemp("fmnist")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    assert train_job.main(["--preset", "fmnist/mog10-ip-lc", "--smoke", "--workers", "2", "--run-name", "fmnist-smoke",
+                           "--output-dir", str(root / "out"), "--storage-path", str(root / "ray"),
+                           "--tracking-uri", uri]) == 0
+    return {"out": root / "out", "tracking_uri": uri}
+
+
+def test_fmnist_smoke_through_ray_train_with_two_workers(fmnist_run: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    out = fmnist_run["out"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"rec_error_test", "prior_entropy_norm", "prior_active_components"} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values()) and 0 <= metrics["prior_entropy_norm"] <= 1
+    for name in ("samples.png", "reconstructions.png", "checkpoint.pt"):
+        assert (out / name).stat().st_size > 0, name
+    state = checkpoint.load(out / "checkpoint.pt")
+    assert state["iteration"] == 12 and state["prior_type"] == "mog" and bool(state["model"]["prior.clip_on"])
+    cfg, model = checkpoint.restore_model(state)
+    assert cfg.data.subset == 256 and model.encoder(torch.rand(2, 1, 28, 28))[0].shape == (2, 32)
+    client = MlflowClient(fmnist_run["tracking_uri"])
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "fmnist-smoke" and run.info.status == "FINISHED"
+    assert {"train/loss_vae", "train/loss_encoder", "eval/rec_error_test", "prior/entropy_norm"} <= set(run.data.metrics)
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"samples.png", "reconstructions.png", "metrics.json", "checkpoint"} <= artifacts
+
+
+def test_train_with_two_workers_then_evaluate_offline(fmnist_run: dict, tmp_path: Path, capsys) -> None:
     from mlflow.tracking import MlflowClient
 
     from jobs import evaluate
-    from jobs import train as train_job
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        assert train_job.main(["--preset", "fmnist/mog10-ip-lc", "--smoke", "--workers", "2", "--run-name", "fm",
-                               "--output-dir", str(tmp_path / "run"), "--storage-path", str(tmp_path / "ray"),
-                               "--tracking-uri", uri]) == 0
-    finally:
-        ray.shutdown()
+    uri = fmnist_run["tracking_uri"]
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     capsys.readouterr()
 
     out = tmp_path / "eval"
-    assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--protocol", "cnn", "--smoke",
+    assert evaluate.main(["--checkpoint", str(fmnist_run["out"] / "checkpoint.pt"), "--protocol", "cnn", "--smoke",
                           "--device", "cpu", "--extractor-train-images", "1024", "--cache-dir", str(tmp_path / "fx"),
                           "--output-dir", str(out), "--tsne-points", "100", "--tracking-uri", uri,
                           "--run-id", run.info.run_id]) == 0

@@ -1,9 +1,9 @@
-"""Image training end to end: exact resume, resume with another worker count, Ray Train on real Fashion-MNIST."""
+"""Image training end to end: exact resume, resume with another worker count (Ray Train on real Fashion-MNIST,
+2 workers, is in test_e2e_evaluate.py, whose evaluation uses that run)."""
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import threading
 from pathlib import Path
@@ -15,7 +15,7 @@ import torch
 from service import checkpoint
 from service.config import apply_overrides
 from service.data import make_source
-from service.images import DEBIAN_FASHION_MNIST, write_images_parquet
+from service.images import write_images_parquet
 from service.loop import train
 from service.presets import get_preset, smoke
 
@@ -159,42 +159,3 @@ def test_checkpoint_resumes_with_another_worker_count(tmp_path, before, after):
     assert bool(states[0]["prior.clip_on"])  # clip bounds set at iteration 8 of the resumed run
     assert any(not torch.equal(states[0][k], start["model"][k]) for k in keys)  # and it trained on
     assert math.isfinite(results[0].metrics["rec_error_test"])
-
-
-# --------------------------------------------------------------------------------------------
-# Ray Train, 2 workers, real Fashion-MNIST (Debian package), MLflow
-# --------------------------------------------------------------------------------------------
-
-@pytest.mark.e2e
-@pytest.mark.skipif(not Path(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz").is_file(),
-                    reason=f"Debian package dataset-fashion-mnist not installed ({DEBIAN_FASHION_MNIST}); "
-                           "`make setup` installs it")
-def test_fmnist_smoke_through_ray_train_with_two_workers(tmp_path):
-    import ray
-    from mlflow.tracking import MlflowClient
-
-    from jobs import train as train_job
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        args = ["--preset", "fmnist/mog10-ip-lc", "--smoke", "--workers", "2", "--run-name", "fmnist-smoke",
-                "--output-dir", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"),
-                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-        assert train_job.main(args) == 0
-    finally:
-        ray.shutdown()
-    out = tmp_path / "out"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert {"rec_error_test", "prior_entropy_norm", "prior_active_components"} <= set(metrics)
-    assert all(math.isfinite(v) for v in metrics.values()) and 0 <= metrics["prior_entropy_norm"] <= 1
-    for name in ("samples.png", "reconstructions.png", "checkpoint.pt"):
-        assert (out / name).stat().st_size > 0, name
-    state = checkpoint.load(out / "checkpoint.pt")
-    assert state["iteration"] == 12 and state["prior_type"] == "mog" and bool(state["model"]["prior.clip_on"])
-    cfg, model = checkpoint.restore_model(state)
-    assert cfg.data.subset == 256 and model.encoder(torch.rand(2, 1, 28, 28))[0].shape == (2, 32)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert {"train/loss_vae", "train/loss_encoder", "eval/rec_error_test", "prior/entropy_norm"} <= set(run.data.metrics)
-    artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert {"samples.png", "reconstructions.png", "metrics.json", "checkpoint"} <= artifacts

@@ -46,6 +46,8 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():  # the local instance an earlier module shared (conftest.ray_local)
+        ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         workers = [c.add_node(num_cpus=1) for _ in range(2)]

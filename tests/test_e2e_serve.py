@@ -98,9 +98,9 @@ def served(smoke_checkpoint: Path) -> Iterator[str]:
 
     from service.serving import build_app
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if ray.is_initialized():  # conftest's shared instance forwards worker output: every request would print a line
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": str(smoke_checkpoint), "max_samples": 512, "max_body_bytes": 65536}),
@@ -109,8 +109,7 @@ def served(smoke_checkpoint: Path) -> Iterator[str]:
     wait_healthy(url, timeout_s=300)
     yield url
     serve.shutdown()
-    if started_ray:
-        ray.shutdown()
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

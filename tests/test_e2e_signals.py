@@ -26,7 +26,10 @@ def test_a_stopped_run_is_marked_killed_and_exits_128_plus_the_signal(tmp_path, 
     cmd = [sys.executable, "-m", "jobs.train", "--preset", "8gaussians/mog-ip-lc", "--smoke", "--workers", "1",
            "--run-name", "stopped", "--set", "schedule.iterations=100000", "--set", "schedule.log_every=10",
            "--output-dir", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"), "--tracking-uri", uri]
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "RAY_USAGE_STATS_ENABLED": "0"}
+    # RAY_ADDRESS=local: the job's own Ray instance, never a cluster that /tmp/ray/ray_current_cluster names
+    # (another test's `ray start` head running beside this one under pytest-xdist)
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ADDRESS": "local"}
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:

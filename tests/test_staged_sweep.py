@@ -1,6 +1,6 @@
 """The staged protocol without Ray: selection between stages, failure classes, the trial's retries,
 intermediate evaluations forwarded to Tune, results rows, the output-folder lock and the
-selection comparison. The sweep itself runs end to end in test_e2e_sweep.py.
+selection comparison. The sweep itself runs end to end in test_e2e_sweep_staged.py.
 """
 
 import dataclasses
