@@ -35,7 +35,7 @@ import random
 import subprocess
 import time
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 import numpy as np
@@ -377,6 +377,64 @@ def wait_healthy(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"{url}/healthz did not answer within {timeout_s} s")
 
 
+def _app_only(checkpoint: str, clients: int, requests: int, n: int, fmt: str) -> dict[str, float]:
+    """CPU ms per request of the replica's own work, without Ray or a socket: the FastAPI app called as ASGI
+    by ``clients`` concurrent loops, and its parts timed alone (one request's model pass and encoding, and
+    one decoder pass for ``clients`` requests together: what batching could save)."""
+    import torch
+
+    from service.serving import Sampler, SamplesRequest, ServeArgs, make_api
+
+    torch.set_num_threads(1)  # as a replica with num_cpus < 2
+    sampler = Sampler.from_checkpoint(checkpoint, ServeArgs(checkpoint=checkpoint, access_log=False))
+    app = make_api(sampler)
+
+    async def post(body: bytes) -> None:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/samples", "raw_path": b"/v1/samples", "root_path": "",
+                 "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        status = []
+
+        async def receive() -> dict:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await app(scope, receive, send)
+        if status != [200]:
+            raise RuntimeError(f"app-only: POST /v1/samples answered {status}")
+
+    async def load() -> float:
+        per_client = max(1, requests // clients)
+        body = lambda k, i: json.dumps({"n": n, "seed": k * 1_000_003 + i, "format": fmt}).encode()  # noqa: E731
+        await asyncio.gather(*(post(body(k, per_client)) for k in range(clients)))  # warm-up
+        c0 = time.process_time()
+
+        async def client(k: int) -> None:
+            for i in range(per_client):
+                await post(body(k, i))
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        return (time.process_time() - c0) * 1e3 / (per_client * clients)
+
+    def cpu_ms(fn: Callable[[], Any], repeat: int = 200) -> float:
+        fn()
+        c0 = time.process_time()
+        for _ in range(repeat):
+            fn()
+        return (time.process_time() - c0) * 1e3 / repeat
+
+    one = SamplesRequest(n=n, seed=1, format=fmt)
+    result = sampler.sample_batch([one])[0]
+    return {"app": asyncio.run(load()), "model": cpu_ms(lambda: sampler.sample_batch([one])),
+            "encode": cpu_ms(lambda: sampler.render(result, fmt)),
+            "model_batch": cpu_ms(lambda: sampler.sample_batch([one] * clients), 50) / clients}
+
+
 def _compare(on: dict[str, Any], off: dict[str, Any]) -> None:
     """The issue's comparison: batching on vs off, side by side."""
     print(f"{'compare':<12} batching/no batching: {on['req_per_s'] / off['req_per_s']:.2f}x req/s "
@@ -401,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "and its children (proxy, replica, Ray) per request")
     p.add_argument("--ray-serve-defaults", action="store_true",
                    help="with --checkpoint: keep Ray Serve's default switches (no SERVE_FAST_PATH_ENV), for comparison")
+    p.add_argument("--app-only", action="store_true", help="with --checkpoint: the replica's app alone, in-process "
+                                                           "(no Ray, no HTTP): CPU ms per request and its parts")
     p.add_argument("--fuzz", type=int, metavar="N", help="send N hostile requests instead of the load")
     p.add_argument("--token-file", help="bearer token for a server that needs one")
     args = p.parse_args(argv)
@@ -418,6 +478,13 @@ def main(argv: list[str] | None = None) -> int:
         _report("server", run(args.url))
         return 0
 
+    if args.app_only:
+        r = _app_only(args.checkpoint, args.clients, args.requests, args.n, args.format)
+        print(f"{'app only':<12} CPU ms per request (no Ray, no HTTP, {args.clients} concurrent): {r['app']:.2f}; "
+              f"alone: model {r['model']:.2f} (sampling + decoder, n={args.n}), {args.format} encoding {r['encode']:.2f}; "
+              f"one decoder pass for {args.clients} requests: {r['model_batch']:.2f} per request (batching saves "
+              f"{r['model'] - r['model_batch']:.2f})", flush=True)
+        return 0
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # before `import ray`, which reads it once
     import ray
     from ray import serve
