@@ -96,10 +96,12 @@ def served(smoke_checkpoint: Path) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from service.serving import build_app
+    from service.serving import SERVE_FAST_PATH_ENV, build_app, use_fast_path_env
 
     started_ray = not ray.is_initialized()
-    if started_ray:
+    saved = {k: os.environ.get(k) for k in SERVE_FAST_PATH_ENV}
+    if started_ray:  # the Serve switches jobs.serve starts with: every route and error below runs under them
+        use_fast_path_env()
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -111,6 +113,11 @@ def served(smoke_checkpoint: Path) -> Iterator[str]:
     serve.shutdown()
     if started_ray:
         ray.shutdown()
+    for key, value in saved.items():  # later modules' Ray instances start with the environment they had
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
