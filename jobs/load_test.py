@@ -133,7 +133,11 @@ class RawHttp:
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        return await asyncio.wait_for(self._request(method, path, body), self.timeout_s)
+        try:
+            return await asyncio.wait_for(self._request(method, path, body), self.timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            await self.close()  # a half-read answer must not be read as the next request's
+            raise
 
     async def _request(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
         if self._streams is None:

@@ -7,10 +7,11 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from jobs.load_test import RawHttp, cpu_by_role, cpu_ms_per_request
+from jobs.load_test import RawHttp, _app_only, cpu_by_role, cpu_ms_per_request
 from service.serving import SERVE_FAST_PATH_ENV, use_fast_path_env
 
 
@@ -91,6 +92,12 @@ def test_cpu_by_role_counts_a_child_process() -> None:
 def test_cpu_ms_per_request_is_the_difference_per_request() -> None:
     out = cpu_ms_per_request({"client": 1.0, "proxy": 2.0}, {"client": 1.4, "proxy": 2.8, "replica": 1.2}, 400)
     assert out == pytest.approx({"client": 1.0, "proxy": 2.0, "replica": 3.0, "total": 6.0})
+
+
+def test_app_only_measures_the_app_and_its_parts(smoke_checkpoint: Path) -> None:
+    """--app-only: the replica's app answers 200 in-process (it raises otherwise); every part is measured."""
+    r = _app_only(str(smoke_checkpoint), clients=2, requests=8, n=16, fmt="json")
+    assert set(r) == {"app", "model", "encode", "model_batch"} and all(v > 0 for v in r.values())
 
 
 # --------------------------------------------------------------------------------------------
