@@ -203,8 +203,8 @@ async def _load(url: str, clients: int, requests: int, n: int, fmt: str, time_li
     conns = [RawHttp(url, headers) for _ in range(clients)]
     probe = RawHttp(url)
     try:
-        warm = await asyncio.gather(*(c.request("POST", "/v1/samples", json.dumps({"n": min(n, 64), "seed": i}).encode())
-                                      for i, c in enumerate(conns)))
+        warm = await asyncio.gather(*(c.request("POST", "/v1/samples", json.dumps({"n": min(n, 64), "seed": i})
+                                                .encode()) for i, c in enumerate(conns)))
         if any(status != 200 for status, _ in warm):
             raise RuntimeError(f"warm-up: {[s for s, _ in warm]} from POST {url}/v1/samples: {warm[0][1][:300]!r}")
         deadline = time.perf_counter() + time_limit_s
@@ -250,8 +250,8 @@ def _report(label: str, r: dict[str, Any]) -> None:
     print(f"{'':<12} /healthz during the load: {r['healthz_probes']} probes, p50={r['healthz_p50_ms']:.1f} ms "
           f"p99={r['healthz_p99_ms']:.1f} ms max={r['healthz_max_ms']:.1f} ms", flush=True)
     if r["batches"].get("batches"):
-        print(f"{'':<12} batches: {r['batches']['batches']}, mean size {r['batches']['requests'] / r['batches']['batches']:.2f} "
-              "requests", flush=True)
+        b = r["batches"]
+        print(f"{'':<12} batches: {b['batches']}, mean size {b['requests'] / b['batches']:.2f} requests", flush=True)
     if r["cpu_ms"]:
         print(f"{'':<12} CPU ms per request: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms"].items())
               + f"  (load average {r['loadavg']:.2f})", flush=True)
@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.app_only:
         r = _app_only(args.checkpoint, args.clients, args.requests, args.n, args.format)
         print(f"{'app only':<12} CPU ms per request (no Ray, no HTTP, {args.clients} concurrent): {r['app']:.2f}; "
-              f"alone: model {r['model']:.2f} (sampling + decoder, n={args.n}), {args.format} encoding {r['encode']:.2f}; "
+              f"alone: model {r['model']:.2f} (sampling + decoder, n={args.n}), {args.format} encoding "
+              f"{r['encode']:.2f}; "
               f"one decoder pass for {args.clients} requests: {r['model_batch']:.2f} per request (batching saves "
               f"{r['model'] - r['model_batch']:.2f})", flush=True)
         return 0
@@ -507,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for batching in (True, False):
             t2 = time.perf_counter()
-            serve.run(build_app(ServeArgs(checkpoint=args.checkpoint, batching=batching, access_log=False)), name="introprior")
+            app = build_app(ServeArgs(checkpoint=args.checkpoint, batching=batching, access_log=False))
+            serve.run(app, name="introprior")
             wait_healthy(url)
             what = "cold start" if batching else "redeploy"
             print(f"{what}: {time.perf_counter() - t2:.2f} s to a healthy replica"

@@ -141,7 +141,8 @@ def _check_sha256(path: Path, spec: str, expected: str | None) -> None:
 
 
 def use_fast_path_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Set ``SERVE_FAST_PATH_ENV`` in ``environ`` (default ``os.environ``) where a key is unset; returns what is in force.
+    """Set ``SERVE_FAST_PATH_ENV`` in ``environ`` (default ``os.environ``) where a key is unset; returns the values
+    in force.
 
     Call it before ``ray.init`` starts a local Ray: its proxy and replicas inherit the environment.
     """
