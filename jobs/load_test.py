@@ -1,17 +1,26 @@
-r"""Bounded concurrent load on ``POST /v1/samples`` (p50/p99, requests/s, ``/healthz`` latency meanwhile),
-and a fuzz of malformed and hostile requests.
+r"""Bounded concurrent load on ``POST /v1/samples`` (p50/p99, requests/s, ``/healthz`` latency meanwhile,
+CPU milliseconds per request of each process), and a fuzz of malformed and hostile requests.
 
-Against a running server (``python -m jobs.serve ...``):
-    python -m jobs.load_test --url http://127.0.0.1:8000 --clients 8 --requests 400
+Start Serve in-process on a checkpoint, measure its cold start, then run with and without batching
+(the issue's comparison; the one command to re-measure, run it alone on the machine):
+    python -m jobs.load_test --checkpoint runs/quick-8gaussians-mog-ip-lc/checkpoint.pt
+    ... --ray-serve-defaults    the same with Ray Serve's default switches (before SERVE_FAST_PATH_ENV)
+Against a running server (``python -m jobs.serve ...``); ``--server-pid`` adds its processes' CPU:
+    python -m jobs.load_test --url http://127.0.0.1:8000 --clients 8 --requests 400 [--server-pid PID]
 Heavy requests while /healthz is probed every 20 ms (its p50/p99/max are printed):
-    python -m jobs.load_test --url http://127.0.0.1:8000 --clients 32 --requests 64 --n 4096 --format png
+    python -m jobs.load_test --url http://127.0.0.1:8000 --clients 32 --requests 64 --n 4096 --format png \
+        --probe-every-s 0.02
 Fuzz: N hostile requests (bodies, types, magnitudes, sizes, content types, slow bodies), then the
 status counts, the 5xx count and whether the replica restarted (its pid and start time):
     python -m jobs.load_test --url http://127.0.0.1:8000 --fuzz 1000
-Start Serve in-process on a checkpoint, measure its cold start, then run with and without batching:
-    python -m jobs.load_test --checkpoint runs/demo/checkpoint.pt
-Every run is bounded by ``--requests`` and by ``--time-limit-s``; run it alone on the machine.
-Add ``--token-file`` when the server needs a bearer token.
+
+The load's client is ``RawHttp`` (keep-alive HTTP/1.1 on asyncio streams, one connection per
+client): httpx cost about 3.5 ms of CPU per request, as much as a third of the server's; its own
+cost is printed as ``client``. CPU per request comes from ``/proc`` (utime + stime of every
+process under this one, by role: client, proxy, replica, controller, ray other) over the measured
+requests; it includes the ``/healthz`` probes (one per ``--probe-every-s``) and Ray's periodic work,
+so it is a little higher when the run is slow. Every run is bounded by ``--requests`` and by
+``--time-limit-s``. Add ``--token-file`` when the server needs a bearer token.
 """
 
 from __future__ import annotations
@@ -19,12 +28,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import random
 import subprocess
 import time
-from typing import Any
+import urllib.parse
+from typing import Any, Callable
 
 import httpx
 import numpy as np
@@ -32,54 +43,204 @@ import numpy as np
 JSON = {"content-type": "application/json"}
 
 
-async def _probe_healthz(c: httpx.AsyncClient, stop: asyncio.Event, every_s: float = 0.02) -> list[float]:
+# --------------------------------------------------------------------------------------------
+# CPU per request, per process (Linux /proc: utime + stime of every thread)
+# --------------------------------------------------------------------------------------------
+
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+def _role(pid: int, me: int) -> str:
+    """What a process is to this measurement: the client, a Serve actor by its Ray title, or Ray's other processes."""
+    if pid == me:
+        return "client"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return "ray other"
+    if cmd.startswith("ray::ProxyActor"):
+        return "proxy"
+    if cmd.startswith("ray::ServeReplica"):
+        return "replica"
+    if cmd.startswith("ray::ServeController"):
+        return "controller"
+    return "ray other"
+
+
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds used so far) for every process we can read."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) * TICK_S)
+    return out
+
+
+def cpu_by_role(roots: list[int] | None = None) -> dict[str, float]:
+    """CPU seconds used so far by ``roots`` (default: this process) and their descendants, summed by ``_role``.
+
+    With ``--checkpoint`` the Ray instance is this process's child, so the proxy, the replica and
+    Ray's own processes are all counted (with ``--url``, pass the server's pid as a second root);
+    dead processes (a replaced replica) drop out, so take both snapshots while the same app runs.
+    """
+    me = os.getpid()
+    table = _proc_table()
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for pid, (ppid, _) in table.items():
+        children[ppid].append(pid)
+    totals: dict[str, float] = collections.Counter()
+    todo, seen = list(roots or [me]), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:  # a root under another root is counted once
+            continue
+        seen.add(pid)
+        if pid in table:
+            totals[_role(pid, me)] += table[pid][1]
+        todo.extend(children.get(pid, ()))
+    return dict(totals)
+
+
+def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """CPU milliseconds per request of each role between two ``cpu_by_role`` snapshots (and their total)."""
+    roles = [r for r in ("client", "proxy", "replica", "controller", "ray other") if r in before or r in after]
+    out = {r: max(0.0, after.get(r, 0.0) - before.get(r, 0.0)) * 1e3 / max(1, requests) for r in roles}
+    out["total"] = sum(out.values())
+    return out
+
+
+class RawHttp:
+    """One keep-alive HTTP/1.1 connection on asyncio streams: the load's client, at a fraction of httpx's CPU.
+
+    It sends exactly what it is given and reads the status and the whole body (``Content-Length`` or
+    chunked); it reconnects when the server closes. Fuzzing, redirects, TLS and anything else use httpx.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None, timeout_s: float = 120.0):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"--url: {url!r} is not supported by the load client; allowed http://host:port")
+        self.host, self.port, self.timeout_s = parts.hostname, parts.port or 80, timeout_s
+        self.base = parts.path.rstrip("/")
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in {"host": parts.netloc, **(headers or {})}.items())
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        try:
+            return await asyncio.wait_for(self._request(method, path, body), self.timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            await self.close()  # a half-read answer must not be read as the next request's
+            raise
+
+    async def _request(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self._streams
+        typed = "content-type: application/json\r\n" if body else ""
+        writer.write(f"{method} {self.base}{path} HTTP/1.1\r\n{self.headers}{typed}content-length: {len(body)}\r\n\r\n"
+                     .encode("latin-1") + body)
+        try:
+            status = int((await reader.readuntil(b"\r\n")).split(b" ", 2)[1])
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            fields = dict(line.split(b":", 1) for line in head.split(b"\r\n") if b":" in line)
+            if fields.get(b"transfer-encoding", b"").strip() == b"chunked":
+                chunks = []
+                while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                    chunks.append((await reader.readexactly(size + 2))[:-2])
+                await reader.readuntil(b"\r\n")
+                data = b"".join(chunks)
+            else:
+                data = await reader.readexactly(int(fields.get(b"content-length", b"0")))
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            await self.close()
+            raise
+        if fields.get(b"connection", b"").strip() == b"close":
+            await self.close()
+        return status, data
+
+    async def close(self) -> None:
+        if self._streams is not None:
+            writer, self._streams = self._streams[1], None
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+async def _probe_healthz(c: RawHttp, stop: asyncio.Event, every_s: float) -> list[float]:
     """``GET /healthz`` latencies (s) until ``stop``; a failed probe counts as its time to fail."""
     out = []
     while not stop.is_set():
         t0 = time.perf_counter()
         try:
-            await c.get("/healthz")
-        except httpx.HTTPError:
+            await c.request("GET", "/healthz")
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
             pass
         out.append(time.perf_counter() - t0)
         await asyncio.sleep(every_s)
     return out
 
 
+async def _batch_stats(c: RawHttp) -> dict[str, int]:
+    """``/v1/model``'s batch counters (batches, requests); empty when the server has none."""
+    status, body = await c.request("GET", "/v1/model")
+    return dict(json.loads(body).get("serving", {}).get("batches", {})) if status == 200 else {}
+
+
 async def _load(url: str, clients: int, requests: int, n: int, fmt: str, time_limit_s: float,
-                headers: dict[str, str]) -> dict[str, float]:
-    """``clients`` concurrent loops share ``requests`` POSTs (after one warm-up round); stop at the time limit."""
+                headers: dict[str, str], roots: list[int] | None = None, probe_every_s: float = 0.1) -> dict[str, Any]:
+    """``clients`` concurrent loops (one connection each) share ``requests`` POSTs (after one warm-up round);
+    stop at the time limit. ``roots``: count the CPU of these processes and their children (``cpu_by_role``)."""
     latencies: list[float] = []
     statuses: collections.Counter = collections.Counter()
     left = requests
-    async with httpx.AsyncClient(base_url=url, timeout=120.0, headers=headers,
-                                 limits=httpx.Limits(max_connections=clients)) as c, \
-            httpx.AsyncClient(base_url=url, timeout=120.0) as probe:
-        await asyncio.gather(*(c.post("/v1/samples", json={"n": min(n, 64), "seed": i}) for i in range(clients)))
+    conns = [RawHttp(url, headers) for _ in range(clients)]
+    probe = RawHttp(url)
+    try:
+        warm = await asyncio.gather(*(c.request("POST", "/v1/samples", json.dumps({"n": min(n, 64), "seed": i})
+                                                .encode()) for i, c in enumerate(conns)))
+        if any(status != 200 for status, _ in warm):
+            raise RuntimeError(f"warm-up: {[s for s, _ in warm]} from POST {url}/v1/samples: {warm[0][1][:300]!r}")
         deadline = time.perf_counter() + time_limit_s
 
         async def client(k: int) -> None:
             nonlocal left
             while left > 0 and time.perf_counter() < deadline:
                 left -= 1
+                body = json.dumps({"n": n, "seed": k * 1_000_003 + left, "format": fmt}).encode()
                 t0 = time.perf_counter()
-                r = await c.post("/v1/samples", json={"n": n, "seed": k * 1_000_003 + left, "format": fmt})
+                status, _ = await conns[k].request("POST", "/v1/samples", body)
                 latencies.append(time.perf_counter() - t0)
-                statuses[r.status_code] += 1
+                statuses[status] += 1
 
         stop = asyncio.Event()
-        prober = asyncio.create_task(_probe_healthz(probe, stop))
+        prober = asyncio.create_task(_probe_healthz(probe, stop, probe_every_s))
+        stats0 = await _batch_stats(conns[0])
+        cpu0 = cpu_by_role(roots) if roots else {}
         start = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
         wall = time.perf_counter() - start
+        cpu1 = cpu_by_role(roots) if roots else {}
         stop.set()
         health = np.asarray(await prober) * 1e3
+        stats1 = await _batch_stats(conns[0])
+    finally:
+        for c in [*conns, probe]:
+            await c.close()
     ms = np.asarray(latencies) * 1e3
     return {"requests": len(ms), "errors": sum(v for k, v in statuses.items() if k != 200),
             "statuses": dict(statuses), "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "req_per_s": len(ms) / wall, "samples_per_s": len(ms) * n / wall,
             "healthz_probes": len(health), "healthz_p50_ms": float(np.percentile(health, 50)),
-            "healthz_p99_ms": float(np.percentile(health, 99)), "healthz_max_ms": float(health.max())}
+            "healthz_p99_ms": float(np.percentile(health, 99)), "healthz_max_ms": float(health.max()),
+            "cpu_ms": cpu_ms_per_request(cpu0, cpu1, len(ms)) if roots else {}, "wall_s": wall,
+            "loadavg": os.getloadavg()[0], "batches": {k: stats1[k] - stats0[k] for k in stats1} if stats0 else {}}
 
 
 def _report(label: str, r: dict[str, Any]) -> None:
@@ -88,6 +249,12 @@ def _report(label: str, r: dict[str, Any]) -> None:
           f"statuses={r['statuses']}", flush=True)
     print(f"{'':<12} /healthz during the load: {r['healthz_probes']} probes, p50={r['healthz_p50_ms']:.1f} ms "
           f"p99={r['healthz_p99_ms']:.1f} ms max={r['healthz_max_ms']:.1f} ms", flush=True)
+    if r["batches"].get("batches"):
+        b = r["batches"]
+        print(f"{'':<12} batches: {b['batches']}, mean size {b['requests'] / b['batches']:.2f} requests", flush=True)
+    if r["cpu_ms"]:
+        print(f"{'':<12} CPU ms per request: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms"].items())
+              + f"  (load average {r['loadavg']:.2f})", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +381,73 @@ def wait_healthy(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"{url}/healthz did not answer within {timeout_s} s")
 
 
+def _app_only(checkpoint: str, clients: int, requests: int, n: int, fmt: str) -> dict[str, float]:
+    """CPU ms per request of the replica's own work, without Ray or a socket: the FastAPI app called as ASGI
+    by ``clients`` concurrent loops, and its parts timed alone (one request's model pass and encoding, and
+    one decoder pass for ``clients`` requests together: what batching could save)."""
+    import torch
+
+    from service.serving import Sampler, SamplesRequest, ServeArgs, make_api
+
+    torch.set_num_threads(1)  # as a replica with num_cpus < 2
+    sampler = Sampler.from_checkpoint(checkpoint, ServeArgs(checkpoint=checkpoint, access_log=False))
+    app = make_api(sampler)
+
+    async def post(body: bytes) -> None:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/samples", "raw_path": b"/v1/samples", "root_path": "",
+                 "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        status = []
+
+        async def receive() -> dict:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await app(scope, receive, send)
+        if status != [200]:
+            raise RuntimeError(f"app-only: POST /v1/samples answered {status}")
+
+    async def load() -> float:
+        per_client = max(1, requests // clients)
+        body = lambda k, i: json.dumps({"n": n, "seed": k * 1_000_003 + i, "format": fmt}).encode()  # noqa: E731
+        await asyncio.gather(*(post(body(k, per_client)) for k in range(clients)))  # warm-up
+        c0 = time.process_time()
+
+        async def client(k: int) -> None:
+            for i in range(per_client):
+                await post(body(k, i))
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        return (time.process_time() - c0) * 1e3 / (per_client * clients)
+
+    def cpu_ms(fn: Callable[[], Any], repeat: int = 200) -> float:
+        fn()
+        c0 = time.process_time()
+        for _ in range(repeat):
+            fn()
+        return (time.process_time() - c0) * 1e3 / repeat
+
+    one = SamplesRequest(n=n, seed=1, format=fmt)
+    result = sampler.sample_batch([one])[0]
+    return {"app": asyncio.run(load()), "model": cpu_ms(lambda: sampler.sample_batch([one])),
+            "encode": cpu_ms(lambda: sampler.render(result, fmt)),
+            "model_batch": cpu_ms(lambda: sampler.sample_batch([one] * clients), 50) / clients}
+
+
+def _compare(on: dict[str, Any], off: dict[str, Any]) -> None:
+    """The issue's comparison: batching on vs off, side by side."""
+    print(f"{'compare':<12} batching/no batching: {on['req_per_s'] / off['req_per_s']:.2f}x req/s "
+          f"({on['req_per_s']:.1f} vs {off['req_per_s']:.1f}), p50 {on['p50_ms']:.1f} vs {off['p50_ms']:.1f} ms, "
+          f"p99 {on['p99_ms']:.1f} vs {off['p99_ms']:.1f} ms"
+          + (f", CPU {on['cpu_ms']['total']:.2f} vs {off['cpu_ms']['total']:.2f} ms per request"
+             if on["cpu_ms"] and off["cpu_ms"] else ""), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server to load (ignored with --checkpoint)")
@@ -224,6 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=64, help="samples per request")
     p.add_argument("--format", default="json", choices=["json", "png", "npy", "npz"])
     p.add_argument("--time-limit-s", type=float, default=60.0, help="upper bound of each measured run")
+    p.add_argument("--probe-every-s", type=float, default=0.1, help="pause between /healthz probes during the load")
+    p.add_argument("--server-pid", type=int, help="with --url: also count the CPU of this process (e.g. jobs.serve) "
+                                                  "and its children (proxy, replica, Ray) per request")
+    p.add_argument("--ray-serve-defaults", action="store_true",
+                   help="with --checkpoint: keep Ray Serve's default switches (no SERVE_FAST_PATH_ENV), for comparison")
+    p.add_argument("--app-only", action="store_true", help="with --checkpoint: the replica's app alone, in-process "
+                                                           "(no Ray, no HTTP): CPU ms per request and its parts")
     p.add_argument("--fuzz", type=int, metavar="N", help="send N hostile requests instead of the load")
     p.add_argument("--token-file", help="bearer token for a server that needs one")
     args = p.parse_args(argv)
@@ -231,8 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.token_file:
         with open(args.token_file) as f:
             headers["authorization"] = f"Bearer {f.read().strip()}"
+    roots = [os.getpid()] + ([args.server_pid] if args.server_pid and not args.checkpoint else [])
     run = lambda url: asyncio.run(_load(url, args.clients, args.requests, args.n, args.format,  # noqa: E731
-                                        args.time_limit_s, headers))
+                                        args.time_limit_s, headers, roots, args.probe_every_s))
     if args.fuzz:
         print(json.dumps(asyncio.run(_fuzz(args.url, args.fuzz, args.clients, headers)), indent=1), flush=True)
         return 0
@@ -240,29 +482,44 @@ def main(argv: list[str] | None = None) -> int:
         _report("server", run(args.url))
         return 0
 
+    if args.app_only:
+        r = _app_only(args.checkpoint, args.clients, args.requests, args.n, args.format)
+        print(f"{'app only':<12} CPU ms per request (no Ray, no HTTP, {args.clients} concurrent): {r['app']:.2f}; "
+              f"alone: model {r['model']:.2f} (sampling + decoder, n={args.n}), {args.format} encoding "
+              f"{r['encode']:.2f}; "
+              f"one decoder pass for {args.clients} requests: {r['model_batch']:.2f} per request (batching saves "
+              f"{r['model'] - r['model_batch']:.2f})", flush=True)
+        return 0
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # before `import ray`, which reads it once
     import ray
     from ray import serve
 
-    from service.serving import ServeArgs, build_app
+    from service.serving import SERVE_FAST_PATH_ENV, ServeArgs, build_app, use_fast_path_env
 
+    switches = {k: os.environ.get(k, "Ray's default") for k in SERVE_FAST_PATH_ENV} if args.ray_serve_defaults \
+        else use_fast_path_env()  # before ray.init: the proxy and the replica inherit them
+    print("Serve switches: " + ", ".join(f"{k}={v}" for k, v in switches.items()), flush=True)
     url = f"http://127.0.0.1:{args.port}"
     t0 = time.perf_counter()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config={"enable_access_log": False})
     t1 = time.perf_counter()
+    results = {}
     try:
         for batching in (True, False):
             t2 = time.perf_counter()
-            serve.run(build_app(ServeArgs(checkpoint=args.checkpoint, batching=batching, access_log=False)), name="introprior")
+            app = build_app(ServeArgs(checkpoint=args.checkpoint, batching=batching, access_log=False))
+            serve.run(app, name="introprior")
             wait_healthy(url)
             what = "cold start" if batching else "redeploy"
             print(f"{what}: {time.perf_counter() - t2:.2f} s to a healthy replica"
                   + (f" (ray.init + serve.start {t1 - t0:.2f} s before)" if batching else ""), flush=True)
-            _report("batching" if batching else "no batching", run(url))
+            results[batching] = run(url)
+            _report("batching" if batching else "no batching", results[batching])
     finally:
         serve.shutdown()
         ray.shutdown()
+    _compare(results[True], results[False])
     return 0
 
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from service.checkpoint import CheckpointError
-    from service.serving import ServeArgs, ServeConfigError, build_app, read_token
+    from service.serving import ServeArgs, ServeConfigError, build_app, read_token, use_fast_path_env
 
     try:  # refuse a bad checkpoint or token before Ray starts
         serve_args = ServeArgs(checkpoint=args.checkpoint, checkpoint_sha256=args.checkpoint_sha256,
@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     if os.environ.get("RAY_ADDRESS"):  # an existing cluster: keep the auth mode (and token) it was started with
-        ray.init()
-    else:  # a fresh local instance (RAY_AUTH_MODE set above)
+        ray.init()  # and its Serve switches: SERVE_FAST_PATH_ENV belongs where `ray start` runs (docs/serving.md)
+    else:  # a fresh local instance (RAY_AUTH_MODE set above); its proxy and replicas inherit this environment
+        use_fast_path_env()
         ray.init(address="local", include_dashboard=False)
     # Right after ray.init (whose driver handler turns SIGTERM into exit code 15) and before the app can
     # answer: a SIGTERM sent once /healthz is up always takes the clean path below.

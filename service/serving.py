@@ -23,6 +23,12 @@ draws its latents with its own seeded generator (so a seed fixes the latents and
 exactly); the latents of the whole batch go through the decoder together, in chunks. Decoded
 values are bitwise reproducible with ``batching: false`` and equal up to float rounding otherwise.
 
+CPU per request (docs/serving.md, "Where a request's CPU goes"): on a small model most of a request's
+CPU is Ray Serve's own path (HTTP proxy -> replica actor call -> streamed response), not the model.
+``SERVE_FAST_PATH_ENV`` holds the Serve switches that cut it; they are read when Ray's processes
+start, so ``jobs.serve`` and ``jobs.load_test`` set them before starting a local Ray, and a cluster
+sets them where ``ray start`` runs.
+
 Checkpoints on a cluster: ``build_app`` checks the checkpoint where the app is built (so ``serve
 run`` fails fast) and pins its SHA-256; every replica resolves the checkpoint itself (an MLflow
 URI is downloaded on the replica's node into a temp folder that is removed once loaded) and
@@ -61,9 +67,21 @@ __all__ = ["BODIES", "MAX_SEED", "MAX_TEMPERATURE", "BatchConfig", "BatchedRepli
            "SamplerDeployment", "SamplesRequest", "ServeArgs", "ServeConfigError", "ServingOptions", "WorkGate",
            "WorkTimeout", "Worker", "build_app", "component_spec", "deployment_options", "describe_validation_error",
            "error_response", "file_sha256", "load_checked", "make_api", "parse_json", "png_bytes", "read_token",
-           "render_samples", "replica_threads", "resolve_checkpoint", "sample_many"]
+           "render_samples", "replica_threads", "resolve_checkpoint", "sample_many", "SERVE_FAST_PATH_ENV",
+           "use_fast_path_env"]
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+# Ray Serve's own switches (the values its RAY_SERVE_THROUGHPUT_OPTIMIZED mode picks, without its direct
+# ingress and gRPC, which need an external load balancer); measured in docs/serving.md. Read when Ray's
+# processes start: export them before `ray start` / `serve run`; jobs.serve and jobs.load_test set them
+# (unless already set) for the local Ray they start.
+SERVE_FAST_PATH_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",  # replica: the app on the replica's own event loop
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # proxy: route on the proxy's loop, no cross-thread handoff
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",  # buffer request-path log lines (errors flush at once)
+    "RAY_SERVE_LOG_TO_STDERR": "0",  # Serve's logs go to their files only, not also to stderr
+}
 TOKEN_ENV = "INTROPRIOR_API_TOKEN"
 MIN_TOKEN_CHARS = 16
 
@@ -122,6 +140,18 @@ def _check_sha256(path: Path, spec: str, expected: str | None) -> None:
                                          "(checkpoint_sha256); refusing to load it")
 
 
+def use_fast_path_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Set ``SERVE_FAST_PATH_ENV`` in ``environ`` (default ``os.environ``) where a key is unset; returns the values
+    in force.
+
+    Call it before ``ray.init`` starts a local Ray: its proxy and replicas inherit the environment.
+    """
+    environ = os.environ if environ is None else environ
+    for key, value in SERVE_FAST_PATH_ENV.items():
+        environ.setdefault(key, value)
+    return {key: environ[key] for key in SERVE_FAST_PATH_ENV}
+
+
 def read_token(args: ServeArgs) -> str | None:
     """SHA-256 (hex) of the bearer token from ``args.auth_token_file`` or ``$INTROPRIOR_API_TOKEN``; None = no token.
 
@@ -171,6 +201,7 @@ class BatchedReplica:
         torch.set_num_threads(replica_threads(args.num_cpus))  # Ray's OMP_NUM_THREADS is not enough
         self.worker = Worker(args.work_threads, args.max_inflight_bytes, args.request_timeout_s, args.queue_wait_s)
         self._defaults, self._samplers = args.batch_config(), weakref.WeakSet()
+        self.batch_stats = {"batches": 0, "requests": 0}  # /v1/model: the mean batch size actually reached
         self.reconfigure({})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -184,6 +215,7 @@ class BatchedReplica:
     def _track(self, sampler: Sampler) -> Sampler:
         """``/v1/model`` of ``sampler`` shows the batch settings in force."""
         sampler.args = sampler.args.model_copy(update=self.batch.model_dump())
+        sampler.batch_stats = self.batch_stats
         self._samplers.add(sampler)
         return sampler
 
@@ -196,6 +228,8 @@ class BatchedReplica:
     async def _sample_batched(self, jobs: list[tuple[Sampler, SamplesRequest, Deadline]]) -> list[SampleResult]:
         """Per model, one decoder pass (in chunks, in the work pool); stops once every job's deadline passed."""
         loop = asyncio.get_running_loop()
+        self.batch_stats["batches"] += 1
+        self.batch_stats["requests"] += len(jobs)
         out: list[SampleResult | None] = [None] * len(jobs)
         by_model: dict[int, list[int]] = {}
         for i, (sampler, _, _) in enumerate(jobs):

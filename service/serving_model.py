@@ -271,6 +271,7 @@ class Sampler:
         self.chunk = max(1, args.decode_chunk_bytes // per_item)  # items per decoder / encoder call
         self._self_test()
         self.started_at = time.time()
+        self.batch_stats: dict[str, int] = {"batches": 0, "requests": 0}  # shared with the replica's batch queue
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, args: ServeArgs, sha256: str | None = None) -> Sampler:
@@ -297,6 +298,7 @@ class Sampler:
                                "iteration": int(self.state["iteration"]),
                                "schema_version": self.state["schema_version"]},
                 "serving": {"batching": self.args.batching, "max_batch_size": self.args.max_batch_size,
+                            "batch_wait_timeout_s": self.args.batch_wait_timeout_s, "batches": dict(self.batch_stats),
                             "torch_threads": torch.get_num_threads(), "version": __version__,
                             "decode_chunk": self.chunk, "memory": memory_mib(), "pid": os.getpid(),
                             "started_at": self.started_at,

@@ -96,10 +96,12 @@ def served(smoke_checkpoint: Path) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from service.serving import build_app
+    from service.serving import SERVE_FAST_PATH_ENV, build_app, use_fast_path_env
 
     if ray.is_initialized():  # conftest's shared instance forwards worker output: every request would print a line
         ray.shutdown()
+    saved = {k: os.environ.get(k) for k in SERVE_FAST_PATH_ENV}
+    use_fast_path_env()  # the Serve switches jobs.serve starts with: every route and error below runs under them
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -110,6 +112,11 @@ def served(smoke_checkpoint: Path) -> Iterator[str]:
     yield url
     serve.shutdown()
     ray.shutdown()
+    for key, value in saved.items():  # later modules' Ray instances start with the environment they had
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +200,11 @@ def test_concurrent_requests_are_batched_and_reproducible(served: str) -> None:
             rs = await asyncio.gather(*(c.post("/v1/samples", json={"n": 64, "seed": s}) for s in range(12)))
             return [r.json() for r in rs]
 
+    stats = lambda: httpx.get(f"{served}/v1/model", timeout=30).json()["serving"]["batches"]  # noqa: E731
+    before = stats()
     first, second = asyncio.run(burst()), asyncio.run(burst())
+    after = stats()
+    assert after["requests"] - before["requests"] == 24 and 1 <= after["batches"] - before["batches"] <= 24
     for a, b in zip(first, second):
         assert a["component"] == b["component"]  # latents are drawn per request: exact
         assert np.allclose(a["samples"], b["samples"], atol=1e-5)  # decoded in varying batches: float rounding
@@ -290,9 +301,16 @@ def test_still_healthy_after_bad_inputs(client: httpx.Client) -> None:
 def test_load_test_against_the_app(served: str, capsys: pytest.CaptureFixture) -> None:
     from jobs.load_test import main
 
-    assert main(["--url", served, "--clients", "4", "--requests", "24", "--n", "16", "--time-limit-s", "30"]) == 0
+    assert main(["--url", served, "--clients", "4", "--requests", "24", "--n", "16", "--time-limit-s", "30",
+                 "--server-pid", str(os.getpid())]) == 0  # Ray runs under this process: its proxy and replica
     out = capsys.readouterr().out
     assert "requests=24 errors=0" in out and "p99=" in out and "req/s" in out
+    cpu = re.search(r"CPU ms per request: (.*)  \(load average", out).group(1)
+    per_role = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in cpu.split(", "))}
+    assert per_role["proxy"] > 0 and per_role["replica"] > 0 and per_role["client"] > 0
+    assert per_role["total"] == pytest.approx(sum(v for k, v in per_role.items() if k != "total"), abs=0.05)
+    batches = re.search(r"batches: (\d+), mean size ([\d.]+) requests", out)  # the fixture's app batches
+    assert 1 <= int(batches.group(1)) <= 24 and 1.0 <= float(batches.group(2)) <= 4.0
 
 
 # --------------------------------------------------------------------------------------------
