@@ -461,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-every-s", type=float, default=0.1, help="pause between /healthz probes during the load")
     p.add_argument("--server-pid", type=int, help="with --url: also count the CPU of this process (e.g. jobs.serve) "
                                                   "and its children (proxy, replica, Ray) per request")
+    p.add_argument("--modes", default="on,off", help="with --checkpoint: batching runs in this order (on, off, "
+                                                     "or both either way: an order effect shows)")
     p.add_argument("--ray-serve-defaults", action="store_true",
                    help="with --checkpoint: keep Ray Serve's default switches (no SERVE_FAST_PATH_ENV), for comparison")
     p.add_argument("--app-only", action="store_true", help="with --checkpoint: the replica's app alone, in-process "
@@ -468,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuzz", type=int, metavar="N", help="send N hostile requests instead of the load")
     p.add_argument("--token-file", help="bearer token for a server that needs one")
     args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",")]
+    if not modes or not set(modes) <= {"on", "off"} or len(set(modes)) != len(modes):
+        p.error(f"--modes: {args.modes!r}; allowed on, off, on,off or off,on")
     headers = {}
     if args.token_file:
         with open(args.token_file) as f:
@@ -506,20 +511,20 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     results = {}
     try:
-        for batching in (True, False):
+        for i, batching in enumerate(m == "on" for m in modes):
             t2 = time.perf_counter()
             app = build_app(ServeArgs(checkpoint=args.checkpoint, batching=batching, access_log=False))
             serve.run(app, name="introprior")
             wait_healthy(url)
-            what = "cold start" if batching else "redeploy"
-            print(f"{what}: {time.perf_counter() - t2:.2f} s to a healthy replica"
-                  + (f" (ray.init + serve.start {t1 - t0:.2f} s before)" if batching else ""), flush=True)
+            print(f"{'redeploy' if i else 'cold start'}: {time.perf_counter() - t2:.2f} s to a healthy replica"
+                  + ("" if i else f" (ray.init + serve.start {t1 - t0:.2f} s before)"), flush=True)
             results[batching] = run(url)
             _report("batching" if batching else "no batching", results[batching])
     finally:
         serve.shutdown()
         ray.shutdown()
-    _compare(results[True], results[False])
+    if len(results) == 2:
+        _compare(results[True], results[False])
     return 0
 
 
