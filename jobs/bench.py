@@ -21,22 +21,29 @@ import time
 import torch
 
 
-class _Stepper:
-    """A model, its optimisers and a fixed stream of 8gaussians batches for one preset."""
+class Stepper:
+    """A model, its optimisers and a fixed stream of 8gaussians batches for one preset, on one device
+    (``batch``: the preset's batch size unless given). ``jobs.gpu_steps`` times it on a GPU."""
 
-    def __init__(self, preset: str, seed: int = 0):
+    def __init__(self, preset: str, seed: int = 0, batch: int | None = None, device: str | torch.device = "cpu"):
+        from service.config import apply_overrides
         from service.data import make_source
         from service.model import build_model
         from service.presets import get_preset
         from service.step import make_optimizers
 
         self.cfg = get_preset(preset)
+        if batch is not None:
+            self.cfg = apply_overrides(self.cfg, {"data.batch_size": batch})
         self.model = build_model(self.cfg, (2,), prior_type="mog" if self.cfg.prior.kind == "mog" else None)
-        if self.cfg.prior.use_soft_clip:
+        if self.cfg.prior.use_soft_clip:  # the adversarial phase: bounds frozen at the end of the warm-up
             self.model.prior.init_clip_bounds()
-        self.opt, source = make_optimizers(self.model, self.cfg), make_source(self.cfg.data)
-        self.gen, data_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-        self.batches = [source.sample(self.cfg.data.batch_size, data_gen)[0] for _ in range(8)]
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.opt = make_optimizers(self.model, self.cfg)  # after .to(): Adam states follow the parameters
+        source, data_gen = make_source(self.cfg.data), torch.Generator().manual_seed(seed + 1)
+        self.batches = [source.sample(self.cfg.data.batch_size, data_gen)[0].to(self.device) for _ in range(8)]
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)  # noise drawn where the model is
         self.i = 0
 
     def step(self) -> None:
@@ -46,10 +53,16 @@ class _Stepper:
                            generator=self.gen)
         self.i += 1
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def seconds(self, iterations: int) -> float:
+        self._sync()
         start = time.perf_counter()
         for _ in range(iterations):
             self.step()
+        self._sync()
         return (time.perf_counter() - start) / iterations
 
     def matmul_flops(self) -> float:
@@ -61,9 +74,11 @@ class _Stepper:
         return float(counter.get_total_flops())
 
 
-def bench_steps(presets: list[str], iterations: int, rounds: int, warmup: int = 5) -> dict[str, list[float]]:
-    """Seconds per step of each preset, ``rounds`` alternating rounds of ``iterations`` steps each."""
-    steppers = {p: _Stepper(p) for p in presets}
+def bench_steps(presets: list[str], iterations: int, rounds: int, warmup: int = 5,
+                **stepper: object) -> dict[str, list[float]]:
+    """Seconds per step of each preset, ``rounds`` alternating rounds of ``iterations`` steps each
+    (``stepper``: ``batch`` / ``device`` for every ``Stepper``)."""
+    steppers = {p: Stepper(p, **stepper) for p in presets}  # type: ignore[arg-type]
     for s in steppers.values():
         s.seconds(warmup)
     times: dict[str, list[float]] = {p: [] for p in presets}
@@ -205,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(times[presets[0]])
     for preset in presets:
         med = statistics.median(times[preset])
-        flops = _Stepper(preset).matmul_flops()
+        flops = Stepper(preset).matmul_flops()
         spread = f"{1e3 * min(times[preset]):.1f} - {1e3 * max(times[preset]):.1f}"
         print(f"adversarial step  {preset.split('/')[1]:<12} {1 / med:6.1f} it/s  ({1e3 * med:6.1f} ms/it, rounds "
               f"{spread}; {med / base:4.2f}x {presets[0].split('/')[1]}); matrix products "

@@ -74,57 +74,20 @@ def env_info(device: str) -> dict:
 # step2d
 # --------------------------------------------------------------------------------------------
 
-class _Stepper2d:
-    """One 8gaussians preset at one batch size on one device: model, optimisers, 8 batches, noise."""
-
-    def __init__(self, preset: str, batch: int, device, seed: int = 0):
-        import torch
-
-        from service.config import apply_overrides
-        from service.data import make_source
-        from service.model import build_model
-        from service.presets import get_preset
-        from service.step import make_optimizers
-
-        self.cfg = apply_overrides(get_preset(preset), {"data.batch_size": batch})
-        self.model = build_model(self.cfg, (2,), prior_type="mog" if self.cfg.prior.kind == "mog" else None)
-        if self.cfg.prior.use_soft_clip:  # the adversarial phase: bounds frozen at the end of the warm-up
-            self.model.prior.init_clip_bounds()
-        self.model.to(device)
-        self.opt = make_optimizers(self.model, self.cfg)  # after .to(): Adam states follow the parameters
-        source, data_gen = make_source(self.cfg.data), torch.Generator().manual_seed(seed + 1)
-        self.batches = [source.sample(batch, data_gen)[0].to(device) for _ in range(8)]
-        self.gen = torch.Generator(device=device).manual_seed(seed)  # noise drawn where the model is
-        self.device, self.i = device, 0
-
-    def seconds_per_step(self, iterations: int) -> float:
-        from service.step import introspective_step
-
-        _sync(self.device)
-        start = time.perf_counter()
-        for _ in range(iterations):
-            introspective_step(self.model, self.opt, self.batches[self.i % 8], self.cfg, generator=self.gen)
-            self.i += 1
-        _sync(self.device)
-        return (time.perf_counter() - start) / iterations
-
-
 def step2d(device: str, presets: list[str], batches: list[int], iterations: int, rounds: int, warmup: int,
            out: str) -> dict:
     """it/s of the adversarial step per preset and batch; presets alternate within each round, and
     each figure is the median over rounds (a machine that drifts moves all presets alike)."""
     import torch
 
+    from jobs.bench import bench_steps  # the same steppers and alternating rounds as the CPU benchmark
+
     dev = torch.device(device)
     result: dict = {"device": device, "iterations": iterations, "rounds": rounds, "rows": []}
     for batch in batches:
-        steppers = {p: _Stepper2d(f"8gaussians/{p}", batch, dev) for p in presets}
-        for s in steppers.values():
-            s.seconds_per_step(warmup)
-        times: dict[str, list[float]] = {p: [] for p in presets}
-        for _ in range(rounds):
-            for p, s in steppers.items():
-                times[p].append(s.seconds_per_step(iterations))
+        by_preset = bench_steps([f"8gaussians/{p}" for p in presets], iterations, rounds, warmup,
+                                batch=batch, device=dev)
+        times = {p: by_preset[f"8gaussians/{p}"] for p in presets}
         base = statistics.median(times[presets[0]])
         for p in presets:
             med = statistics.median(times[p])
@@ -132,7 +95,6 @@ def step2d(device: str, presets: list[str], batches: list[int], iterations: int,
                                    "points_per_s": batch / med, f"time_vs_{presets[0]}": med / base,
                                    "ms_rounds": [1e3 * t for t in times[p]]})
         write_json(out, result)
-        del steppers
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return result
