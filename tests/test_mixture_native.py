@@ -137,28 +137,31 @@ def test_built_kernel_is_cached_per_source_and_cpu(tmp_path):
     assert len(list(tmp_path.glob("mixture_kernel-*.so"))) == 1  # the second process loaded the first one's build
 
 
+def _three_ip_steps(preset, monkeypatch, patch=None):
+    """Three IP steps of a smoke preset at T = 100 from fixed seeds: (logged terms per step, final weights).
+
+    ``patch``: ``(object, attribute, value)`` set for these steps only (the reference path)."""
+    cfg = smoke(get_preset(preset))
+    cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, mc_samples=100))
+    torch.manual_seed(0)
+    model = build_model(cfg, (2,), prior_type="mog")
+    model.prior.init_clip_bounds()
+    opt, gen = make_optimizers(model, cfg), torch.Generator().manual_seed(1)
+    x = torch.randn(128, 2, generator=torch.Generator().manual_seed(2))
+    if patch is not None:
+        monkeypatch.setattr(*patch)
+    logs = [introspective_step(model, opt, x, cfg, generator=gen) for _ in range(3)]
+    monkeypatch.undo()
+    return logs, [p.detach().clone() for p in model.parameters()]
+
+
 @needs_kernel
 @pytest.mark.parametrize("preset", ["8gaussians/mog-ip-lc", "8gaussians/mog-ip"])
 def test_adversarial_steps_with_the_kernel_equal_the_pytorch_path(preset, monkeypatch):
     """Same RNG draws, same math: three IP steps with the C kernel and with the PyTorch kernel give the
     same losses and parameters (float32 rounding apart)."""
-    cfg = smoke(get_preset(preset))
-    cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, mc_samples=100))
-
-    def run(native: bool):
-        torch.manual_seed(0)
-        model = build_model(cfg, (2,), prior_type="mog")
-        model.prior.init_clip_bounds()
-        opt, gen = make_optimizers(model, cfg), torch.Generator().manual_seed(1)
-        x = torch.randn(128, 2, generator=torch.Generator().manual_seed(2))
-        if not native:
-            monkeypatch.setattr(gaussian, "native_applies", lambda *a: False)
-        logs = [introspective_step(model, opt, x, cfg, generator=gen) for _ in range(3)]
-        monkeypatch.undo()
-        return logs, [p.detach().clone() for p in model.parameters()]
-
-    logs_c, params_c = run(True)
-    logs_t, params_t = run(False)
+    logs_c, params_c = _three_ip_steps(preset, monkeypatch)
+    logs_t, params_t = _three_ip_steps(preset, monkeypatch, (gaussian, "native_applies", lambda *a: False))
     for a, b in zip(logs_c, logs_t):
         for key in ("train/loss_encoder", "train/loss_decoder", "train/enc/kl_real", "train/dec/kl_prior"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
@@ -187,23 +190,8 @@ def test_adversarial_steps_equal_the_plain_autograd_reference(preset, monkeypatc
     steps against the same steps computed by plain autograd (same RNG draws), losses and weights."""
     import service.objectives as objectives
 
-    cfg = smoke(get_preset(preset))
-    cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, mc_samples=100))
-
-    def run(reference: bool):
-        torch.manual_seed(0)
-        model = build_model(cfg, (2,), prior_type="mog")
-        model.prior.init_clip_bounds()
-        opt, gen = make_optimizers(model, cfg), torch.Generator().manual_seed(1)
-        x = torch.randn(128, 2, generator=torch.Generator().manual_seed(2))
-        if reference:
-            monkeypatch.setattr(objectives, "kl_term", _plain_kl_term)
-        logs = [introspective_step(model, opt, x, cfg, generator=gen) for _ in range(3)]
-        monkeypatch.undo()
-        return logs, [p.detach().clone() for p in model.parameters()]
-
-    logs, params = run(False)
-    ref_logs, ref_params = run(True)
+    logs, params = _three_ip_steps(preset, monkeypatch)
+    ref_logs, ref_params = _three_ip_steps(preset, monkeypatch, (objectives, "kl_term", _plain_kl_term))
     for a, b in zip(logs, ref_logs):
         assert a.keys() == b.keys()
         for key in a:
