@@ -4,9 +4,10 @@ environment: a token-authenticated Ray head on loopback, then ``ray job submit``
 Four changes to the recipe: ``--smoke`` for ``--quick`` (seconds of training instead of minutes);
 ``ray job submit`` repeated (up to 30 times, 10 s apart) only while the new head answers "No
 available agent to submit job" (seen on a loaded machine right after ``ray start``);
-free ports for the head's GCS and dashboard instead of 6379 and 8265 (on a shared machine another
-local Ray instance may hold 8265, its dashboard would then answer ``ray job submit`` and ours would
-move to another port); and no ``ray stop``, which stops every Ray process on the machine (other
+free ports for the head's GCS, dashboard and dashboard agent instead of 6379, 8265 and 52365 (on
+a shared machine, such as ``make test``'s parallel workers, another local Ray instance may hold
+them: its dashboard would then answer ``ray job submit``, and our head's agent, failing to bind
+52365, would never come up, so every submission would be refused with "No available agent"); and no ``ray stop``, which stops every Ray process on the machine (other
 tests' and other users' local instances too): the test ends the processes of its own shell
 session instead. The repository's code is
 copied into a temporary folder with a ``.venv`` link to this interpreter's venv, so that ``$PWD``,
@@ -107,13 +108,13 @@ def test_readme_cluster_recipe_runs_as_written_in_a_fresh_shell(tmp_path):
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / ".gitignore", work)  # --working-dir . leaves out what it ignores (.venv, runs, mlflow.db)
     (work / ".venv").symlink_to(VENV)
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard, agent = _free_port(), _free_port(), _free_port()
     lines = []
     for ln in recipe():
         if ln == "ray stop":
             continue
         if ln.startswith("ray start --head"):
-            ln += f" --port={gcs} --dashboard-port={dashboard}"
+            ln += f" --port={gcs} --dashboard-port={dashboard} --dashboard-agent-listen-port={agent}"
         ln = ln.replace("--quick", "--smoke").replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard}")
         if ln.startswith("ray job submit"):  # a person waits when the new head is not ready yet: so does the test
             ln = RETRY.format(submit=ln)
