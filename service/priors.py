@@ -257,3 +257,65 @@ def active_mask(usage: Tensor, threshold: float = 1e-2) -> Tensor:
 def active_components(usage: Tensor, threshold: float = 1e-2) -> int:
     """Number of components with ``c_i >= 1e-2`` (SPEC §4)."""
     return int(active_mask(usage, threshold).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Re-seeding unused components (an option beside the paper: prior.reseed_every)
+# --------------------------------------------------------------------------------------------
+
+# A posterior mean counts as unexplained when the prior's density there is this much (a factor of
+# 100) below the batch's median density at its posterior means.
+RESEED_GAP = math.log(100.0)
+
+
+@torch.no_grad()
+def reseed_unused_components(prior: MixturePrior, post_means: Tensor, post_logvars: Tensor, *,
+                             unused_below: float = 1e-3, gap: float = RESEED_GAP) -> list[int]:
+    """Move components that no posterior uses onto the posterior means the prior explains worst.
+
+    ``post_means`` / ``post_logvars`` (N, D): the encoder's posteriors of a batch of real data.
+    A component is unused when its share of the batch's responsibilities is below
+    ``unused_below``. Greedily (farthest-point style): take the posterior mean of lowest prior
+    density; if that density is more than ``gap`` (log units) below the batch median, put an
+    unused component there (its mean, the posterior's log-variance kept inside the soft-clip
+    range, and, with learnable weights, the weight 1 / M), recompute the density, repeat. Stops at
+    the first point that is explained well enough or when no unused component is left, so a prior
+    that covers its posteriors is left exactly as it was. Returns the moved components' indices.
+    """
+    comps = prior.components(detach=True)
+    log_p, usage = mixture_log_prob_and_usage(post_means, comps.means, comps.logvars, comps.log_weights, True)
+    unused = [int(k) for k in torch.nonzero(usage < unused_below).flatten()]
+    if not unused:
+        return []
+    threshold = float(log_p.median()) - gap
+    moved: list[int] = []
+    m = prior.num_components
+    for k in unused:
+        i = int(torch.argmin(log_p))
+        if float(log_p[i]) > threshold:
+            break
+        target = post_logvars[i]
+        if bool(prior.clip_on):  # inside the frozen range, where the soft-clip is nearly the identity
+            target = torch.minimum(torch.maximum(target, prior.clip_lo), prior.clip_hi)
+        prior.means[k] = post_means[i]
+        prior.logvars[k] = target
+        if prior.learnable_weights:
+            others = torch.cat([prior.logits[:k], prior.logits[k + 1:]])
+            prior.logits[k] = torch.logsumexp(others, 0) - math.log(m - 1) if m > 1 else 0.0
+        moved.append(k)
+        comps = prior.components(detach=True)
+        log_p, _ = mixture_log_prob_and_usage(post_means, comps.means, comps.logvars, comps.log_weights, False)
+    return moved
+
+
+def reset_optimizer_rows(optimizer: torch.optim.Optimizer, prior: MixturePrior, rows: list[int]) -> None:
+    """Zero Adam's moment estimates for the given components' rows (means, log-variances, logits),
+    so a moved component starts from its new place without the old place's momentum."""
+    if not rows:
+        return
+    index = torch.tensor(rows, dtype=torch.long)
+    for param in (prior.means, prior.logvars, prior.logits):
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in state and state[key].shape == param.shape:
+                state[key].index_fill_(0, index.to(state[key].device), 0.0)
