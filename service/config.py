@@ -134,9 +134,10 @@ class PriorConfig:
     # range frozen at the end of the warm-up (sharper modes; measured in README "Mode purity")
     softclip_lower: bool = True
     lr: float = 2e-4  # SPEC §5, prior learning rate
-    # An option beside the paper (0 = off, the paper): every this many adversarial iterations,
-    # components that no posterior uses are moved onto the posterior means the prior explains worst
-    # (priors.reseed_unused_components). A trained prior (IP) only. README "Mode purity".
+    # An option beside the paper (0 = off, the paper): every this many adversarial iterations, until
+    # the first learning-rate milestone, components that no posterior uses are moved onto the
+    # posterior means the prior explains worst (priors.reseed_unused_components). A trained prior
+    # (IP) only. README "Mode purity".
     reseed_every: int = 0
     reseed_unused_below: float = 1e-3  # a component is unused below this share of responsibilities
 

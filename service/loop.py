@@ -116,9 +116,10 @@ def _phase_change(model: Model, opt: Optimizers, cfg: ExperimentConfig, it: int)
 
 
 def _reseed_due(cfg: ExperimentConfig, model: Model, done: int) -> bool:
-    """``prior.reseed_every``: every so many iterations of the adversarial phase (not at its end)."""
+    """``prior.reseed_every``: adversarial phase, before the first learning-rate milestone."""
     every = cfg.prior.reseed_every
-    return bool(every) and isinstance(model.prior, MixturePrior) and cfg.schedule.warmup < done < cfg.schedule.iterations \
+    until = min(cfg.optim.milestones, default=cfg.schedule.iterations)
+    return bool(every) and isinstance(model.prior, MixturePrior) and cfg.schedule.warmup < done < until \
         and (done - cfg.schedule.warmup) % every == 0
 
 

@@ -179,7 +179,7 @@ def sharp_8gaussians() -> ExperimentConfig:
                                objective=dataclasses.replace(cfg.objective, beta_kl=0.05, beta_neg=0.15))
 
 
-# every this many iterations of the adversarial phase
+# every this many adversarial iterations (until the first learning-rate milestone)
 RESEED_EVERY = 250
 
 
@@ -188,7 +188,7 @@ def sharp_reseed_8gaussians() -> ExperimentConfig:
 
     An option beside the paper: components that no posterior uses are moved onto the posterior
     means the prior explains worst (``priors.reseed_unused_components``), every 250 adversarial
-    iterations. The sharp betas lose data modes on some
+    iterations until the first learning-rate milestone. The sharp betas lose data modes on some
     seeds (posterior clusters with no component near them, so nothing is generated there);
     re-seeding puts a component there. Measured in README "Mode purity" (``python -m jobs.train
     --preset 8gaussians/mog-ip-lc-sharp-reseed --quick --workers 1 --seed S``). ``make run``

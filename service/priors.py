@@ -277,10 +277,8 @@ def reseed_unused_components(prior: MixturePrior, post_means: Tensor, post_logva
     A component is unused when its share of the batch's responsibilities is below
     ``unused_below``. Greedily (farthest-point style): take the posterior mean of lowest prior
     density; if that density is more than ``gap`` (log units) below the batch median, put an
-    unused component there (starting from that posterior; then a few EM steps for it alone: the
-    mean and variance of the posteriors it becomes responsible for, and with learnable weights
-    their share, at least 1 / M; variances kept inside the soft-clip range), recompute the
-    density, repeat. Stops at
+    unused component there (its mean, the posterior's log-variance kept inside the soft-clip
+    range, and, with learnable weights, the weight 1 / M), recompute the density, repeat. Stops at
     the first point that is explained well enough or when no unused component is left, so a prior
     that covers its posteriors is left exactly as it was. Returns the moved components' indices.
     """
@@ -296,42 +294,18 @@ def reseed_unused_components(prior: MixturePrior, post_means: Tensor, post_logva
         i = int(torch.argmin(log_p))
         if float(log_p[i]) > threshold:
             break
+        target = post_logvars[i]
+        if bool(prior.clip_on):  # inside the frozen range, where the soft-clip is nearly the identity
+            target = torch.minimum(torch.maximum(target, prior.clip_lo), prior.clip_hi)
         prior.means[k] = post_means[i]
-        prior.logvars[k] = _inside_clip(prior, post_logvars[i])
-        if prior.learnable_weights and m > 1:  # weight 1 / M to start with
-            prior.logits[k] = torch.logsumexp(torch.cat([prior.logits[:k], prior.logits[k + 1:]]), 0) - math.log(m - 1)
-        _local_em(prior, k, post_means, post_logvars)
+        prior.logvars[k] = target
+        if prior.learnable_weights:
+            others = torch.cat([prior.logits[:k], prior.logits[k + 1:]])
+            prior.logits[k] = torch.logsumexp(others, 0) - math.log(m - 1) if m > 1 else 0.0
         moved.append(k)
         comps = prior.components(detach=True)
         log_p, _ = mixture_log_prob_and_usage(post_means, comps.means, comps.logvars, comps.log_weights, False)
     return moved
-
-
-def _inside_clip(prior: MixturePrior, logvar: Tensor) -> Tensor:
-    """Raw log-variance inside the frozen soft-clip range (where the clip is nearly the identity)."""
-    if bool(prior.clip_on):
-        return torch.minimum(torch.maximum(logvar, prior.clip_lo), prior.clip_hi)
-    return logvar
-
-
-def _local_em(prior: MixturePrior, k: int, post_means: Tensor, post_logvars: Tensor, steps: int = 3) -> None:
-    """A few EM steps for component ``k`` alone (the others fixed) on the batch's posteriors: its
-    mean and variance become those of the posteriors it is responsible for (the variance adds the
-    posteriors' own), and with learnable weights its weight their share, at least 1 / M."""
-    m = prior.num_components
-    for _ in range(steps):
-        r = responsibilities(prior.component_log_prob(post_means, detach=True))[:, k]
-        mass = float(r.sum())
-        if mass <= 1e-6:
-            return
-        mean = (r[:, None] * post_means).sum(0) / mass
-        var = (r[:, None] * ((post_means - mean) ** 2 + post_logvars.exp())).sum(0) / mass
-        prior.means[k] = mean
-        prior.logvars[k] = _inside_clip(prior, var.log())
-        share = mass / post_means.shape[0]
-        if prior.learnable_weights and 1.0 / m < share < 1.0:
-            others = torch.logsumexp(torch.cat([prior.logits[:k], prior.logits[k + 1:]]), 0)
-            prior.logits[k] = others + math.log(share) - math.log1p(-share)
 
 
 def reset_optimizer_rows(optimizer: torch.optim.Optimizer, prior: MixturePrior, rows: list[int]) -> None:

@@ -45,14 +45,9 @@ def test_an_unused_component_moves_to_the_cluster_no_component_explains():
     mu, logvar = _posteriors(CLUSTERS)  # the cluster at (0, -4) has no component
     moved = reseed_unused_components(prior, mu, logvar)
     assert moved == [3]
-    # EM on the cluster: its mean, and its spread (0.1^2) plus the posteriors' own variance (e^-4)
-    mu, _ = _posteriors(CLUSTERS)
-    cluster = mu[150:]
-    assert torch.allclose(prior.means[3].detach(), cluster.mean(0), atol=1e-4)
-    expected = torch.log(cluster.var(0, correction=0) + math.exp(-4.0))
-    assert torch.allclose(prior.logvars[3].detach(), expected, atol=1e-3)
-    # one EM step: it explains the whole fourth cluster, a quarter of the posteriors
-    assert prior.components().weights[3].item() == pytest.approx(1 / 4, rel=1e-3)
+    assert torch.linalg.vector_norm(prior.means[3].detach() - CLUSTERS[3]) < 0.5
+    assert torch.equal(prior.logvars[3].detach(), torch.full((2,), -4.0))  # no clip range yet: the posterior's
+    assert prior.components().weights[3].item() == pytest.approx(1 / 4, rel=1e-6)  # the mean of the others' weights
     # the other components did not move
     assert torch.equal(prior.means[:3].detach(), torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 4.0]]))
 
@@ -81,18 +76,6 @@ def test_two_unexplained_clusters_get_one_component_each():
     assert torch.equal(prior.logits.detach(), torch.zeros(5))  # uniform weights stay uniform
     unused_left = [k for k in range(5) if k not in moved and k >= 2]
     assert len(unused_left) == 1 and prior.means[unused_left[0]].abs().max() == 20
-
-
-def test_a_learnable_weight_takes_the_share_of_the_posteriors_the_component_explains():
-    # 8 components, 3 on clusters, 5 unused; the fourth cluster holds 1/4 of the posteriors (> 1/8)
-    prior = _prior([[-3, 0], [3, 0], [0, 4], [20, 20], [-20, 20], [20, -20], [-20, -20], [30, 0]])
-    with torch.no_grad():
-        prior.logits[3:].fill_(-30.0)  # the unused ones have lost their weight (LC)
-    moved = reseed_unused_components(prior, *_posteriors(CLUSTERS))
-    assert len(moved) == 1
-    weights = prior.components().weights.detach()
-    assert weights[moved[0]].item() == pytest.approx(0.25, rel=1e-3)
-    assert weights[:3].sum().item() == pytest.approx(0.75, rel=1e-3)
 
 
 def test_the_new_log_variance_stays_inside_the_frozen_clip_range():
@@ -157,13 +140,13 @@ def always_move(monkeypatch):
                         functools.partial(reseed_unused_components, gap=-math.inf))
 
 
-def test_the_loop_reseeds_in_the_adversarial_phase_deterministically(always_move):
+def test_the_loop_reseeds_between_warm_up_and_the_first_milestone_deterministically(always_move):
     cfg = _reseed_cfg()
     sink, checkpoints = MemorySink(), []
     first = train(cfg, make_source(cfg.data), sink=sink,
                   on_checkpoint=lambda state, it, m, final: checkpoints.append(copy.deepcopy(state)))
     logged = [(step, m["prior/reseeded"]) for step, m in sink.metrics if "prior/reseeded" in m]
-    assert [step for step, _ in logged] == [7, 8, 9, 10, 11]  # after warm-up (6), not at the end (12)
+    assert [step for step, _ in logged] == [7, 8]  # after warm-up (6), before the milestone (9)
     assert sum(n for _, n in logged) > 0
     again = train(cfg, make_source(cfg.data))
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
