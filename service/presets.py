@@ -30,8 +30,7 @@ does not publish its MoG selections; the ``mog-*`` presets carry the official va
 until a grid search of ours replaces them. The VAE uses ``VAE_BETAS`` (SPEC §6.3).
 ``CONFIGURATIONS`` holds the paper's six configurations only (the Table 1 columns);
 ``TOY_CONFIGURATIONS`` adds the variants that exist as 2D presets. ``8gaussians/mog-ip-lc-sharp``
-(``sharp_8gaussians``) is IP + LC at the betas of highest mode purity, beside the paper's protocol;
-``8gaussians/mog-ip-lc-sharp-reseed`` adds the re-seeding of unused components (``make run``).
+(``sharp_8gaussians``) is IP + LC at the betas of highest mode purity, beside the paper's protocol.
 
 Command: ``python -m jobs.train --preset 8gaussians/mog-ip-lc`` (faithful: 30,000 iterations,
 batch 512; about 45 min on 2 CPU cores for SG, longer for mixtures). Paper, Table 1 (mean of 5
@@ -167,40 +166,19 @@ def sharp_8gaussians() -> ExperimentConfig:
     Found by single ``--quick`` runs (5,000 iterations, batch 256, 1 worker) of ``python -m
     jobs.train --preset 8gaussians/mog-ip-lc --quick --workers 1 --set objective.beta_kl=B --set
     objective.beta_neg=N`` over B / N in {0.3 / 0.9, 0.1 / 0.3, 0.05 / 0.15} (README "Mode purity";
-    the staged, purity-constrained selections ``tune_spaces/agreement_short_grid.yaml`` and
-    ``agreement_short_staged.yaml`` (3,000 iterations) both pick these betas too): seed 0 mode purity 1.00, 8/8 modes, KL 16.2, gnELBO x 1e7 0.46 (the
+    the staged, purity-constrained selection is ``tune_spaces/agreement_short_grid.yaml``, not yet
+    run to the end): seed 0 mode purity 1.00, 8/8 modes, KL 16.2, gnELBO x 1e7 0.46 (the
     ``mog-ip-lc`` preset: 0.22, 8/8, 11.8, 0.86; SG: KL 29.5). Over seeds 0 - 3 (``--preset
     8gaussians/mog-ip-lc-sharp --quick --workers 1 --seed S``): purity 1.00 / 1.00 / 0.96 / 0.99,
     modes covered 8 / 4 / 5 / 7, KL 16 / 112 / 99 / 43 (r_entropy 1 / 10 on seed 1: 6 / 7 modes,
-    KL 88 / 83). Sharp modes, not reliable coverage: ``mog-ip-lc-sharp-reseed`` adds that.
+    KL 88 / 83). Sharp modes, not yet reliable coverage.
     """
     cfg = toy_preset("8gaussians", "mog-ip-lc")
     return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-sharp",
                                objective=dataclasses.replace(cfg.objective, beta_kl=0.05, beta_neg=0.15))
 
 
-# every this many adversarial iterations (until the first learning-rate milestone)
-RESEED_EVERY = 250
-
-
-def sharp_reseed_8gaussians() -> ExperimentConfig:
-    """``8gaussians/mog-ip-lc-sharp-reseed``: ``mog-ip-lc-sharp`` plus ``prior.reseed_every=250``.
-
-    An option beside the paper: components that no posterior uses are moved onto the posterior
-    means the prior explains worst (``priors.reseed_unused_components``), every 250 adversarial
-    iterations until the first learning-rate milestone. The sharp betas lose data modes on some
-    seeds (posterior clusters with no component near them, so nothing is generated there);
-    re-seeding puts a component there. Measured in README "Mode purity" (``python -m jobs.train
-    --preset 8gaussians/mog-ip-lc-sharp-reseed --quick --workers 1 --seed S``). ``make run``
-    trains it.
-    """
-    cfg = sharp_8gaussians()
-    return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-sharp-reseed",
-                               prior=dataclasses.replace(cfg.prior, reseed_every=RESEED_EVERY))
-
-
 PRESETS["8gaussians/mog-ip-lc-sharp"] = sharp_8gaussians
-PRESETS["8gaussians/mog-ip-lc-sharp-reseed"] = sharp_reseed_8gaussians
 PRESETS.update({f"{d}/{c}": (lambda d=d, c=c: image_preset(d, c))
                 for d in IMAGE_PRESET_DATASETS for c in IMAGE_CONFIGURATIONS})
 

@@ -77,11 +77,3 @@ def test_sharp_8gaussians_preset_is_ip_lc_with_small_beta_kl():
     assert (sharp.objective.beta_rec, sharp.objective.beta_kl, sharp.objective.beta_neg) == (0.2, 0.05, 0.15)
     assert sharp.prior == base.prior and sharp.schedule == base.schedule and sharp.name == "8gaussians/mog-ip-lc-sharp"
     assert "2spirals/mog-ip-lc-sharp" not in PRESETS  # measured on 8gaussians only
-
-
-def test_sharp_reseed_preset_is_the_sharp_preset_plus_reseeding():
-    sharp, reseed = get_preset("8gaussians/mog-ip-lc-sharp"), get_preset("8gaussians/mog-ip-lc-sharp-reseed")
-    assert reseed.prior.reseed_every == 250 and reseed.name == "8gaussians/mog-ip-lc-sharp-reseed"
-    assert dataclasses.replace(reseed.prior, reseed_every=0) == sharp.prior
-    assert reseed.objective == sharp.objective and reseed.schedule == sharp.schedule
-    assert get_preset("8gaussians/mog-ip-lc").prior.reseed_every == 0  # the paper's presets never re-seed
