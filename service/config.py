@@ -134,12 +134,6 @@ class PriorConfig:
     # range frozen at the end of the warm-up (sharper modes; measured in README "Mode purity")
     softclip_lower: bool = True
     lr: float = 2e-4  # SPEC §5, prior learning rate
-    # An option beside the paper (0 = off, the paper): every this many adversarial iterations, until
-    # the first learning-rate milestone, components that no posterior uses are moved onto the
-    # posterior means the prior explains worst (priors.reseed_unused_components). A trained prior
-    # (IP) only. README "Mode purity".
-    reseed_every: int = 0
-    reseed_unused_below: float = 1e-3  # a component is unused below this share of responsibilities
 
     def __post_init__(self) -> None:
         _check_choice("prior.kind", self.kind, PriorKind)
@@ -150,11 +144,6 @@ class PriorConfig:
         _check_range("prior.lr", self.lr, lo=0, lo_open=True)
         if self.kind == "standard" and (self.trainable or self.learnable_weights):
             raise ConfigError("prior.trainable / prior.learnable_weights: only allowed with prior.kind='mog'")
-        _check_range("prior.reseed_every", self.reseed_every, lo=0)
-        _check_range("prior.reseed_unused_below", self.reseed_unused_below, lo=0, hi=1, lo_open=True)
-        if self.reseed_every and not (self.kind == "mog" and self.trainable):
-            raise ConfigError("prior.reseed_every: only allowed with a trained mixture (prior.kind='mog', "
-                              "prior.trainable=true); a fixed prior stays where it is")
 
     @property
     def use_soft_clip(self) -> bool:

@@ -25,7 +25,7 @@ from .data import PointSource
 from .evaluation import evaluate
 from .model import Model, build_model, convert_prior
 from .networks import apply_speed_switches, use_local_batchnorm, use_sync_batchnorm
-from .priors import MixturePrior, VampPrior, reset_optimizer_rows, reseed_unused_components
+from .priors import MixturePrior, VampPrior
 from .step import GradSync, Optimizers, introspective_step, make_optimizers, no_sync, vae_step
 from .tracking import MetricSink, NullSink
 
@@ -115,35 +115,6 @@ def _phase_change(model: Model, opt: Optimizers, cfg: ExperimentConfig, it: int)
     return opt
 
 
-def _reseed_due(cfg: ExperimentConfig, model: Model, done: int) -> bool:
-    """``prior.reseed_every``: adversarial phase, before the first learning-rate milestone."""
-    every = cfg.prior.reseed_every
-    until = min(cfg.optim.milestones, default=cfg.schedule.iterations)
-    return bool(every) and isinstance(model.prior, MixturePrior) and cfg.schedule.warmup < done < until \
-        and (done - cfg.schedule.warmup) % every == 0
-
-
-def _reseed(model: Model, opt: Optimizers, source: PointSource, cfg: ExperimentConfig, done: int,
-            device: torch.device) -> int:
-    """Move unused components onto unexplained posteriors (``priors.reseed_unused_components``).
-
-    The batch is drawn from a generator seeded by (seed, iteration) and the encoder is identical on
-    every rank, so every rank moves the same components without communicating, and a resumed run
-    does what the uninterrupted one did. The training generators are not touched.
-    """
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 3_001 * done + 17)
-    x = source.sample(cfg.data.batch_size, gen)[0].to(device)
-    was_training = model.encoder.training
-    model.encoder.eval()
-    with torch.no_grad():
-        mu, logvar = model.encoder(x)
-    model.encoder.train(was_training)
-    moved = reseed_unused_components(model.prior, mu, logvar, unused_below=cfg.prior.reseed_unused_below)
-    if opt.prior is not None:
-        reset_optimizer_rows(opt.prior, model.prior, moved)
-    return len(moved)
-
-
 def _state(model: Model, opt: Optimizers, gens: dict[str, torch.Generator], cfg: ExperimentConfig,
            source: PointSource, it: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return make_state(model, cfg, iteration=it, data_shape=source.shape,
@@ -200,10 +171,6 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
         step = vae_step if it < sched.warmup else introspective_step
         metrics = step(model, opt, x, cfg, generator=gens["noise"], iteration=it, grad_sync=grad_sync)
         done = it + 1
-        if _reseed_due(cfg, model, done):
-            moved = _reseed(model, opt, source, cfg, done, device)
-            if is_main:
-                sink.log_metrics(done, {"prior/reseeded": float(moved)})
         if is_main and sched.log_every and (done % sched.log_every == 0 or done == sched.iterations):
             now = time.perf_counter()
             metrics["train/iterations_per_s"] = sched.log_every / max(now - tick, 1e-9)
