@@ -168,8 +168,9 @@ def sharp_8gaussians() -> ExperimentConfig:
     jobs.train --preset 8gaussians/mog-ip-lc --quick --workers 1 --set objective.beta_kl=B --set
     objective.beta_neg=N`` over B / N in {0.3 / 0.9, 0.1 / 0.3, 0.05 / 0.15} (README "Mode purity";
     the staged, purity-constrained selections ``tune_spaces/agreement_short_grid.yaml`` and
-    ``agreement_short_staged.yaml`` (3,000 iterations) both pick these betas too): seed 0 mode purity 1.00, 8/8 modes, KL 16.2, gnELBO x 1e7 0.46 (the
-    ``mog-ip-lc`` preset: 0.22, 8/8, 11.8, 0.86; SG: KL 29.5). Over seeds 0 - 3 (``--preset
+    ``agreement_short_staged.yaml`` (3,000 iterations) both pick these betas too): seed 0 mode
+    purity 1.00, 8/8 modes, KL 16.2, gnELBO x 1e7 0.46 (the ``mog-ip-lc`` preset: 0.22, 8/8,
+    11.8, 0.86; SG: KL 29.5). Over seeds 0 - 3 before the C mixture kernel (``--preset
     8gaussians/mog-ip-lc-sharp --quick --workers 1 --seed S``): purity 1.00 / 1.00 / 0.96 / 0.99,
     modes covered 8 / 4 / 5 / 7, KL 16 / 112 / 99 / 43 (r_entropy 1 / 10 on seed 1: 6 / 7 modes,
     KL 88 / 83). Sharp modes, not reliable coverage (re-measured: README "Mode purity").

@@ -7,9 +7,9 @@ available agent to submit job" (seen on a loaded machine right after ``ray start
 free ports for the head's GCS, dashboard and dashboard agent instead of 6379, 8265 and 52365 (on
 a shared machine, such as ``make test``'s parallel workers, another local Ray instance may hold
 them: its dashboard would then answer ``ray job submit``, and our head's agent, failing to bind
-52365, would never come up, so every submission would be refused with "No available agent"); and no ``ray stop``, which stops every Ray process on the machine (other
-tests' and other users' local instances too): the test ends the processes of its own shell
-session instead. The repository's code is
+52365, would never come up, so every submission would be refused with "No available agent");
+and no ``ray stop``, which stops every Ray process on the machine (other tests' and other users'
+local instances too): the test ends the processes of its own shell session instead. The repository's code is
 copied into a temporary folder with a ``.venv`` link to this interpreter's venv, so that ``$PWD``,
 ``--working-dir .`` and the outputs stay there; ``HOME`` is temporary too (the token file).
 """
