@@ -9,6 +9,8 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 from service.gaussian import (diag_normal_log_prob, kl_diag_normals, kl_to_standard_normal, log_mean_exp,
                               mixture_component_log_prob, mixture_log_prob, randn, reparameterize)
 
+from mixture_cases import draw_mixture
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
@@ -144,11 +146,7 @@ def test_mixture_of_one_standard_component_is_the_standard_normal():
 def _sharp_case(logvar: float, scale: float, n: int = 51_200, m: int = 64, d: int = 2, seed: int = 0):
     """Points drawn from a mixture whose components have log-variance ~``logvar`` and |mu| ~ ``scale``."""
     g = torch.Generator().manual_seed(seed)
-    means = scale * torch.randn(m, d, generator=g, dtype=F64)
-    logvars = logvar + 0.3 * torch.randn(m, d, generator=g, dtype=F64)
-    log_w = torch.log_softmax(torch.randn(m, generator=g, dtype=F64), 0)
-    idx = torch.randint(0, m, (n,), generator=g)
-    z = means[idx] + torch.exp(0.5 * logvars[idx]) * torch.randn(n, d, generator=g, dtype=F64)
+    z, means, logvars, log_w = draw_mixture(g, n, m, d, logvar, scale)
     # the float32 inputs, and the same values in float64: the reference sees exactly what float32 sees
     inputs32 = [t.float() for t in (z, means, logvars, log_w)]
     return inputs32, [t.double() for t in inputs32], torch.randn(n, generator=g, dtype=F64)

@@ -19,6 +19,8 @@ from service.model import build_model
 from service.presets import get_preset, smoke
 from service.step import introspective_step, make_optimizers
 
+from mixture_cases import draw_mixture
+
 F64 = torch.float64
 needs_kernel = pytest.mark.skipif(mixture_native.library() is None, reason="no C compiler: the PyTorch path is used")
 
@@ -26,11 +28,7 @@ needs_kernel = pytest.mark.skipif(mixture_native.library() is None, reason="no C
 def _case(n, m, d, logvar, scale, seed=0):
     """float32 points drawn from a mixture with log-variances ~logvar and |mu| ~scale, plus weights."""
     g = torch.Generator().manual_seed(seed)
-    means = scale * torch.randn(m, d, generator=g, dtype=F64)
-    logvars = logvar + 0.3 * torch.randn(m, d, generator=g, dtype=F64)
-    log_w = torch.log_softmax(torch.randn(m, generator=g, dtype=F64), 0)
-    idx = torch.randint(0, m, (n,), generator=g)
-    z = means[idx] + torch.exp(0.5 * logvars[idx]) * torch.randn(n, d, generator=g, dtype=F64)
+    z, means, logvars, log_w = draw_mixture(g, n, m, d, logvar, scale)
     z = torch.cat([z, 3.0 * scale * torch.randn(n // 20, d, generator=g, dtype=F64)])  # some points far out
     return [t.float() for t in (z, means, logvars, log_w)], torch.randn(z.shape[0], generator=g, dtype=F64)
 
