@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gaussian import mixture_component_log_prob, mixture_log_prob, mixture_log_prob_and_usage, randn
+from .gaussian import mixture_component_log_prob, mixture_log_prob_and_usage, randn
 
 
 @dataclass
@@ -78,11 +78,6 @@ class Prior(nn.Module):
     def log_prob(self, z: Tensor, detach: bool = False) -> Tensor:
         """``log p(z)`` for z (N, D) -> (N,)."""
         return self.log_prob_and_usage(z, detach, usage=False)[0]
-
-    def log_prob_and_responsibilities(self, z: Tensor, detach: bool = False) -> tuple[Tensor, Tensor]:
-        """``(log p(z) (N,), r (N, M))``; the responsibilities carry no gradient (fast path)."""
-        c = self.components(detach)
-        return mixture_log_prob(z, c.means, c.logvars, c.log_weights)
 
     def log_prob_and_usage(self, z: Tensor, detach: bool = False, usage: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(log p(z) (N,), mean responsibilities C (M,) or None)``; C carries no gradient (fastest path)."""
