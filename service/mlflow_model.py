@@ -10,6 +10,7 @@ importable (the project installed, or on ``PYTHONPATH``).
 
     n (long, required)  mode (long, optional: a component; -1 or no column = the full prior)
     temperature (double, optional, default 1)  seed (long, optional: -1 or no column = a fresh seed)
+    data_mode (long, optional: a data mode of labelled training data, instead of mode; -1 or no column = none)
 
 (-1 rather than null: MLflow's schema check refuses a long column that mixes numbers and nulls.)
 
@@ -39,7 +40,8 @@ from pydantic import ValidationError
 MODEL_NAME = "model"  # the logged model's name in its run
 CHAMPION = "champion"  # the alias a sweep gives its selected trial
 INPUT_SCHEMA = Schema([ColSpec("long", "n"), ColSpec("long", "mode", required=False),
-                       ColSpec("double", "temperature", required=False), ColSpec("long", "seed", required=False)])
+                       ColSpec("double", "temperature", required=False), ColSpec("long", "seed", required=False),
+                       ColSpec("long", "data_mode", required=False)])
 OUTPUT_SCHEMA = Schema([ColSpec("long", "request"), ColSpec("long", "seed"), ColSpec("long", "component"),
                         ColSpec(Array("double"), "sample")])
 SIGNATURE = ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA)
@@ -92,7 +94,7 @@ def _optional(row: dict[str, Any], key: str) -> Any:
     return None if absent or (key in UNSET_IS_MINUS_ONE and v == -1) else v
 
 
-UNSET_IS_MINUS_ONE = ("mode", "seed")  # a long column cannot hold null next to numbers: -1 stands for it
+UNSET_IS_MINUS_ONE = ("mode", "seed", "data_mode")  # a long column cannot hold null next to numbers: -1 stands for it
 
 
 def _request(i: int, row: dict[str, Any], limits: Any) -> Any:
@@ -103,7 +105,7 @@ def _request(i: int, row: dict[str, Any], limits: Any) -> Any:
     from .serving_schema import RequestError, SamplesRequest
 
     body = {"n": _optional(row, "n"), "mode": _optional(row, "mode"), "seed": _optional(row, "seed"),
-            "temperature": _optional(row, "temperature")}
+            "temperature": _optional(row, "temperature"), "data_mode": _optional(row, "data_mode")}
     body = {k: (float(v) if k == "temperature" else int(v)) for k, v in body.items() if v is not None}
     try:
         req = SamplesRequest.model_validate(body)

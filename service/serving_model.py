@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from . import __version__, checkpoint, sampling
 from .model import Model
+from .priors import active_mask
 from .serving_schema import (COMPONENTS_HEADER_LIMIT, MAX_SEED, EncodeRequest, InterpolateRequest, Limits,
                              ReconstructRequest, RequestError, SamplesRequest, ServeArgs, json_safe)
 
@@ -152,6 +153,32 @@ class Rendered:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+DataModes = dict[int, tuple[Tensor, Tensor]]  # data mode -> (component indices, their sampling probabilities)
+
+
+def data_mode_table(extra: dict[str, Any], weights: Tensor) -> DataModes | None:
+    """Which components stand for each data mode: the active ones (``priors.active_mask`` of the stored
+    test-set ``usage``; all, when the checkpoint has none) whose ``majority_mode`` it is, drawn in
+    proportion to their prior weights. None when the checkpoint has no ``majority_mode`` (unlabelled data)."""
+    m, majority, usage = weights.numel(), extra.get("majority_mode"), extra.get("usage")
+    if majority is None or len(majority) != m:
+        return None
+    if usage is not None and len(usage) == m:
+        active = active_mask(torch.tensor([-1.0 if u is None else float(u) for u in usage], dtype=torch.float64))
+    else:
+        active = torch.ones(m, dtype=torch.bool)
+    members: dict[int, list[int]] = {}
+    for i, k in enumerate(majority):
+        if k is not None and bool(active[i]):
+            members.setdefault(int(k), []).append(i)
+    table = {}
+    for k in sorted(members):
+        idx = torch.tensor(members[k], dtype=torch.long)
+        w = weights.detach().double()[idx].clamp_min(0)
+        table[k] = (idx, w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(idx)))
+    return table
+
+
 def component_spec(mode: int | list[int] | None, n: int) -> int | Tensor | None:
     """``mode`` of a request as ``Prior.sample``'s ``component``: a list becomes round-robin (n,)."""
     if mode is None or isinstance(mode, int):
@@ -161,16 +188,23 @@ def component_spec(mode: int | list[int] | None, n: int) -> int | Tensor | None:
 
 @torch.no_grad()
 def sample_many(model: Model, requests: list[SamplesRequest], *, chunk: int = 1 << 30,
-                deadline: Deadline = NO_DEADLINE) -> list[SampleResult]:
+                deadline: Deadline = NO_DEADLINE, data_modes: DataModes | None = None) -> list[SampleResult]:
     """Latents per request from its own seeded generator, then the decoder over all of them in chunks.
 
-    For a single request this is exactly ``sampling.sample(model, n, component=..., seed=...)``.
+    For a single request this is exactly ``sampling.sample(model, n, component=..., seed=...)``; a
+    ``data_mode`` request first draws its components from ``data_modes[k]`` with the same generator.
     """
     draws = []
     for r in requests:
         seed = r.seed if r.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        z, idx = model.prior.sample(r.n, torch.Generator().manual_seed(seed), component=component_spec(r.mode, r.n),
-                                    temperature=r.temperature)
+        gen = torch.Generator().manual_seed(seed)
+        component = component_spec(r.mode, r.n)
+        if r.data_mode is not None:
+            if data_modes is None or r.data_mode not in data_modes:  # SamplesRequest.check refuses it first
+                raise RequestError("data_mode", f"{r.data_mode} is not a data mode of this model")
+            members, probs = data_modes[r.data_mode]
+            component = members[torch.multinomial(probs, r.n, replacement=True, generator=gen)]
+        z, idx = model.prior.sample(r.n, gen, component=component, temperature=r.temperature)
         draws.append((z, idx, seed))
     (x,) = _map_chunks(model.decoder, torch.cat([z for z, _, _ in draws]), chunk, deadline)  # (sum n, *data_shape)
     _no_nonfinite_output(x, "these samples")
@@ -264,8 +298,10 @@ class Sampler:
         self.sha256 = sha256 or file_sha256(path)
         self.data_shape = tuple(int(s) for s in state["data_shape"])
         self.latent_dim = int(self.model.prior.components().means.shape[-1])
+        self.data_modes = data_mode_table(state.get("extra", {}), self.model.prior.components(detach=True).weights)
         self.limits = Limits(args.max_samples, args.max_points, args.max_steps, model.prior.num_components,
-                             self.data_shape, args.max_abs_value, args.max_request_bytes)
+                             self.data_shape, args.max_abs_value, args.max_request_bytes,
+                             None if self.data_modes is None else tuple(self.data_modes))
         per_item = max(activation_bytes_per_item(model.decoder, torch.zeros(2, self.latent_dim)),
                        activation_bytes_per_item(model.encoder, torch.zeros(2, *self.data_shape)))
         self.chunk = max(1, args.decode_chunk_bytes // per_item)  # items per decoder / encoder call
@@ -292,6 +328,8 @@ class Sampler:
         config = self.state["config"]
         return {"name": config.get("name"), "dataset": config["data"]["dataset"], "prior": self.model.prior_type,
                 "num_components": self.limits.num_components, "latent_dim": self.latent_dim,
+                "data_modes": None if self.data_modes is None else {str(k): idx.tolist()
+                                                                    for k, (idx, _) in self.data_modes.items()},
                 "data_shape": list(self.data_shape),
                 "metrics": json_safe(self.state.get("extra", {}).get("metrics", {})),
                 "checkpoint": {"source": self.args.checkpoint, "path": self.path, "sha256": self.sha256,
@@ -338,7 +376,7 @@ class Sampler:
     # ---- model work (worker threads) -------------------------------------------------------
 
     def sample_batch(self, requests: list[SamplesRequest], deadline: Deadline = NO_DEADLINE) -> list[SampleResult]:
-        return sample_many(self.model, requests, chunk=self.chunk, deadline=deadline)
+        return sample_many(self.model, requests, chunk=self.chunk, deadline=deadline, data_modes=self.data_modes)
 
     def render(self, result: SampleResult, fmt: str, deadline: Deadline = NO_DEADLINE) -> Rendered:
         deadline.check()

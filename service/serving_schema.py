@@ -130,6 +130,7 @@ class Limits:
     data_shape: tuple[int, ...]
     max_abs_value: float = 1e4
     max_request_bytes: int = 64 * MiB
+    data_modes: tuple[int, ...] | None = None  # data modes some active component stands for; None: no labels
 
     @property
     def values_per_item(self) -> int:
@@ -170,6 +171,8 @@ class Limits:
             "data": f"a list of 1 to {self.max_points} items of shape {list(self.data_shape)}, numbers with "
                     f"|x| <= {self.max_abs_value:g}",
             "stochastic": "true or false",
+            "data_mode": ("null (this model has no data-mode labels)" if self.data_modes is None else
+                          f"null or one of {list(self.data_modes)}"),
         }.get(field, "see /docs")
 
 
@@ -240,7 +243,12 @@ class _Body(BaseModel):
 
 
 class SamplesRequest(_Body):
-    """``POST /v1/samples``. ``mode``: null = the full prior, i = component i, a list = round-robin."""
+    """``POST /v1/samples``. ``mode``: null = the full prior, i = component i, a list = round-robin.
+
+    ``data_mode``: k = a data mode (a toy mode, a label, an image class) of a labelled training set; the
+    samples come from the active components whose majority data mode is k, each drawn with its prior weight
+    (``GET /v1/modes`` lists them). Exclusive with ``mode``.
+    """
 
     n: StrictInt = Field(16, ge=1, description="number of samples")
     mode: int | list[int] | None = Field(None, description="component index, list of indices, or null")
@@ -248,6 +256,8 @@ class SamplesRequest(_Body):
     temperature: StrictFloat = Field(1.0, gt=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
                                      description="scales the component standard deviations")
     format: Format = "json"
+    data_mode: StrictInt | None = Field(None, description="a data mode of the labelled training set: samples "
+                                                          "from the active components that stand for it")
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -263,6 +273,15 @@ class SamplesRequest(_Body):
         for i in [self.mode] if _is_int(self.mode) else self.mode or []:
             if not 0 <= i < lim.num_components:
                 raise _out_of_range("mode", i, 0, lim.num_components - 1)
+        if self.data_mode is not None:
+            if self.mode is not None:
+                raise RequestError("data_mode", "give mode (a component) or data_mode (a data mode), not both")
+            if lim.data_modes is None:
+                raise RequestError("data_mode", "this model has no data-mode labels (its training data was "
+                                                "unlabelled); allowed null, and mode for a component")
+            if self.data_mode not in lim.data_modes:
+                raise RequestError("data_mode", f"{self.data_mode} is the majority mode of no active component "
+                                                f"of this model; allowed one of {list(lim.data_modes)}")
         return lim.check_cost("n", self.n, self.format)
 
 

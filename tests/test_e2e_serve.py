@@ -158,6 +158,24 @@ def test_samples_json(client: httpx.Client) -> None:
     assert client.post("/v1/samples", json={"n": 4, "seed": fresh["seed"]}).json()["samples"] == fresh["samples"]
 
 
+def test_samples_of_a_data_mode(client: httpx.Client) -> None:
+    """The smoke run evaluated on labelled 8gaussians: data_modes maps each covered data mode to its active
+    components, and a data_mode request samples from those only (through Serve's batching)."""
+    body = client.get("/v1/modes").json()
+    rows, table = body["modes"], body["data_modes"]
+    expected: dict[str, list[int]] = {}
+    for r in rows:
+        if r["active"] and r["majority_mode"] is not None:
+            expected.setdefault(str(r["majority_mode"]), []).append(r["index"])
+    assert table == expected and table
+    k, members = next(iter(table.items()))
+    got = client.post("/v1/samples", json={"n": 64, "data_mode": int(k), "seed": 4}).json()
+    assert set(got["component"]) <= set(members) and np.asarray(got["samples"]).shape == (64, 2)
+    missing = next(i for i in range(100) if str(i) not in table)
+    r = client.post("/v1/samples", json={"n": 4, "data_mode": missing})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "data_mode"
+
+
 def test_samples_npy_npz_png(client: httpx.Client) -> None:
     npy = client.post("/v1/samples", json={"n": 32, "mode": [1, 2], "seed": 3, "format": "npy"})
     assert npy.status_code == 200 and npy.headers["content-type"] == "application/octet-stream"

@@ -397,6 +397,86 @@ def test_modes_omit_purity_when_absent(toy: Sampler) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# data_mode: "give me data mode k" = the active components whose majority mode is k, by weight
+# --------------------------------------------------------------------------------------------
+
+FOUR_MEANS = torch.tensor([[-5.0, 0.0], [5.0, 0.0], [0.0, 5.0], [0.0, -5.0]])
+
+
+def four_component_sampler(**extra: Any) -> Sampler:
+    """Four well-separated components, identity decoder; weights 0.1 / 0.2 / 0.3 / 0.4."""
+    prior = MixturePrior(4, 2)
+    with torch.no_grad():
+        prior.means.copy_(FOUR_MEANS)
+        prior.logvars.fill_(-4.0)
+        prior.logits.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]).log())
+    return Sampler(Model(IdentityEncoder(), nn.Identity(), prior), toy_state(**extra),
+                   ServeArgs(checkpoint="in-memory", max_samples=4096), path="in-memory", sha256="0" * 64)
+
+
+def test_data_mode_table_keeps_active_components_of_each_majority_mode_by_weight() -> None:
+    # components 0 and 2 stand for data mode 7, component 1 for mode 3; component 3 (mode 3) is inactive
+    s = four_component_sampler(usage=torch.tensor([0.5, 0.3, 0.195, 0.005]), majority_mode=[7, 3, 7, 3])
+    assert sorted(s.data_modes) == [3, 7] and s.limits.data_modes == (3, 7)
+    idx7, p7 = s.data_modes[7]
+    assert idx7.tolist() == [0, 2] and p7.tolist() == pytest.approx([0.25, 0.75])  # 0.1 : 0.3
+    idx3, p3 = s.data_modes[3]
+    assert idx3.tolist() == [1] and p3.tolist() == pytest.approx([1.0])
+    # no usage stored: every component counts
+    assert four_component_sampler(majority_mode=[7, 3, 7, 3]).data_modes[3][0].tolist() == [1, 3]
+    # unlabelled data: no table at all
+    assert four_component_sampler(usage=torch.full((4,), 0.25)).data_modes is None
+
+
+def test_samples_of_a_data_mode_come_from_its_components_in_weight_proportion() -> None:
+    s = four_component_sampler(usage=torch.full((4,), 0.25), majority_mode=[0, 1, 0, 1])
+    first, again, modes = call(s, [("POST", "/v1/samples", {"json": {"n": 2000, "data_mode": 1, "seed": 11}}),
+                                   ("POST", "/v1/samples", {"json": {"n": 2000, "data_mode": 1, "seed": 11}}),
+                                   ("GET", "/v1/modes", {})])
+    assert first.status_code == 200, first.text
+    assert first.content == again.content  # seeded: reproducible
+    body = first.json()
+    comps, points = np.array(body["component"]), np.array(body["samples"])
+    assert set(comps.tolist()) == {1, 3}
+    share = (comps == 3).mean()  # weights 0.2 : 0.4 -> 2/3; binomial s.e. at n = 2000 is 0.0105
+    assert abs(share - 2 / 3) < 0.05
+    np.testing.assert_allclose(points, FOUR_MEANS[comps].numpy(), atol=0.8)  # sigma 0.135: within 6 sigma
+    assert modes.json()["data_modes"] == {"0": [0, 2], "1": [1, 3]}
+
+
+def test_data_mode_errors_name_the_field_and_the_allowed_values() -> None:
+    labelled = four_component_sampler(usage=torch.tensor([0.5, 0.3, 0.195, 0.005]), majority_mode=[0, 1, 0, 2])
+    both, uncovered, inactive_only, wrong_type = call(labelled, [
+        ("POST", "/v1/samples", {"json": {"n": 4, "mode": 0, "data_mode": 0}}),
+        ("POST", "/v1/samples", {"json": {"n": 4, "data_mode": 5}}),
+        ("POST", "/v1/samples", {"json": {"n": 4, "data_mode": 2}}),  # its only component is inactive
+        ("POST", "/v1/samples", {"json": {"n": 4, "data_mode": "one"}})])
+    assert "not both" in one_error(both, 422, "data_mode")
+    assert one_error(uncovered, 422, "data_mode").endswith("allowed one of [0, 1]")
+    assert one_error(inactive_only, 422, "data_mode").endswith("allowed one of [0, 1]")
+    assert "allowed null or one of [0, 1]" in one_error(wrong_type, 422, "data_mode")
+    unlabelled = four_component_sampler(usage=torch.full((4,), 0.25))
+    refused, modes = call(unlabelled, [("POST", "/v1/samples", {"json": {"n": 4, "data_mode": 0}}),
+                                       ("GET", "/v1/modes", {})])
+    assert "no data-mode labels" in one_error(refused, 422, "data_mode")
+    assert modes.json()["data_modes"] is None
+
+
+def test_mlflow_pyfunc_takes_data_mode_with_minus_one_for_unset() -> None:
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from service.mlflow_model import IntroPriorModel
+
+    model = IntroPriorModel()
+    model.sampler = four_component_sampler(usage=torch.full((4,), 0.25), majority_mode=[0, 1, 0, 1])
+    out = model.predict(None, pd.DataFrame({"n": [50, 3], "mode": [-1, 2], "data_mode": [0, -1], "seed": [1, 2]}))
+    assert set(out[out.request == 0].component) <= {0, 2} and set(out[out.request == 1].component) == {2}
+    with pytest.raises(MlflowException, match=r"row 0: data_mode: 4 is the majority mode of no active component"):
+        model.predict(None, pd.DataFrame({"n": [1], "data_mode": [4]}))
+
+
+# --------------------------------------------------------------------------------------------
 # Item 4: memory of a replica under 16 concurrent maximal requests (image checkpoint)
 # --------------------------------------------------------------------------------------------
 
