@@ -2,9 +2,9 @@
 
 The pyfunc keeps the project's own safe loader: ``load_context`` goes through
 ``serving_model.load_checked`` (``torch.load(weights_only=True)``, schema and tensor checks, the
-decoder self-test), never through pickle of the weights. What MLflow pickles is only the small
-``IntroPriorModel`` object, by reference to this module, so loading needs the ``service`` package
-importable (the project installed, or on ``PYTHONPATH``).
+decoder self-test), never through pickle of the weights, and the pyfunc itself is logged as code
+(``service/mlflow_pyfunc.py``, MLflow's "models from code"), not pickled: loading runs that file, so
+it needs the ``service`` package importable (the project installed, or on ``PYTHONPATH``).
 
 ``predict`` takes a DataFrame, one row per request (``INPUT_SCHEMA``):
 
@@ -26,6 +26,7 @@ The same limits and messages as ``POST /v1/samples`` apply (``serving_schema.Sam
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,6 +39,7 @@ from mlflow.types.schema import Array, ColSpec, Schema
 from pydantic import ValidationError
 
 MODEL_NAME = "model"  # the logged model's name in its run
+PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")  # the model as code: logged and run, never pickled
 CHAMPION = "champion"  # the alias a sweep gives its selected trial
 INPUT_SCHEMA = Schema([ColSpec("long", "n"), ColSpec("long", "mode", required=False),
                        ColSpec("double", "temperature", required=False), ColSpec("long", "seed", required=False),
@@ -134,12 +136,28 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_path: str | Path) -> st
     state = load(checkpoint_path)  # refuse to log a file that the pyfunc could not load
     metadata = {"data_shape": [int(s) for s in state["data_shape"]], "preset": state["config"].get("name"),
                 "prior_type": state.get("prior_type"), "iteration": int(state["iteration"])}
-    with using_store(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=IntroPriorModel(),
+    with using_store(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False), \
+            _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # no download bar when MLflow checks the example
+        info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(PYFUNC_CODE),
                                        artifacts={"checkpoint": str(Path(checkpoint_path).resolve())},
                                        signature=SIGNATURE, input_example=INPUT_EXAMPLE,
                                        pip_requirements=PIP_REQUIREMENTS, metadata=metadata)
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables set for the block, restored after it."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ from .config import ConfigError, ExperimentConfig, dump_yaml, flatten, from_dict
 from .data import make_source
 from .distributed import allreduce_mean
 from .loop import in_iteration_units, train
+from .ray_env import init_ray
 from .ray_progress import ProgressSink, Watcher, create_board
 from .tracking import FanoutSink, MlflowSink, NullSink, _fail_fast_requests
 
@@ -391,7 +392,7 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Location, run
     run_dir = store / run_name
     changes = check_same_experiment(cfg, run_dir, run_name, allow_config_change)
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        init_ray(log_to_driver=True)
     tracking_uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri()
     run_id = mlflow_run_id or start_mlflow_run(cfg, tracking_uri, run_name)
     from mlflow.tracking import MlflowClient

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, flatten, to_dict
+from .ray_env import init_ray
 from .ray_train import failure_text
 from .spaces import (OPTIONAL_METRICS, SCORE_KEY, Selection, Shrink, SpaceError, Stage, SweepSpec, Variant,
                      constrained_frame, pick_candidates, rank_settings, stage_variants)
@@ -552,7 +553,7 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
                          f"{state.get('storage') or str(out)!r}; resume with that storage or use a new --output-dir")
     with SweepLock(out):
         if not ray.is_initialized():
-            ray.init()
+            init_ray()
         resources = ray.cluster_resources()
         workers = max(c.scaling.workers for stage, sh in stages for c in spec.configs(sh, stage))
         plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), workers, max_concurrent,

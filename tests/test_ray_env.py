@@ -1,0 +1,60 @@
+"""Ray worker processes know their own cluster (``service.ray_env``), so Ray's helper actors that query
+the state API keep working when another local Ray instance runs on the machine (a sweep beside
+``make run``; the test suite's parallel workers). Real Ray, two local instances."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HOLDER = ("import ray, sys; ray.init(address='local', include_dashboard=False, num_cpus=1); "
+          "print('up', flush=True); sys.stdin.read(); ray.shutdown()")  # runs until its stdin closes
+
+# what Ray Train's PlacementGroupCleaner does in its actor: query the state API with no address
+PROBE = """
+import json, os, sys, ray
+from service.ray_env import init_ray
+
+(init_ray if sys.argv[1] == "pinned" else ray.init)(address="local", num_cpus=1)
+
+@ray.remote
+def state_query():
+    from ray.util.state import list_nodes
+    try:
+        return os.environ.get("RAY_ADDRESS"), len(list_nodes()), None
+    except Exception as e:
+        return os.environ.get("RAY_ADDRESS"), None, f"{type(e).__name__}: {e}"
+
+address, nodes, error = ray.get(state_query.remote())
+print(json.dumps({"driver": ray.get_runtime_context().gcs_address, "worker": address, "nodes": nodes,
+                  "error": error}))
+"""
+
+
+def _probe(mode: str, env: dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_workers_query_their_own_cluster_beside_another_local_instance() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "up"
+        plain = _probe("plain", env)  # Ray's default: the worker finds two instances and gives up
+        assert plain["nodes"] is None and "multiple active Ray instances" in plain["error"]
+        pinned = _probe("pinned", env)
+        assert pinned["worker"] == pinned["driver"] and pinned["error"] is None and pinned["nodes"] == 1
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=120)
