@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import random
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -366,6 +367,12 @@ async def _fuzz(url: str, count: int, clients: int, headers: dict[str, str], see
 # CLI
 # --------------------------------------------------------------------------------------------
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_healthy(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
     """Poll ``GET /healthz`` until it answers 200; fail early if ``proc`` (the server) exits."""
     deadline = time.perf_counter() + timeout_s
@@ -465,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                                                      "or both either way: an order effect shows)")
     p.add_argument("--ray-serve-defaults", action="store_true",
                    help="with --checkpoint: keep Ray Serve's default switches (no SERVE_FAST_PATH_ENV), for comparison")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="with --checkpoint: Serve's experimental direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS): "
+                        "the replica serves HTTP itself at --port, no proxy hop")
     p.add_argument("--app-only", action="store_true", help="with --checkpoint: the replica's app alone, in-process "
                                                            "(no Ray, no HTTP): CPU ms per request and its parts")
     p.add_argument("--fuzz", type=int, metavar="N", help="send N hostile requests instead of the load")
@@ -499,15 +509,22 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from service.serving import SERVE_FAST_PATH_ENV, ServeArgs, build_app, use_fast_path_env
+    from service.serving import (SERVE_FAST_PATH_ENV, ServeArgs, build_app, direct_ingress_env, find_replica_url,
+                                 use_fast_path_env)
 
     switches = {k: os.environ.get(k, "Ray's default") for k in SERVE_FAST_PATH_ENV} if args.ray_serve_defaults \
         else use_fast_path_env()  # before ray.init: the proxy and the replica inherit them
-    print("Serve switches: " + ", ".join(f"{k}={v}" for k, v in switches.items()), flush=True)
     url = f"http://127.0.0.1:{args.port}"
+    proxy_port = args.port
+    if args.direct_ingress:  # Serve's direct ingress: the replica is the HTTP server at --port, the proxy elsewhere
+        direct = direct_ingress_env(args.port)
+        os.environ.update(direct)
+        switches |= direct
+        proxy_port = _free_port()
+    print("Serve switches: " + ", ".join(f"{k}={v}" for k, v in switches.items()), flush=True)
     t0 = time.perf_counter()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config={"enable_access_log": False})
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port}, logging_config={"enable_access_log": False})
     t1 = time.perf_counter()
     results = {}
     try:
@@ -515,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
             t2 = time.perf_counter()
             app = build_app(ServeArgs(checkpoint=args.checkpoint, batching=batching, access_log=False))
             serve.run(app, name="introprior")
+            if args.direct_ingress:  # a redeployed replica may take the next free port of the range
+                url = find_replica_url("127.0.0.1", args.port)
             wait_healthy(url)
             print(f"{'redeploy' if i else 'cold start'}: {time.perf_counter() - t2:.2f} s to a healthy replica"
                   + ("" if i else f" (ray.init + serve.start {t1 - t0:.2f} s before)"), flush=True)

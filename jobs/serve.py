@@ -4,6 +4,8 @@ Local (starts Ray in-process, with Ray token auth; OpenAPI at http://127.0.0.1:8
     python -m jobs.serve --checkpoint runs/demo/checkpoint.pt
     python -m jobs.serve --checkpoint runs:/<run_id>/checkpoint/checkpoint.pt --tracking-uri sqlite:////abs/mlflow.db
     python -m jobs.serve --checkpoint models:/introprior-8gaussians-mog-ip-lc@champion --tracking-uri sqlite:////abs/mlflow.db
+Without Serve's proxy hop (the replica answers HTTP itself; one replica; docs/serving.md has the figures):
+    python -m jobs.serve --checkpoint runs/demo/checkpoint.pt --direct-ingress
 Reachable from other machines only with a bearer token for the API:
     openssl rand -hex 32 > ~/.introprior_token && chmod 600 ~/.introprior_token
     python -m jobs.serve --checkpoint runs/demo/checkpoint.pt --host 0.0.0.0 --auth-token-file ~/.introprior_token
@@ -32,6 +34,14 @@ def is_loopback(host: str) -> bool:
         return host in LOOPBACK
 
 
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt path, or an MLflow URI: runs:/<run_id>/checkpoint/checkpoint.pt, "
@@ -47,7 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-batching", action="store_true", help="answer each /v1/samples alone (benchmarks)")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--request-timeout-s", type=float, default=30.0, help="model work longer than this gets 504")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="the replica answers HTTP at --port itself, without Serve's proxy hop (Ray Serve's "
+                        "experimental direct ingress; one replica, a local Ray; docs/serving.md)")
     args = p.parse_args(argv)
+    if args.direct_ingress and (args.num_replicas != 1 or os.environ.get("RAY_ADDRESS")):
+        print("error: --direct-ingress: needs --num-replicas 1 and a local Ray (no RAY_ADDRESS): without a load "
+              f"balancer each replica has its own port (got --num-replicas {args.num_replicas}"
+              + (", RAY_ADDRESS set" if os.environ.get("RAY_ADDRESS") else "") + "); on a cluster set "
+              "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where `ray start` runs (docs/serving.md)", file=sys.stderr)
+        return 2
     if not os.environ.get("RAY_ADDRESS"):
         # A fresh local instance: token auth unless RAY_AUTH_MODE says otherwise (STACK.md); set before
         # `import ray`, which reads it once (set later, Ray would neither create nor use a token).
@@ -58,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from service.checkpoint import CheckpointError
-    from service.serving import ServeArgs, ServeConfigError, build_app, read_token, use_fast_path_env
+    from service.serving import (ServeArgs, ServeConfigError, build_app, direct_ingress_env, find_replica_url,
+                                 read_token, use_fast_path_env)
 
     try:  # refuse a bad checkpoint or token before Ray starts
         serve_args = ServeArgs(checkpoint=args.checkpoint, checkpoint_sha256=args.checkpoint_sha256,
@@ -81,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.init()  # and its Serve switches: SERVE_FAST_PATH_ENV belongs where `ray start` runs (docs/serving.md)
     else:  # a fresh local instance (RAY_AUTH_MODE set above); its proxy and replicas inherit this environment
         use_fast_path_env()
+        if args.direct_ingress:
+            os.environ.update(direct_ingress_env(args.port))
         ray.init(address="local", include_dashboard=False)
     # Right after ray.init (whose driver handler turns SIGTERM into exit code 15) and before the app can
     # answer: a SIGTERM sent once /healthz is up always takes the clean path below.
@@ -88,10 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     # the proxy's own timeout is a backstop (408) behind the replica's 504 at --request-timeout-s
-    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s + 30})
+    # with --direct-ingress the replica takes --port and the proxy (still Serve's route to it) a free port
+    proxy_port = _free_port(args.host) if args.direct_ingress else args.port
+    serve.start(http_options={"host": args.host, "port": proxy_port, "request_timeout_s": args.request_timeout_s + 30})
     serve.run(app, name="introprior", route_prefix="/")
-    print(f"serving {args.checkpoint} at http://{args.host}:{args.port}  (docs: /docs; stop: SIGTERM or Ctrl-C)",
-          flush=True)
+    url = f"http://{args.host}:{args.port}"
+    if args.direct_ingress:
+        url = find_replica_url(args.host, args.port)
+        if args.host in ("0.0.0.0", "::"):
+            url = f"http://{args.host}:{url.rsplit(':', 1)[1]}"
+    print(f"serving {args.checkpoint} at {url}  (docs: /docs; stop: SIGTERM or Ctrl-C)"
+          + (f"; direct ingress, Serve's proxy at :{proxy_port}" if args.direct_ingress else ""), flush=True)
     while not stop.wait(0.5):
         pass
     print("shutting down", flush=True)

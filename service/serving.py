@@ -43,6 +43,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Iterator
@@ -68,7 +69,7 @@ __all__ = ["BODIES", "MAX_SEED", "MAX_TEMPERATURE", "BatchConfig", "BatchedRepli
            "WorkTimeout", "Worker", "build_app", "component_spec", "deployment_options", "describe_validation_error",
            "error_response", "file_sha256", "load_checked", "make_api", "parse_json", "png_bytes", "read_token",
            "render_samples", "replica_threads", "resolve_checkpoint", "sample_many", "SERVE_FAST_PATH_ENV",
-           "use_fast_path_env"]
+           "use_fast_path_env", "direct_ingress_env", "find_replica_url", "DIRECT_INGRESS_PORTS"]
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
@@ -150,6 +151,46 @@ def use_fast_path_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     for key, value in SERVE_FAST_PATH_ENV.items():
         environ.setdefault(key, value)
     return {key: environ[key] for key in SERVE_FAST_PATH_ENV}
+
+
+DIRECT_INGRESS_PORTS = 16  # ports a direct-ingress replica may take: [port, port + 16) (a restarted one takes the next)
+
+
+def direct_ingress_env(port: int, span: int = DIRECT_INGRESS_PORTS) -> dict[str, str]:
+    """Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS``, experimental in Ray 2.60): the ingress
+    replica runs the HTTP server itself and the proxy hop goes away (docs/serving.md measures it). Each
+    replica takes the first free port of ``[port, port + span)``; with one replica that is ``port``. No load
+    balancer spreads requests over several replicas (Serve's HAProxy ingress would). Read where Ray's
+    processes start, like ``SERVE_FAST_PATH_ENV``."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + span),
+            # a stopping replica keeps answering this long so that a load balancer can notice (default 30 s,
+            # which every shutdown then waits); none is in front here. In-flight requests still finish.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def find_replica_url(host: str, port: int, span: int = DIRECT_INGRESS_PORTS, timeout_s: float = 120.0) -> str:
+    """The URL of the direct-ingress replica that answers ``/healthz`` on a port of ``[port, port + span)``."""
+    import socket
+
+    import httpx
+
+    probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for p in range(port, port + span):
+            with socket.socket(socket.AF_INET6 if ":" in probe else socket.AF_INET) as sock:
+                sock.settimeout(0.05)
+                if sock.connect_ex((probe, p)) != 0:
+                    continue
+            url = f"http://{'[' + probe + ']' if ':' in probe else probe}:{p}"
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    raise TimeoutError(f"no replica answered /healthz on {probe}:{port} - {port + span - 1} within {timeout_s:g} s")
 
 
 def read_token(args: ServeArgs) -> str | None:

@@ -7,6 +7,7 @@ the served app, and MLflow ``runs:/`` checkpoint resolution on a SQLite store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -75,6 +76,63 @@ def test_jobs_serve_subprocess_serves_until_sigterm(smoke_checkpoint: Path, tmp_
             proc.communicate()
     assert proc.returncode == 0, out[-3000:]
     assert f"at http://127.0.0.1:{port}" in out and "shutting down" in out and token not in out
+
+
+def _listening_inode(port: int) -> str:
+    """The inode of the TCP socket listening on 127.0.0.1:``port`` (Linux ``/proc/net/tcp``; state 0A = LISTEN)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+            return fields[9]
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                out.add(target[8:-1])
+    return out
+
+
+def test_jobs_serve_direct_ingress_answers_from_the_replica_itself(smoke_checkpoint: Path, tmp_path: Path) -> None:
+    """--direct-ingress: the replica process listens on --port (no proxy hop), with the API's bearer token;
+    SIGTERM still shuts everything down and frees the port."""
+    port = free_port()
+    token = "e2e-token-0123456789abcdef"
+    (tmp_path / "token").write_text(token + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "INTROPRIOR_API_TOKEN")}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--checkpoint", str(smoke_checkpoint),
+                             "--port", str(port), "--direct-ingress", "--auth-token-file", str(tmp_path / "token")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, auth = f"http://127.0.0.1:{port}", {"authorization": f"Bearer {token}"}
+    try:
+        wait_healthy(url, timeout_s=300, proc=proc)
+        assert httpx.post(f"{url}/v1/samples", json={"n": 2}, timeout=10).status_code == 401
+        body = httpx.post(f"{url}/v1/samples", json={"n": 3, "mode": 1, "seed": 2}, headers=auth, timeout=10).json()
+        assert body["component"] == [1, 1, 1] and np.asarray(body["samples"]).shape == (3, 2)
+        replica_pid = httpx.get(f"{url}/v1/model", headers=auth, timeout=10).json()["serving"]["pid"]
+        assert _listening_inode(port) in _socket_inodes(replica_pid)  # the replica itself, not Serve's proxy
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out[-3000:]
+    assert f"at http://127.0.0.1:{port}" in out and "direct ingress" in out and "shutting down" in out
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free again
+
+
+def test_jobs_serve_direct_ingress_needs_one_local_replica(smoke_checkpoint: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    from jobs.serve import main
+
+    assert main(["--checkpoint", str(smoke_checkpoint), "--direct-ingress", "--num-replicas", "2"]) == 2
+    assert "--direct-ingress: needs --num-replicas 1" in capsys.readouterr().err
 
 
 def test_jobs_serve_refuses_an_open_host_without_a_token(smoke_checkpoint: Path, capsys: pytest.CaptureFixture,
