@@ -94,9 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok and not incomplete and not missing else 1
 
 
+def champion_trial(trials, select):
+    """The seed to serve among one setting's completed trials: those whose own metrics meet the space's
+    ``where`` bounds first (a seed that kept every mode, say), then the best by the selection metric."""
+    ok = [select.holds(row) for row in trials.to_dict("records")]
+    ranked = trials.assign(_meets_bounds=ok)
+    return ranked.sort_values(["_meets_bounds", select.metric], ascending=[False, select.mode == "min"],
+                              kind="stable").iloc[0].drop("_meets_bounds")
+
+
 def register_champions(spec, df, tracking_uri: str | None) -> list[tuple[str, str]]:
-    """Per preset, the selected setting's best completed trial (``selection.md``'s pick, then its best seed by
-    the space's metric) as a new version of ``introprior-<preset>`` with the alias ``champion``.
+    """Per preset, the selected setting's best completed trial (``selection.md``'s pick, then its best seed:
+    ``champion_trial``) as a new version of ``introprior-<preset>`` with the alias ``champion``.
 
     Returns ``(model URI, run id)`` per registration; a store without a registry only warns.
     """
@@ -112,7 +121,7 @@ def register_champions(spec, df, tracking_uri: str | None) -> list[tuple[str, st
                       & (last["status"] == "ok") & last["mlflow_run_id"].notna()]
         if not len(trials):
             continue
-        best = trials.sort_values(spec.metric, ascending=spec.mode == "min", kind="stable").iloc[0]
+        best = champion_trial(trials, spec.select)
         name = default_model_name(pick["preset"])
         try:
             version = register(tracking_uri or default_tracking_uri(), best["mlflow_run_id"], name, alias=CHAMPION)
@@ -120,8 +129,11 @@ def register_champions(spec, df, tracking_uri: str | None) -> list[tuple[str, st
             print(f"warning: {e}; the sweep's results are complete (--no-register skips this step)", file=sys.stderr)
             continue
         uri = f"models:/{name}@{CHAMPION}"
+        bounds = spec.select.describe_where()
         print(f"champion: {uri} = version {version.version} (run {best['mlflow_run_id']}, seed {int(best['seed'])}, "
-              f"{spec.metric} {best[spec.metric]:.4g})")
+              f"{spec.metric} {best[spec.metric]:.4g}"
+              + (f"; {bounds}: {'holds' if spec.select.holds(best.to_dict()) else 'holds on no seed'}" if bounds
+                 else "") + ")")
         done.append((uri, best["mlflow_run_id"]))
     return done
 

@@ -56,6 +56,19 @@ def test_rank_settings_ranks_by_mean_over_completed_seeds_per_preset():
     assert rank_settings(df, Selection(mode="max"))["hparams"].iloc[0] == mine["hparams"].iloc[1]
 
 
+def test_champion_seed_meets_the_bounds_before_the_metric():
+    # three seeds of one setting: seed 1 has the lowest KL but lost a mode; seed 2 kept all 8
+    df = _rows((A, 0.05, 0, "ok", 30.0, 0.99), (A, 0.05, 1, "ok", 12.0, 1.0), (A, 0.05, 2, "ok", 20.0, 0.98))
+    df["modes_covered"] = [7.0, 6.0, 8.0]
+    bounded = Selection(where=(("modes_covered", 8.0, None), ("mode_purity", 0.9, None)))
+    assert sweep_job.champion_trial(df, bounded)["seed"] == 2
+    assert "_meets_bounds" not in sweep_job.champion_trial(df, bounded).index
+    assert sweep_job.champion_trial(df, Selection())["seed"] == 1  # no bounds: the metric alone
+    nobody = Selection(where=(("modes_covered", 9.0, None),))  # no seed meets it: still the best by the metric
+    assert sweep_job.champion_trial(df, nobody)["seed"] == 1
+    assert sweep_job.champion_trial(df, Selection(mode="max"))["seed"] == 0
+
+
 def test_pick_candidates_takes_top_k_per_preset_and_honours_the_constraint():
     df = _rows((A, 0.1, 0, "ok", 3.0, 0.95), (A, 0.3, 0, "ok", 2.0, 0.5), (A, 0.5, 0, "ok", 4.0, 0.92),
                (B, 0.1, 0, "ok", 7.0, 0.4), (B, 0.3, 0, "ok", 6.0, 0.3))
