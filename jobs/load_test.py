@@ -472,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                                                      "or both either way: an order effect shows)")
     p.add_argument("--ray-serve-defaults", action="store_true",
                    help="with --checkpoint: keep Ray Serve's default switches (no SERVE_FAST_PATH_ENV), for comparison")
+    p.add_argument("--max-batch-size", type=int, default=16, help="with --checkpoint: @serve.batch's batch size")
+    p.add_argument("--batch-wait-s", type=float, default=0.005,
+                   help="with --checkpoint: @serve.batch's wait for a batch to fill")
     p.add_argument("--direct-ingress", action="store_true",
                    help="with --checkpoint: Serve's experimental direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS): "
                         "the replica serves HTTP itself at --port, no proxy hop")
@@ -530,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i, batching in enumerate(m == "on" for m in modes):
             t2 = time.perf_counter()
-            app = build_app(ServeArgs(checkpoint=args.checkpoint, batching=batching, access_log=False))
+            app = build_app(ServeArgs(checkpoint=args.checkpoint, batching=batching, access_log=False,
+                                      max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s))
             serve.run(app, name="introprior")
             if args.direct_ingress:  # a redeployed replica may take the next free port of the range
                 url = find_replica_url("127.0.0.1", args.port)
