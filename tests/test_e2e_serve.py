@@ -113,7 +113,9 @@ def test_jobs_serve_direct_ingress_answers_from_the_replica_itself(smoke_checkpo
         assert httpx.post(f"{url}/v1/samples", json={"n": 2}, timeout=10).status_code == 401
         body = httpx.post(f"{url}/v1/samples", json={"n": 3, "mode": 1, "seed": 2}, headers=auth, timeout=10).json()
         assert body["component"] == [1, 1, 1] and np.asarray(body["samples"]).shape == (3, 2)
-        replica_pid = httpx.get(f"{url}/v1/model", headers=auth, timeout=10).json()["serving"]["pid"]
+        serving = httpx.get(f"{url}/v1/model", headers=auth, timeout=10).json()["serving"]
+        replica_pid = serving["pid"]
+        assert serving["batch_wait_timeout_s"] == 0.001  # --direct-ingress's default (docs/serving.md)
         assert _listening_inode(port) in _socket_inodes(replica_pid)  # the replica itself, not Serve's proxy
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=240)
