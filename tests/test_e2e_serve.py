@@ -50,32 +50,49 @@ def test_jobs_serve_refuses_a_missing_checkpoint(tmp_path: Path, capsys: pytest.
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_jobs_serve_subprocess_serves_until_sigterm(smoke_checkpoint: Path, tmp_path: Path) -> None:
-    """Default Ray auth (token, RAY_AUTH_MODE unset) and a bearer token on the API: 401 without it."""
-    port = free_port()
-    token = "e2e-token-0123456789abcdef"
-    (tmp_path / "token").write_text(token + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "INTROPRIOR_API_TOKEN")}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--checkpoint", str(smoke_checkpoint),
-                             "--port", str(port), "--no-batching", "--auth-token-file", str(tmp_path / "token")],
+TOKEN = "e2e-token-0123456789abcdef"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@contextlib.contextmanager
+def jobs_serve(checkpoint_path: Path, args: list[str], env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen]:
+    """``python -m jobs.serve --checkpoint CKPT ARGS`` with ``TOKEN`` as the API's bearer token, as a
+    subprocess; killed on the way out if it still runs."""
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--checkpoint", str(checkpoint_path), *args,
+                             "--auth-token-file", str(tmp_path / "token")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, timeout_s=300, proc=proc)
-        denied = httpx.get(f"{url}/v1/model", timeout=10)
-        assert denied.status_code == 401 and denied.json()["detail"][0]["field"] == "authorization"
-        assert httpx.post(f"{url}/v1/samples", json={"n": 2}, timeout=10).status_code == 401
-        info = httpx.get(f"{url}/v1/model", headers={"authorization": f"Bearer {token}"}, timeout=10).json()
-        assert info["serving"]["batching"] is False and info["checkpoint"]["path"] == str(smoke_checkpoint)
-        assert info["auth"] is True
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=240)
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def stop_with_sigterm(proc: subprocess.Popen) -> str:
+    """SIGTERM, then the console output of a clean exit (status 0)."""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-3000:]
-    assert f"at http://127.0.0.1:{port}" in out and "shutting down" in out and token not in out
+    return out
+
+
+def test_jobs_serve_subprocess_serves_until_sigterm(smoke_checkpoint: Path, tmp_path: Path) -> None:
+    """Default Ray auth (token, RAY_AUTH_MODE unset) and a bearer token on the API: 401 without it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "INTROPRIOR_API_TOKEN")}
+    url = f"http://127.0.0.1:{port}"
+    with jobs_serve(smoke_checkpoint, ["--port", str(port), "--no-batching"], env, tmp_path) as proc:
+        wait_healthy(url, timeout_s=300, proc=proc)
+        denied = httpx.get(f"{url}/v1/model", timeout=10)
+        assert denied.status_code == 401 and denied.json()["detail"][0]["field"] == "authorization"
+        assert httpx.post(f"{url}/v1/samples", json={"n": 2}, timeout=10).status_code == 401
+        info = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()
+        assert info["serving"]["batching"] is False and info["checkpoint"]["path"] == str(smoke_checkpoint)
+        assert info["auth"] is True
+        out = stop_with_sigterm(proc)
+    assert f"at http://127.0.0.1:{port}" in out and "shutting down" in out and TOKEN not in out
 
 
 def _listening_inode(port: int) -> str:
@@ -101,29 +118,17 @@ def test_jobs_serve_direct_ingress_answers_from_the_replica_itself(smoke_checkpo
     """--direct-ingress: the replica process listens on --port (no proxy hop), with the API's bearer token;
     SIGTERM still shuts everything down and frees the port."""
     port = free_port()
-    token = "e2e-token-0123456789abcdef"
-    (tmp_path / "token").write_text(token + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "INTROPRIOR_API_TOKEN")}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--checkpoint", str(smoke_checkpoint),
-                             "--port", str(port), "--direct-ingress", "--auth-token-file", str(tmp_path / "token")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url, auth = f"http://127.0.0.1:{port}", {"authorization": f"Bearer {token}"}
-    try:
+    url = f"http://127.0.0.1:{port}"
+    with jobs_serve(smoke_checkpoint, ["--port", str(port), "--direct-ingress"], env, tmp_path) as proc:
         wait_healthy(url, timeout_s=300, proc=proc)
         assert httpx.post(f"{url}/v1/samples", json={"n": 2}, timeout=10).status_code == 401
-        body = httpx.post(f"{url}/v1/samples", json={"n": 3, "mode": 1, "seed": 2}, headers=auth, timeout=10).json()
+        body = httpx.post(f"{url}/v1/samples", json={"n": 3, "mode": 1, "seed": 2}, headers=AUTH, timeout=10).json()
         assert body["component"] == [1, 1, 1] and np.asarray(body["samples"]).shape == (3, 2)
-        serving = httpx.get(f"{url}/v1/model", headers=auth, timeout=10).json()["serving"]
-        replica_pid = serving["pid"]
+        serving = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()["serving"]
         assert serving["batch_wait_timeout_s"] == 0.001  # --direct-ingress's default (docs/serving.md)
-        assert _listening_inode(port) in _socket_inodes(replica_pid)  # the replica itself, not Serve's proxy
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, out[-3000:]
+        assert _listening_inode(port) in _socket_inodes(serving["pid"])  # the replica itself, not Serve's proxy
+        out = stop_with_sigterm(proc)
     assert f"at http://127.0.0.1:{port}" in out and "direct ingress" in out and "shutting down" in out
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # free again
