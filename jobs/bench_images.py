@@ -22,19 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 import time
 
 import torch
 
+from jobs.common import free_port
+
 SHAPES = {"mnist": (1, 28, 28), "fmnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
@@ -112,7 +107,7 @@ def bench(dataset: str, world: int, args: argparse.Namespace) -> dict[str, float
                                           "sync_bn", "warmup", "iterations", "batch")}
     opts["dataset"] = dataset
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(world, _free_port(), opts, out), nprocs=world, join=True,
+        mp.start_processes(_worker, args=(world, free_port(), opts, out), nprocs=world, join=True,
                            start_method="spawn")
         ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
     return {phase: min(r[phase] for r in ranks) for phase in ranks[0]}

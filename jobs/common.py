@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import socket
 import sys
 
 from service.config import ConfigError, ExperimentConfig, apply_overrides, load_yaml
@@ -51,3 +52,10 @@ def config_or_exit(args: argparse.Namespace) -> ExperimentConfig | None:
         msg = e.args[0] if isinstance(e, KeyError) else str(e)
         print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (the OS picks it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -40,6 +39,8 @@ from typing import Any, Callable
 
 import httpx
 import numpy as np
+
+from jobs.common import free_port
 
 JSON = {"content-type": "application/json"}
 
@@ -367,12 +368,6 @@ async def _fuzz(url: str, count: int, clients: int, headers: dict[str, str], see
 # CLI
 # --------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_healthy(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
     """Poll ``GET /healthz`` until it answers 200; fail early if ``proc`` (the server) exits."""
     deadline = time.perf_counter() + timeout_s
@@ -512,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from service.serving import (SERVE_FAST_PATH_ENV, ServeArgs, build_app, direct_ingress_env, find_replica_url,
+    from service.serving import (SERVE_FAST_PATH_ENV, ServeArgs, build_app, direct_ingress_env, find_replica_port,
                                  use_fast_path_env)
 
     switches = {k: os.environ.get(k, "Ray's default") for k in SERVE_FAST_PATH_ENV} if args.ray_serve_defaults \
@@ -523,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         direct = direct_ingress_env(args.port)
         os.environ.update(direct)
         switches |= direct
-        proxy_port = _free_port()
+        proxy_port = free_port()
     print("Serve switches: " + ", ".join(f"{k}={v}" for k, v in switches.items()), flush=True)
     t0 = time.perf_counter()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -537,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                                       max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s))
             serve.run(app, name="introprior")
             if args.direct_ingress:  # a redeployed replica may take the next free port of the range
-                url = find_replica_url("127.0.0.1", args.port)
+                url = f"http://127.0.0.1:{find_replica_port('127.0.0.1', args.port)}"
             wait_healthy(url)
             print(f"{'redeploy' if i else 'cold start'}: {time.perf_counter() - t2:.2f} s to a healthy replica"
                   + ("" if i else f" (ray.init + serve.start {t1 - t0:.2f} s before)"), flush=True)

@@ -35,14 +35,6 @@ def is_loopback(host: str) -> bool:
         return host in LOOPBACK
 
 
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt path, or an MLflow URI: runs:/<run_id>/checkpoint/checkpoint.pt, "
@@ -80,16 +72,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
+    from jobs.common import free_port
     from service.checkpoint import CheckpointError
-    from service.serving import (ServeArgs, ServeConfigError, build_app, direct_ingress_env, find_replica_url,
-                                 read_token, use_fast_path_env)
+    from service.serving import (BatchConfig, ServeArgs, ServeConfigError, build_app, direct_ingress_env,
+                                 find_replica_port, read_token, use_fast_path_env)
+
+    batch_wait_s = args.batch_wait_s
+    if batch_wait_s is None:
+        batch_wait_s = DIRECT_INGRESS_BATCH_WAIT_S if args.direct_ingress else \
+            BatchConfig.model_fields["batch_wait_timeout_s"].default
 
     try:  # refuse a bad checkpoint or token before Ray starts
         serve_args = ServeArgs(checkpoint=args.checkpoint, checkpoint_sha256=args.checkpoint_sha256,
                                tracking_uri=args.tracking_uri, num_replicas=args.num_replicas, num_cpus=args.num_cpus,
                                batching=not args.no_batching, max_batch_size=args.max_batch_size,
-                               **({"batch_wait_timeout_s": args.batch_wait_s} if args.batch_wait_s is not None else
-                                  {"batch_wait_timeout_s": DIRECT_INGRESS_BATCH_WAIT_S} if args.direct_ingress else {}),
+                               batch_wait_timeout_s=batch_wait_s,
                                request_timeout_s=args.request_timeout_s, auth_token_file=args.auth_token_file)
         if not is_loopback(args.host) and read_token(serve_args) is None and not args.insecure_no_token:
             raise ServeConfigError(f"--host {args.host}: the API would be reachable from other machines without a "
@@ -117,14 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     # the proxy's own timeout is a backstop (408) behind the replica's 504 at --request-timeout-s
     # with --direct-ingress the replica takes --port and the proxy (still Serve's route to it) a free port
-    proxy_port = _free_port(args.host) if args.direct_ingress else args.port
+    proxy_port = free_port(args.host) if args.direct_ingress else args.port
     serve.start(http_options={"host": args.host, "port": proxy_port, "request_timeout_s": args.request_timeout_s + 30})
     serve.run(app, name="introprior", route_prefix="/")
-    url = f"http://{args.host}:{args.port}"
-    if args.direct_ingress:
-        url = find_replica_url(args.host, args.port)
-        if args.host in ("0.0.0.0", "::"):
-            url = f"http://{args.host}:{url.rsplit(':', 1)[1]}"
+    url = f"http://{args.host}:{find_replica_port(args.host, args.port) if args.direct_ingress else args.port}"
     print(f"serving {args.checkpoint} at {url}  (docs: /docs; stop: SIGTERM or Ctrl-C)"
           + (f"; direct ingress, Serve's proxy at :{proxy_port}" if args.direct_ingress else ""), flush=True)
     while not stop.wait(0.5):

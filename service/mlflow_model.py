@@ -26,7 +26,6 @@ The same limits and messages as ``POST /v1/samples`` apply (``serving_schema.Sam
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +36,8 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import Array, ColSpec, Schema
 from pydantic import ValidationError
+
+from .tracking import env_defaults
 
 MODEL_NAME = "model"  # the logged model's name in its run
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")  # the model as code: logged and run, never pickled
@@ -137,27 +138,12 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_path: str | Path) -> st
     metadata = {"data_shape": [int(s) for s in state["data_shape"]], "preset": state["config"].get("name"),
                 "prior_type": state.get("prior_type"), "iteration": int(state["iteration"])}
     with using_store(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False), \
-            _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # no download bar when MLflow checks the example
+            env_defaults({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):  # no bar when MLflow checks the example
         info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(PYFUNC_CODE),
                                        artifacts={"checkpoint": str(Path(checkpoint_path).resolve())},
                                        signature=SIGNATURE, input_example=INPUT_EXAMPLE,
                                        pip_requirements=PIP_REQUIREMENTS, metadata=metadata)
     return info.model_uri
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Environment variables set for the block, restored after it."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager

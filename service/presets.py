@@ -186,13 +186,16 @@ def modes_8gaussians() -> ExperimentConfig:
     The preset for "sample mode k", and ``make run``'s: ``mog-ip-lc-sharp``'s beta_kl / beta_neg
     (sharp posteriors and components, so each component decodes to one data mode) with beta_rec
     doubled to 0.4 (in the paper's grid, SPEC §6.4). ``make run`` (2 workers, seed 0, quick):
-    mode purity 1.00, 8/8 modes, KL 7.35 (SG: 29.5), JSD 13.5, gnELBO x 1e7 0.28. Over seeds
+    mode purity 1.00, 8/8 modes, KL 7.35 (SG: 29.5), JSD 13.5, gnELBO x 1e7 0.28 on one machine,
+    KL 57.6, JSD 42.1, gnELBO 0.22 on another (README "Two commands"). Over seeds
     0 - 3 with 1 worker (``python -m jobs.train --preset 8gaussians/mog-ip-lc-sharp --quick
     --workers 1 --seed S --set objective.beta_rec=0.4``): purity 1.00 / 1.00 / 0.99 / 1.00,
     modes covered 8 / 8 / 5 / 8, KL 31 / 29 / 113 / 17, gnELBO 0.29 / 0.34 / 0.59 / 0.33;
     ``mog-ip-lc-sharp`` on the same seeds 6 / 7 / 8 / 8 modes, and beta_neg 0.25 instead
-    7 / 8 / 8 / 6. Pure components on every seed, but a seed can still lose data modes (README
-    "Mode purity"), where the paper's defaults cover all eight with impure components.
+    7 / 8 / 8 / 6. Full schedule, seeds 0 - 2: purity 0.98 / 0.93 / 0.99, modes 8 / 7 / 8, KL
+    26.6 / 9.7 / 14.1 (``tune_spaces/seeds_8gaussians_modes.yaml``). Pure components on every seed,
+    but a seed can still lose data modes (README "Mode purity"), where the paper's defaults cover
+    all eight with impure components.
     """
     cfg = sharp_8gaussians()
     return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-modes",

@@ -69,7 +69,7 @@ __all__ = ["BODIES", "MAX_SEED", "MAX_TEMPERATURE", "BatchConfig", "BatchedRepli
            "WorkTimeout", "Worker", "build_app", "component_spec", "deployment_options", "describe_validation_error",
            "error_response", "file_sha256", "load_checked", "make_api", "parse_json", "png_bytes", "read_token",
            "render_samples", "replica_threads", "resolve_checkpoint", "sample_many", "SERVE_FAST_PATH_ENV",
-           "use_fast_path_env", "direct_ingress_env", "find_replica_url", "DIRECT_INGRESS_PORTS"]
+           "use_fast_path_env", "direct_ingress_env", "find_replica_port", "DIRECT_INGRESS_PORTS"]
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
@@ -169,8 +169,8 @@ def direct_ingress_env(port: int, span: int = DIRECT_INGRESS_PORTS) -> dict[str,
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
 
-def find_replica_url(host: str, port: int, span: int = DIRECT_INGRESS_PORTS, timeout_s: float = 120.0) -> str:
-    """The URL of the direct-ingress replica that answers ``/healthz`` on a port of ``[port, port + span)``."""
+def find_replica_port(host: str, port: int, span: int = DIRECT_INGRESS_PORTS, timeout_s: float = 120.0) -> int:
+    """The port of ``[port, port + span)`` on which the direct-ingress replica answers ``/healthz``."""
     import socket
 
     import httpx
@@ -183,10 +183,10 @@ def find_replica_url(host: str, port: int, span: int = DIRECT_INGRESS_PORTS, tim
                 sock.settimeout(0.05)
                 if sock.connect_ex((probe, p)) != 0:
                     continue
-            url = f"http://{'[' + probe + ']' if ':' in probe else probe}:{p}"
             try:
-                if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
-                    return url
+                if httpx.get(f"http://{'[' + probe + ']' if ':' in probe else probe}:{p}/healthz",
+                             timeout=2.0).status_code == 200:
+                    return p
             except httpx.HTTPError:
                 pass
         time.sleep(0.2)

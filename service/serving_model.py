@@ -328,8 +328,7 @@ class Sampler:
         config = self.state["config"]
         return {"name": config.get("name"), "dataset": config["data"]["dataset"], "prior": self.model.prior_type,
                 "num_components": self.limits.num_components, "latent_dim": self.latent_dim,
-                "data_modes": None if self.data_modes is None else {str(k): idx.tolist()
-                                                                    for k, (idx, _) in self.data_modes.items()},
+                "data_modes": self.data_modes_json(),
                 "data_shape": list(self.data_shape),
                 "metrics": json_safe(self.state.get("extra", {}).get("metrics", {})),
                 "checkpoint": {"source": self.args.checkpoint, "path": self.path, "sha256": self.sha256,
@@ -349,6 +348,12 @@ class Sampler:
                                        "max_samples_by_format": {f: min(self.args.max_samples,
                                                                         self.limits.max_items(f))
                                                                  for f in ("json", "npy", "npz", "png")}}}}
+
+    def data_modes_json(self) -> dict[str, list[int]] | None:
+        """``data_mode`` -> the components a request for it samples from (JSON keys are strings)."""
+        if self.data_modes is None:
+            return None
+        return {str(k): idx.tolist() for k, (idx, _) in self.data_modes.items()}
 
     @torch.no_grad()
     def modes(self) -> list[dict[str, Any]]:

@@ -301,9 +301,8 @@ def make_api(sampler: Sampler, sample_fn: Callable[[SamplesRequest, Deadline], A
 
     @api.get("/v1/modes")
     async def modes() -> dict[str, Any]:
-        data_modes = None if sampler.data_modes is None else {str(k): idx.tolist()
-                                                              for k, (idx, _) in sampler.data_modes.items()}
-        return {"num_components": lim.num_components, "data_modes": data_modes, "modes": sampler.modes()}
+        return {"num_components": lim.num_components, "data_modes": sampler.data_modes_json(),
+                "modes": sampler.modes()}
 
     @api.post("/v1/samples", responses={200: {"content": {"application/json": {}, "image/png": {},
                                                           "application/octet-stream": {}}}})

@@ -198,11 +198,8 @@ class FanoutSink(NullSink):
 
 
 @contextlib.contextmanager
-def _fail_fast_requests(timeout_s: int) -> Iterator[None]:
-    """MLflow's HTTP client retries a refused request for about 4 minutes by default (7 retries,
-    backoff 2): the sink retries on its own schedule instead, so each attempt fails in at most
-    ``timeout_s``. Variables the user has set are kept."""
-    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+def env_defaults(defaults: dict[str, str]) -> Iterator[None]:
+    """Environment variables set for the block where the user has not set them; removed after it."""
     added = {k: v for k, v in defaults.items() if k not in os.environ}
     os.environ.update(added)
     try:
@@ -210,6 +207,13 @@ def _fail_fast_requests(timeout_s: int) -> Iterator[None]:
     finally:
         for k in added:
             os.environ.pop(k, None)
+
+
+def _fail_fast_requests(timeout_s: int) -> contextlib.AbstractContextManager[None]:
+    """MLflow's HTTP client retries a refused request for about 4 minutes by default (7 retries,
+    backoff 2): the sink retries on its own schedule instead, so each attempt fails in at most
+    ``timeout_s``. Variables the user has set are kept."""
+    return env_defaults({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)})
 
 
 class MlflowSink(NullSink):
