@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                            "preset": cfg.name}, "seconds": round(time.perf_counter() - t0, 1)}
     if "mode_purity" in extra:  # per component, in component order
         info["purity"] = {"samples_per_component": purity_samples, "classifier": classifier.info,
-                          "per_component": extra["mode_purity"], "majority_class": extra["majority_mode"]}
+                          "per_component": extra["mode_purity"], "majority_class": extra["majority_mode"],
+                          "class_shares": {"generated": extra.get("mode_shares"), "data": extra.get("data_shares")}}
     (out / "evaluation.json").write_text(json.dumps(info, indent=2) + "\n")
     if args.tracking_uri or args.run_id:
         run_id = _log_to_mlflow(args, cfg, out, metrics, int(state["iteration"]))

@@ -20,7 +20,7 @@ from .config import ExperimentConfig
 from .data import PointSource, make_source
 from .gaussian import LOG_2PI, kl_to_standard_normal, randn
 from .metrics.density import gnelbo_with_grid, histogram_jsd, histogram_kl
-from .metrics.modes import Purity, knn_labels, mixture_purity
+from .metrics.modes import Purity, knn_labels, mixture_purity, purity_extra
 from .model import Model
 from .priors import active_components, active_mask, normalized_entropy
 from .sampling import prior_usage, reconstruct, sample
@@ -96,7 +96,7 @@ def evaluate(model: Model, source: PointSource, cfg: ExperimentConfig, *, device
         purity = component_purity(model, source, cfg, usage=extra["usage"])
         if purity is not None:
             metrics |= purity.metrics()
-            extra |= {"mode_purity": purity.purity, "majority_mode": purity.majority}
+            extra |= purity_extra(purity)
     if plot_dir is not None and ev.plots:
         _plots(model, source, real, fake, grid_w, extra.get("usage"), Path(plot_dir), gen, metrics, extra)
     model.train()
@@ -123,7 +123,7 @@ def component_purity(model: Model, source: PointSource, cfg: ExperimentConfig, *
     x = sample(model, m * ev.purity_samples, component=comps.to(device), generator=gen, temperature=temperature)[0]
     labels = knn_labels(ref.to(device), ref_labels.to(device), x, k=ev.purity_k).cpu()
     return mixture_purity(labels.reshape(m, ev.purity_samples), model.prior.components(detach=True).weights, usage,
-                          num_modes=len(set(ref_labels.tolist())))
+                          num_modes=len(set(ref_labels.tolist())), data_labels=ref_labels)
 
 
 def _plots(model: Model, source: PointSource, real: np.ndarray, fake: np.ndarray, grid_w: Tensor,
@@ -146,7 +146,8 @@ def _plots(model: Model, source: PointSource, real: np.ndarray, fake: np.ndarray
         if extra and "majority_mode" in extra and metrics:
             kw["majority"] = np.asarray(extra["majority_mode"])
             kw["title"] = (f"latent space: mode purity {metrics['mode_purity']:.2f}, "
-                           f"{int(metrics['modes_covered'])} modes covered")
+                           f"{int(metrics['modes_covered'])} modes covered"
+                           + (f", share TV {metrics['mode_share_tv']:.2f}" if "mode_share_tv" in metrics else ""))
     d = mu.shape[1]
 
     def log_density(z2: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ from .config import ExperimentConfig
 from .feature_extractor import FeatureExtractor, quantize
 from .gaussian import randn, reparameterize
 from .metrics.fid import fid_from_features
-from .metrics.modes import Purity, mixture_purity
+from .metrics.modes import Purity, mixture_purity, purity_extra
 from .metrics.precision_recall import precision_recall
 from .metrics.probes import MIN_TRAIN, probe_accuracies
 from .model import Model
@@ -155,19 +155,22 @@ def _subset(split: ImageSplit, n: int | None, generator: torch.Generator) -> tup
 
 @torch.no_grad()
 def image_purity(model: Model, classifier: ImageClassifier | None, samples_per_component: int,
-                 generator: torch.Generator, *, usage: Tensor | None = None, batch: int = CHUNK) -> Purity | None:
+                 generator: torch.Generator, *, usage: Tensor | None = None, batch: int = CHUNK,
+                 data_labels: Tensor | None = None) -> Purity | None:
     """Mode purity of a mixture prior on images; None without a mixture or a classifier.
 
     ``samples_per_component`` decoded images ``D(z), z ~ N(mu_k, var_k)`` per component ``k``,
     quantised to uint8 (as for FID), each labelled by ``classifier``; weights: the mixture
-    weights; active components: ``usage >= 1e-2`` (test-set usage; by weight when not given).
+    weights; active components: ``usage >= 1e-2`` (test-set usage; by weight when not given);
+    ``data_labels``: true classes of data images, for ``mode_share_tv``.
     """
     if not model.prior.is_mixture or classifier is None or samples_per_component < 1:
         return None
     m = model.prior.num_components
     labels = torch.stack([classifier.labels(generate_uint8(model, samples_per_component, generator, batch,
                                                             component=k)) for k in range(m)])  # (M, S)
-    return mixture_purity(labels, model.prior.components(detach=True).weights, usage, num_modes=classifier.num_classes)
+    return mixture_purity(labels, model.prior.components(detach=True).weights, usage, num_modes=classifier.num_classes,
+                          data_labels=data_labels)
 
 
 def fid_metrics(model: Model, real: Tensor, extractor: FeatureExtractor, generator: torch.Generator, *,
@@ -269,10 +272,11 @@ def evaluate_image_model(model: Model, cfg: ExperimentConfig, train_source: Imag
     if with_purity:
         phase("mode purity", f"{n_purity} samples per component")
         purity_gen = torch.Generator().manual_seed(generator.initial_seed() + PURITY_SEED_OFFSET)
-        purity = image_purity(model, classifier, n_purity, purity_gen, usage=usage)
+        purity = image_purity(model, classifier, n_purity, purity_gen, usage=usage,
+                              data_labels=train_y if len(torch.unique(train_y)) > 1 else None)
         metrics.update(purity.metrics())
         if extra is not None:
-            extra.update({"mode_purity": purity.purity, "majority_mode": purity.majority})
+            extra.update(purity_extra(purity))
 
     if out_dir is not None:
         out = Path(out_dir)

@@ -329,6 +329,7 @@ class Sampler:
         return {"name": config.get("name"), "dataset": config["data"]["dataset"], "prior": self.model.prior_type,
                 "num_components": self.limits.num_components, "latent_dim": self.latent_dim,
                 "data_modes": self.data_modes_json(),
+                "mode_shares": self.mode_shares_json(),
                 "data_shape": list(self.data_shape),
                 "metrics": json_safe(self.state.get("extra", {}).get("metrics", {})),
                 "checkpoint": {"source": self.args.checkpoint, "path": self.path, "sha256": self.sha256,
@@ -354,6 +355,18 @@ class Sampler:
         if self.data_modes is None:
             return None
         return {str(k): idx.tolist() for k, (idx, _) in self.data_modes.items()}
+
+    def mode_shares_json(self) -> dict[str, dict[str, float | None]] | None:
+        """``data_mode`` -> ``{"prior": share of the prior's samples that land in it, "data": its share of
+        the data}`` as measured at evaluation (checkpoint ``extra``; a mode missing from one side has share 0,
+        ``data`` is null when the data's shares are unknown); None when it was not measured."""
+        extra = self.state.get("extra", {})
+        prior, data = extra.get("mode_shares"), extra.get("data_shares")
+        if not prior:
+            return None
+        return {str(k): {"prior": json_safe(float(prior.get(k, 0.0))),
+                         "data": None if data is None else json_safe(float(data.get(k, 0.0)))}
+                for k in sorted(set(prior) | set(data or {}))}
 
     @torch.no_grad()
     def modes(self) -> list[dict[str, Any]]:

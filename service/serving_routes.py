@@ -302,7 +302,7 @@ def make_api(sampler: Sampler, sample_fn: Callable[[SamplesRequest, Deadline], A
     @api.get("/v1/modes")
     async def modes() -> dict[str, Any]:
         return {"num_components": lim.num_components, "data_modes": sampler.data_modes_json(),
-                "modes": sampler.modes()}
+                "mode_shares": sampler.mode_shares_json(), "modes": sampler.modes()}
 
     @api.post("/v1/samples", responses={200: {"content": {"application/json": {}, "image/png": {},
                                                           "application/octet-stream": {}}}})

@@ -76,12 +76,15 @@ def test_train_with_two_workers_then_evaluate_offline(fmnist_run: dict, tmp_path
     metrics = json.loads(capsys.readouterr().out)
     expected = {"fid_fmnist_cnn", "fid_rec_fmnist_cnn", "precision_fmnist_cnn", "recall_fmnist_cnn", "svm_2k_acc",
                 "svm_10k_acc", "knn_5_acc", "knn_100_acc", "prior_entropy_norm", "prior_active_components",
-                "mode_purity", "modes_covered"}
+                "mode_purity", "modes_covered", "mode_share_tv"}
     assert expected <= set(metrics) and all(math.isfinite(v) for v in metrics.values()), metrics
     assert metrics["fid_fmnist_cnn"] > 0 and 0 <= metrics["prior_entropy_norm"] <= 1
     assert 0.1 <= metrics["mode_purity"] <= 1 and 1 <= metrics["modes_covered"] <= 10
     info = json.loads((out / "evaluation.json").read_text())
     assert len(info["purity"]["per_component"]) == 10 and info["purity"]["samples_per_component"] == 50
+    shares = info["purity"]["class_shares"]  # the generated images' classes against the data's
+    assert sum(shares["generated"].values()) == pytest.approx(1) and sum(shares["data"].values()) == pytest.approx(1)
+    assert 0 <= metrics["mode_share_tv"] <= 1
     assert info["checkpoint"]["iteration"] == 12 and info["checkpoint"]["preset"] == "fmnist/mog10-ip-lc"
     latents = pq.read_table(out / "latents.parquet")
     assert latents.num_rows == 500 + 300 and len(latents.column("mu")[0]) == 32

@@ -233,6 +233,9 @@ def test_samples_of_a_data_mode(client: httpx.Client) -> None:
         if r["active"] and r["majority_mode"] is not None:
             expected.setdefault(str(r["majority_mode"]), []).append(r["index"])
     assert table == expected and table
+    shares = body["mode_shares"]  # measured at evaluation: the prior's samples over the 8 data modes
+    assert set(shares) <= {str(i) for i in range(8)} and sum(v["prior"] or 0 for v in shares.values()) == pytest.approx(1)
+    assert sum(v["data"] or 0 for v in shares.values()) == pytest.approx(1)
     k, members = next(iter(table.items()))
     got = client.post("/v1/samples", json={"n": 64, "data_mode": int(k), "seed": 4}).json()
     assert set(got["component"]) <= set(members) and np.asarray(got["samples"]).shape == (64, 2)

@@ -280,7 +280,7 @@ def test_evaluate_image_model_writes_everything(cnn, fmnist_test, tmp_path: Path
                                    classifier=clf, purity_samples=20)
     expected = {"fid_fmnist_cnn", "fid_rec_fmnist_cnn", "precision_fmnist_cnn", "recall_fmnist_cnn", "fid_samples",
                 "svm_2k_acc", "svm_10k_acc", "knn_5_acc", "knn_100_acc", "prior_entropy_norm",
-                "prior_active_components", "mode_purity", "modes_covered"}
+                "prior_active_components", "mode_purity", "modes_covered", "mode_share_tv"}
     assert set(metrics) == expected and all(np.isfinite(v) for v in metrics.values()), metrics
     assert metrics["fid_samples"] == 100 and 0 <= metrics["prior_entropy_norm"] <= 1
     assert 1 <= metrics["prior_active_components"] <= 10
@@ -386,6 +386,13 @@ def test_image_purity_by_hand() -> None:
     assert purity.mode_purity == pytest.approx(0.5 * 0.75 + 0.3 * 1.0 + 0.2 * 0.5)  # 0.775
     assert purity.modes_covered == 2 and purity.num_modes == 10
     assert purity.metrics() == pytest.approx({"mode_purity": 0.775, "modes_covered": 2.0})
+    # with the data's classes (here 1 and 2 equally often): the prior draws class 2 0.5*0.75 + 0.2*0.5 = 0.475
+    # of the time, class 1 0.3, the other classes of components 0 and 2 the rest
+    classifier, _ = _scripted_classifier()
+    shared = image_purity(model, classifier, 4, torch.Generator().manual_seed(0), batch=3,
+                          data_labels=torch.tensor([1, 2] * 50))
+    assert shared.mode_shares[2] == pytest.approx(0.475) and shared.mode_shares[1] == pytest.approx(0.3)
+    assert shared.mode_share_tv == pytest.approx(0.5 * (abs(0.3 - 0.5) + abs(0.475 - 0.5) + (1 - 0.775)))
     # component 1 unused on the test set: it covers no class
     classifier, _ = _scripted_classifier()
     inactive = image_purity(model, classifier, 4, torch.Generator(), usage=torch.tensor([0.7, 0.005, 0.295]))
@@ -439,7 +446,7 @@ def test_evaluate_image_model_reports_mode_purity(fmnist_test, monkeypatch, tmp_
     assert "mode_purity" not in plain and "modes_covered" not in plain
     extra: dict = {}
     metrics = run(classifier=clf, purity_samples=30, extra=extra)
-    assert set(metrics) == set(plain) | {"mode_purity", "modes_covered"}
+    assert set(metrics) == set(plain) | {"mode_purity", "modes_covered", "mode_share_tv"}
     assert {k: metrics[k] for k in plain} == plain  # purity has its own stream: no other number moved
     assert 0.1 <= metrics["mode_purity"] <= 1.0 and 1 <= metrics["modes_covered"] <= 10
     assert len(extra["mode_purity"]) == len(extra["majority_mode"]) == 10

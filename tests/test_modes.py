@@ -24,7 +24,24 @@ def test_purity_by_hand():
     assert p.purity == pytest.approx([0.75, 1.0, 0.5])
     assert p.mode_purity == pytest.approx(0.5 * 0.75 + 0.25 * 1.0 + 0.25 * 0.5)
     assert p.modes_covered == 3 and p.num_modes == 8
-    assert p.metrics() == {"mode_purity": pytest.approx(0.75), "modes_covered": 3.0}
+    assert p.metrics() == {"mode_purity": pytest.approx(0.75), "modes_covered": 3.0}  # no data labels: no TV
+    # shares of the whole prior: mode 2 gets 0.5 * 3/4, mode 0 0.5 * 1/4, mode 5 0.25, modes 1/3/4 0.25 * (2, 1, 1)/4
+    assert p.mode_shares == pytest.approx({0: 0.125, 1: 0.125, 2: 0.375, 3: 0.0625, 4: 0.0625, 5: 0.25})
+    assert p.data_shares is None and p.mode_share_tv is None
+
+
+def test_mode_share_tv_against_the_data_shares_by_hand():
+    labels = torch.tensor([[2, 2, 2, 0], [5, 5, 5, 5], [1, 1, 3, 4]])
+    data = torch.tensor([0, 1, 2, 5] * 25 + [6] * 100)  # modes 0, 1, 2, 5: 1/8 each; mode 6: 1/2, never sampled
+    p = mode_purity(labels, torch.tensor([2.0, 1.0, 1.0]), data_labels=data)
+    assert p.data_shares == pytest.approx({0: 0.125, 1: 0.125, 2: 0.125, 5: 0.125, 6: 0.5})
+    # |0.125-0.125| + |0.125-0.125| + |0.375-0.125| + 0.0625 + 0.0625 + |0.25-0.125| + |0-0.5|, halved
+    assert p.mode_share_tv == pytest.approx(0.5 * (0.25 + 0.0625 + 0.0625 + 0.125 + 0.5))
+    assert p.metrics()["mode_share_tv"] == pytest.approx(0.5)
+    # the prior's shares equal to the data's: 0; disjoint: 1
+    same = mode_purity(torch.tensor([[0, 0], [1, 1]]), torch.ones(2), data_labels=torch.tensor([0, 1]))
+    assert same.mode_share_tv == pytest.approx(0.0)
+    assert mode_purity(torch.tensor([[3, 3]]), torch.ones(1), data_labels=torch.tensor([0, 1])).mode_share_tv == 1.0
 
 
 def test_modes_covered_counts_active_components_only_and_distinct_modes():
@@ -73,6 +90,17 @@ def test_a_prior_whose_components_decode_to_one_mode_each_has_purity_one():
     p = component_purity(model, src, cfg)
     assert p.mode_purity == pytest.approx(1.0) and p.modes_covered == 8 and p.num_modes == 8
     assert p.majority == list(range(8))
+    # uniform weights over one component per mode: each mode gets 1/8 of the samples, as in the data
+    # (whose shares are estimated from the evaluation's reference draw, hence the tolerance)
+    assert p.mode_shares == pytest.approx({k: 0.125 for k in range(8)})
+    assert p.mode_share_tv < 0.03
+    # a lost mode: component 7 decodes to mode 6 too, so mode 7 gets nothing and mode 6 twice its share
+    model.decoder = _FixedDecoder(torch.cat([centres[:7], centres[6:7]]))
+    lost = component_purity(model, src, cfg)
+    assert lost.modes_covered == 7 and lost.mode_purity == pytest.approx(1.0)
+    assert lost.mode_shares[6] == pytest.approx(0.25) and 7 not in lost.mode_shares
+    assert lost.mode_share_tv == pytest.approx(0.125, abs=0.03)
+    model.decoder = _FixedDecoder(centres)
     # broad components (sigma 3) decode all over: purity drops towards 1/8
     with torch.no_grad():
         model.prior.logvars.fill_(2 * torch.log(torch.tensor(3.0)))

@@ -391,9 +391,18 @@ def test_modes_show_purity_and_majority_mode_when_the_checkpoint_has_them() -> N
     assert metrics == {"hist_kl": 0.2, "mode_purity": 0.65, "modes_covered": 2.0, "gnelbo_x1e7": None}
 
 
+def test_modes_show_the_prior_and_data_shares_of_each_data_mode() -> None:
+    state = toy_state(usage=torch.tensor([0.7, 0.3]), majority_mode=[4, 1], mode_shares={4: 0.6, 1: 0.4},
+                      data_shares={1: 0.5, 4: 0.25, 6: 0.25})
+    modes, model = call(toy_sampler(state=state), [("GET", "/v1/modes", {}), ("GET", "/v1/model", {})])
+    want = {"1": {"prior": 0.4, "data": 0.5}, "4": {"prior": 0.6, "data": 0.25}, "6": {"prior": 0.0, "data": 0.25}}
+    assert modes.json()["mode_shares"] == want and model.json()["mode_shares"] == want
+
+
 def test_modes_omit_purity_when_absent(toy: Sampler) -> None:
     (modes,) = call(toy, [("GET", "/v1/modes", {})])
     assert all("purity" not in r and "majority_mode" not in r and "active" not in r for r in modes.json()["modes"])
+    assert modes.json()["mode_shares"] is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,14 @@ Over the mixture:
 - ``mode_purity``: purity weighted by the component weights (what a user who asks for "a sample
   of mode k", with k drawn like the prior draws it, gets on average);
 - ``modes_covered``: how many distinct data modes are the majority of some *active* component
-  (the prior offers a handle on that many modes).
+  (the prior offers a handle on that many modes);
+- ``mode_shares``: how often a sample of the whole prior (component drawn by weight) lands in each
+  data mode, ``sum_m w_m * share of component m's samples in the mode``;
+- ``mode_share_tv``: the total variation distance between those shares and the data's own,
+  ``0.5 * sum_k |mode_share_k - data_share_k|`` (0: the prior draws every mode as often as the data
+  holds it; a lost mode at 1/8 of balanced data costs at least 0.125). Every data mode counts,
+  whether or not a component stands for it, so it sees what ``modes_covered`` does not: inactive
+  components' samples and a mode that some component reaches only as a minority.
 
 Pure: tensors in, numbers out. ``knn_labels`` labels decoded 2D points by their nearest labelled
 real points.
@@ -22,6 +29,7 @@ real points.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,9 +46,15 @@ class Purity:
     mode_purity: float  # weighted by the mixture weights
     modes_covered: int  # distinct majority labels among active components
     num_modes: int  # distinct labels of the data
+    mode_shares: dict[int, float]  # data mode -> share of the prior's samples that land in it
+    data_shares: dict[int, float] | None = None  # data mode -> its share of the data, when known
+    mode_share_tv: float | None = None  # total variation between mode_shares and data_shares
 
     def metrics(self) -> dict[str, float]:
-        return {"mode_purity": self.mode_purity, "modes_covered": float(self.modes_covered)}
+        out = {"mode_purity": self.mode_purity, "modes_covered": float(self.modes_covered)}
+        if self.mode_share_tv is not None:
+            out["mode_share_tv"] = self.mode_share_tv
+        return out
 
 
 def knn_labels(reference: Tensor, reference_labels: Tensor, query: Tensor, k: int = 15,
@@ -60,14 +74,31 @@ def knn_labels(reference: Tensor, reference_labels: Tensor, query: Tensor, k: in
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
+def label_shares(labels: Tensor, weights: Tensor | None = None) -> dict[int, float]:
+    """Share of each label: ``labels`` (N,) plain, or (M, S) rows averaged with ``weights`` (M,)."""
+    labels = labels.long().cpu()
+    if labels.dim() == 1:
+        labels, weights = labels.unsqueeze(0), None
+    w = torch.ones(labels.shape[0], dtype=torch.float64) if weights is None else weights.detach().double().cpu()
+    w = w / w.sum()
+    values = sorted(set(labels.flatten().tolist()))
+    return {v: float((w * (labels == v).double().mean(1)).sum()) for v in values}
+
+
+def total_variation(p: dict[int, float], q: dict[int, float]) -> float:
+    """``0.5 * sum_k |p_k - q_k|`` over the union of the keys (a missing key has share 0)."""
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
 def mode_purity(sample_labels: Tensor, weights: Tensor, active: Tensor | None = None,
-                num_modes: int | None = None) -> Purity:
+                num_modes: int | None = None, data_labels: Tensor | None = None) -> Purity:
     """Purity from the labels of each component's samples.
 
     sample_labels: (M, S) int, the data-mode label of S decoded samples of each of M components;
     weights: (M,) mixture weights (normalised here); active: (M,) bool, components counted by
     ``modes_covered`` (default: all); num_modes: the data's number of modes (default: the
-    distinct labels seen).
+    distinct labels seen); data_labels: (N,) labels of data points, for ``data_shares`` and
+    ``mode_share_tv`` (None: both absent).
     """
     m, s = sample_labels.shape
     if s == 0:
@@ -79,14 +110,29 @@ def mode_purity(sample_labels: Tensor, weights: Tensor, active: Tensor | None = 
     w = w / w.sum()
     act = torch.ones(m, dtype=torch.bool) if active is None else active.bool().cpu()
     covered = len(set(majority[act].tolist()))
+    shares = label_shares(labels, w)
+    data_shares = None if data_labels is None or data_labels.numel() == 0 else label_shares(data_labels)
     return Purity(purity=purity.tolist(), majority=majority.tolist(), mode_purity=float((w * purity).sum()),
-                  modes_covered=covered, num_modes=num_modes or len(set(labels.flatten().tolist())))
+                  modes_covered=covered, num_modes=num_modes or len(set(labels.flatten().tolist())),
+                  mode_shares=shares, data_shares=data_shares,
+                  mode_share_tv=None if data_shares is None else total_variation(shares, data_shares))
 
 
 def mixture_purity(sample_labels: Tensor, weights: Tensor, usage: Tensor | None = None,
-                   num_modes: int | None = None) -> Purity:
+                   num_modes: int | None = None, data_labels: Tensor | None = None) -> Purity:
     """``mode_purity`` of a mixture prior with SPEC §4's active components: usage ``c_i >= 1e-2``,
     or weight ``>= 1e-2`` when no usage is known."""
     weights = weights.detach().cpu()
     active = active_mask(usage.cpu() if usage is not None else weights)
-    return mode_purity(sample_labels, weights, active, num_modes=num_modes)
+    return mode_purity(sample_labels, weights, active, num_modes=num_modes, data_labels=data_labels)
+
+
+def purity_extra(purity: Purity) -> dict[str, Any]:
+    """What a checkpoint keeps of a purity measurement (``extra``): the per-component lists
+    ``mode_purity`` and ``majority_mode``, and ``mode_shares`` (data mode -> share of the prior's
+    samples), with ``data_shares`` when the data's own shares are known."""
+    out: dict[str, Any] = {"mode_purity": purity.purity, "majority_mode": purity.majority,
+                           "mode_shares": dict(purity.mode_shares)}
+    if purity.data_shares is not None:
+        out["data_shares"] = dict(purity.data_shares)
+    return out
