@@ -53,7 +53,6 @@ from fastapi import FastAPI
 from ray import serve
 
 from . import checkpoint
-from .model import Model
 from .serving_model import (Deadline, ModelOutputError, Rendered, SampleResult, Sampler, WorkTimeout, component_spec,
                             file_sha256, load_checked, png_bytes, render_samples, sample_many)
 from .serving_routes import BodyLimit, BearerToken, JsonOnly, Worker, WorkGate, make_api

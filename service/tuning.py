@@ -25,7 +25,8 @@
 - **Lock.** ``out/sweep.lock`` (pid, host) keeps a second sweep out of a folder in use; a lock
   left by a dead process is taken over.
 
-Concurrency and per-worker CPUs/GPUs come from ``plan_resources``. Each trial's MLflow run is
+The trial itself is ``service.sweep_trial``, the lock ``service.sweep_lock``; concurrency and
+per-worker CPUs/GPUs come from ``service.sweep_resources.plan_resources``. Each trial's MLflow run is
 nested under one parent run per sweep, which receives ``results.parquet``, ``table.md``
 (``service.tables``), the selection, and the table's cells as metrics.
 """
@@ -37,301 +38,27 @@ import hashlib
 import json
 import math
 import os
-import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, ExperimentConfig, apply_overrides, flatten, to_dict
+from .config import ConfigError, ExperimentConfig, flatten, to_dict
 from .ray_env import init_ray
 from .ray_train import failure_text
-from .spaces import (OPTIONAL_METRICS, SCORE_KEY, Selection, Shrink, SpaceError, Stage, SweepSpec, Variant,
-                     constrained_frame, pick_candidates, rank_settings, stage_variants)
+from .spaces import (OPTIONAL_METRICS, Shrink, SpaceError, Stage, SweepSpec, Variant, constrained_frame,
+                     pick_candidates, rank_settings, stage_variants)
+from .sweep_lock import SweepLock
+from .sweep_resources import DRIVER_CPU, ResourcePlan, plan_resources
+from .sweep_trial import _trial, _TrialContext, config_sha, trial_config
 from .tables import FINAL_METRICS, KNOWN_METRICS, Tables, aggregate, write_results
 
 if TYPE_CHECKING:
     import pandas as pd
 
-REPORTED = tuple(dict.fromkeys(FINAL_METRICS + OPTIONAL_METRICS))  # eval/* names forwarded to Tune
-INFRA_RETRIES = 2  # fit() again (resuming from the last checkpoint) after a lost worker/node/controller
 TUNE_MAX_FAILURES = 2  # Tune restarts of a trial whose own actor died
-RETRY_WAIT_S = 10.0  # before fit() again after an infrastructure failure
-LOCK_FILE = "sweep.lock"
 PROGRESS_FILE = "progress.json"
-
-
-# --------------------------------------------------------------------------------------------
-# The trial
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _TrialContext:
-    output_dir: str
-    tracking_uri: str
-    parent_run_id: str
-    sweep_name: str
-    shrink: Shrink
-    varying: tuple[str, ...]
-    cpus_per_worker: float  # Ray resource per Train worker (the trial's share minus its driver's 0.01)
-    threads_per_worker: int  # torch threads per Train worker (its whole CPUs)
-    gpus_per_worker: float
-    metric: str = "hist_kl"
-    select: Selection = field(default_factory=Selection)  # adds SCORE_KEY to every report when constrained
-    stage: int = 1
-    stage_name: str = "sweep"
-    stage_overrides: dict[str, Any] = field(default_factory=dict)
-    variants: tuple[dict[str, Any], ...] = ()  # the stage's variants (``dataclasses.asdict``), by id
-    run_prefix: str = ""  # "" for a plain space, "s2-" for stage 2 (MLflow / Ray Train run names)
-    retries: int = INFRA_RETRIES
-    storage: Any = None  # ``storage.Location`` of the Tune/Train storage and trial outputs; None: ``output_dir``
-
-
-def trial_config(v: Variant, shrink: Shrink, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """The variant's config in a stage, with a checkpoint (a Train report) at every evaluation."""
-    cfg = v.config(shrink, overrides)
-    s = cfg.schedule
-    if s.eval_every and (not s.checkpoint_every or s.eval_every % s.checkpoint_every):
-        cfg = apply_overrides(cfg, {"schedule.checkpoint_every": math.gcd(s.eval_every, s.checkpoint_every)})
-    return cfg
-
-
-def config_sha(cfg: ExperimentConfig) -> str:
-    """16 hex digits over the whole flattened config: equal configs train identically (reuse key)."""
-    text = json.dumps(flatten(to_dict(cfg)), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _walk_errors(e: BaseException) -> list[BaseException]:
-    """The exceptions behind a failed ``fit``: worker failures, the controller's, causes, unwrapped."""
-    out, todo, seen = [], [e], set()
-    while todo:
-        err = todo.pop()
-        if err is None or id(err) in seen:
-            continue
-        seen.add(id(err))
-        out.append(err)
-        todo += list(getattr(err, "worker_failures", {}).values())
-        todo += [getattr(err, name, None) for name in ("controller_failure", "health_check_failure", "cause",
-                                                       "__cause__", "_base_exc")]
-    return out
-
-
-def failure_kind(e: BaseException) -> str:
-    """``diverged`` (a ``TrainingDiverged`` anywhere: final), ``infrastructure`` (a lost worker, node,
-    controller or object, a worker that could not be started or scheduled: retried from the last
-    checkpoint) or ``error`` (any other exception of the training code: final, it would recur)."""
-    import ray.exceptions as rex
-
-    names = ("RayActorError", "NodeDiedError", "WorkerCrashedError", "ObjectLostError", "OutOfMemoryError",
-             "RaySystemError", "ActorUnschedulableError", "TaskUnschedulableError", "LocalRayletDiedError",
-             "ObjectStoreFullError", "OutOfDiskError", "ObjectFetchTimedOutError", "RpcError")
-    infra: tuple[type, ...] = tuple(getattr(rex, n) for n in names if hasattr(rex, n))
-    try:
-        from ray.train.v2._internal.exceptions import (WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError,
-                                                       WorkerHealthCheckFailedError)
-        from ray.train.v2.api.exceptions import PreemptionError
-
-        infra += (WorkerHealthCheckFailedError, WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError,
-                  PreemptionError)
-    except ImportError:  # another Ray version: the ray.exceptions above still classify
-        pass
-    errors = _walk_errors(e)
-    names = {c.__name__ for err in errors for c in type(err).__mro__}
-    names |= {getattr(err, "cause_cls", type(None)).__name__ for err in errors}
-    if "TrainingDiverged" in names:
-        return "diverged"
-    if any(isinstance(err, infra) for err in errors):
-        return "infrastructure"
-    return "error"
-
-
-def new_evaluations(client: Any, run_id: str, after: int, before: int) -> list[dict[str, Any]]:
-    """The intermediate evaluations rank 0 logged to MLflow (``eval/<name>`` at step ``iteration``)
-    with ``after < iteration < before``, oldest first: ``[{"iteration": 1000, "hist_kl": ...}, ...]``."""
-    history: dict[str, dict[int, float]] = {}
-    for name in REPORTED:
-        history[name] = {int(m.step): float(m.value) for m in client.get_metric_history(run_id, f"eval/{name}")
-                         if after < m.step < before}
-    steps = sorted(set().union(*history.values()))
-    return [{"iteration": s, **{n: h[s] for n, h in history.items() if s in h}} for s in steps]
-
-
-def _scored(row: dict[str, Any], select: Selection) -> dict[str, Any]:
-    """``row`` with the scheduler's ranking value (``Selection.score``) where the selection is constrained."""
-    return {**row, SCORE_KEY: select.score(row)} if select.where else row
-
-
-def _eval_forwarder(tracking_uri: str, run_id: str, metric: str, iterations: int, constants: dict[str, Any],
-                    select: Selection | None = None):
-    """A Ray Train callback (it runs in the Train controller) that forwards each new intermediate
-    evaluation to the Tune trial, at the Train report (checkpoint) that follows it."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class EvalForwarder(TuneReportCallback):
-        def __init__(self) -> None:
-            TuneReportCallback.__init__(self)  # grabs the Tune session's queue (in the trial)
-            self.after, self.client = -1, None
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            if not metrics or metrics[0].get("final"):
-                return  # the final values reach Tune in the trial's own last report
-            try:
-                if self.client is None:
-                    from mlflow.tracking import MlflowClient
-
-                    self.client = MlflowClient(tracking_uri)
-                found = new_evaluations(self.client, run_id, self.after, iterations)
-            except Exception as e:  # noqa: BLE001 - tracking hiccup: forwarded at the next report
-                print(f"warning: could not read the evaluations of {run_id} from MLflow ({e!r:.300})", file=sys.stderr)
-                return
-            for report in found:
-                report = _scored({metric: math.nan, **report, **constants}, select or Selection(metric))
-                TuneReportCallback.after_report(self, run_context, [report], None)
-                self.after = report["iteration"]
-
-    return EvalForwarder()
-
-
-def _tune_is_stopping() -> bool:
-    """Whether Tune is stopping this trial (a scheduler decision): its session's stop event is set.
-
-    Tune tears the trial's Ray Train run down while it stops the trial, which ``fit`` sees as a dead
-    actor; that must not be retried."""
-    try:
-        from ray.train._internal.session import get_session
-
-        session = get_session()
-        return bool(session is not None and session.stop_event.is_set())
-    except (ImportError, AttributeError):
-        return False
-
-
-def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[str, Any]] | None = None) -> None:
-    """Tune trial: build the variant's config, train it with Ray Train (intermediate evaluations are
-    forwarded to Tune), retry infrastructure failures, report the final row (ok or failed)."""
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-
-    from .ray_train import start_mlflow_run
-
-    if fit is None:
-        from .ray_train import fit
-    raw = config["variant"]
-    v = Variant(**(ctx.variants[raw] if isinstance(raw, int) else raw))  # a dict: sweeps started before stages
-    cfg = trial_config(v, ctx.shrink, ctx.stage_overrides)
-    scaling = {"scaling.threads_per_worker": cfg.scaling.threads_per_worker or ctx.threads_per_worker}
-    if ctx.gpus_per_worker:
-        scaling["scaling.use_gpu"] = True
-    cfg = apply_overrides(cfg, scaling)
-    run_name = f"{ctx.sweep_name}-{ctx.run_prefix}v{v.id:04d}"
-    values = {"preset": v.preset, "seed": cfg.seed, **v.params}
-    tags = {"sweep": ctx.sweep_name, "sweep.variant": str(v.id), "sweep.hparams": json.dumps(v.hparams, sort_keys=True),
-            "sweep.stage": ctx.stage_name, **{k: str(values.get(k)) for k in ctx.varying}}
-    run_id = start_mlflow_run(cfg, ctx.tracking_uri, run_name, tags=tags, parent_run_id=ctx.parent_run_id)
-    row: dict[str, Any] = {"mlflow_run_id": run_id, "run_name": run_name}
-    start, attempts = time.perf_counter(), 0
-    while True:
-        attempts += 1
-        callbacks = []
-        if cfg.schedule.eval_every and cfg.schedule.unit == "iterations":
-            callbacks.append(_eval_forwarder(ctx.tracking_uri, run_id, ctx.metric, cfg.schedule.iterations, dict(row),
-                                             ctx.select))
-        base = ctx.storage or Path(ctx.output_dir)  # a Location on a cluster without a shared volume
-        try:
-            res = fit(cfg, output_dir=base / "trials" / run_name, run_name=run_name,
-                      storage_path=base / "ray_train", tracking_uri=ctx.tracking_uri,
-                      cpus_per_worker=ctx.cpus_per_worker, gpus_per_worker=ctx.gpus_per_worker or None,
-                      mlflow_run_id=run_id, callbacks=callbacks)
-            row.update(status="ok", error="", failure="", iteration=res["iteration"], output_dir=res["output_dir"],
-                       **res["metrics"])
-            break
-        except Exception as e:  # noqa: BLE001 - recorded with its error; the sweep goes on
-            kind = failure_kind(e)
-            if kind == "infrastructure" and _tune_is_stopping():
-                return  # the scheduler stopped this trial (its Train run went with it): the last report stands
-            if kind == "infrastructure" and attempts <= ctx.retries:
-                time.sleep(RETRY_WAIT_S)  # a trial being stopped by Tune is killed meanwhile; a lost node is replaced
-                if _tune_is_stopping():
-                    return
-                print(f"{run_name}: {failure_text(e)[:300]}; infrastructure failure {attempts}/{ctx.retries}: "
-                      "resuming from the last checkpoint", file=sys.stderr, flush=True)
-                continue
-            row.update(status="failed", error=failure_text(e), failure=kind)  # diverged/error: it would recur
-            client = MlflowClient(ctx.tracking_uri)
-            client.set_tag(run_id, "error", row["error"][:5000])
-            client.set_terminated(run_id, status="FAILED")
-            break
-    row["attempts"] = attempts
-    row["time_s"] = time.perf_counter() - start
-    row.setdefault(ctx.metric, math.nan)  # every Tune result carries the scheduler's metric
-    tune.report(_scored(row, ctx.select))
-
-
-# --------------------------------------------------------------------------------------------
-# Resources
-# --------------------------------------------------------------------------------------------
-
-DRIVER_CPU = 0.01  # each Tune trial's own reservation (0 raises); STACK.md, Ray Tune
-
-
-@dataclass(frozen=True)
-class ResourcePlan:
-    """How many trials run at once and what each trial's Train workers ask Ray for."""
-
-    max_concurrent: int
-    cpus_per_worker: float
-    threads_per_worker: int
-    gpus_per_worker: float
-
-
-def plan_resources(cpus: float, gpus: float, workers: int, max_concurrent: int | None = None,
-                   gpus_per_trial: float = 0.0) -> ResourcePlan:
-    """Concurrency and per-worker requests such that the trials that fit never over-subscribe.
-
-    ``fits``: trials whose ``workers`` get at least one whole CPU each (and ``gpus_per_trial``).
-    Each of those trials gets ``cpus / min(max_concurrent, fits)`` CPUs, whole CPUs per worker,
-    and its 0.01-CPU Tune driver comes out of that share (so 2 trials on 2 CPUs ask for
-    0.01 + 0.99 each, not 1.01). Every worker asks for 0.01 less than its whole CPUs, so any node
-    that runs a worker has room for a driver: on a cluster of 1-CPU nodes a 2-worker trial asks
-    0.01 + 2 x 0.99 (with 0.995 per worker neither node could also hold the driver). Without
-    ``max_concurrent`` exactly ``fits`` trials run at once. A larger ``max_concurrent`` is kept
-    (an autoscaling cluster adds nodes for the waiting trials; on a fixed cluster they queue,
-    each holding its 0.01 CPU). A GPU request the cluster cannot serve raises, unless
-    ``max_concurrent`` is given (GPU nodes still to come).
-    """
-    if gpus_per_trial < 0:
-        raise ConfigError(f"--gpus-per-trial: {gpus_per_trial} is invalid; allowed numbers >= 0")
-    if gpus_per_trial and gpus + 1e-9 < gpus_per_trial and max_concurrent is None:
-        raise ConfigError(f"--gpus-per-trial: {gpus_per_trial} is more than the Ray cluster's {gpus:g} GPUs; "
-                          f"allowed [0, {gpus:g}] (on an autoscaling cluster, also give --max-concurrent)")
-    check_gpus_per_worker(gpus_per_trial, workers)
-    fits = max(1, int(cpus // workers))
-    if gpus_per_trial:
-        fits = max(1, min(fits, int(gpus / gpus_per_trial + 1e-9)))
-    n = max_concurrent or fits
-    whole = max(1, int(cpus / min(n, fits) // workers))  # CPUs per Train worker, also its torch threads
-    return ResourcePlan(max_concurrent=n,
-                        cpus_per_worker=math.floor((whole - DRIVER_CPU) * 1e4) / 1e4,
-                        threads_per_worker=whole,
-                        gpus_per_worker=gpus_per_trial / workers)
-
-
-GPU_PRECISION = 1e-4  # Ray's smallest resource fraction
-
-
-def check_gpus_per_worker(gpus_per_trial: float, workers: int) -> float:
-    """Each Train worker's GPU request, ``gpus_per_trial / workers``: a fraction in (0, 1] (several
-    workers or trials share a GPU) or a whole number. Ray cannot place 1.5 GPUs (above 1 it takes
-    whole GPUs only) nor fractions below 0.0001; both are refused here, before Ray starts."""
-    per_worker = gpus_per_trial / workers
-    whole = abs(per_worker - round(per_worker)) < 1e-9
-    if per_worker and (per_worker < GPU_PRECISION or (per_worker > 1 and not whole)):
-        raise ConfigError(f"--gpus-per-trial: {gpus_per_trial:g} gives each of a trial's {workers} Train worker(s) "
-                          f"{per_worker:g} GPU; allowed per worker a fraction in [{GPU_PRECISION:g}, 1] or a whole "
-                          f"number (--gpus-per-trial = workers x that)")
-    return per_worker
 
 
 def resolve_shrink(spec: SweepSpec, shrink: Shrink | None) -> str:
@@ -340,97 +67,6 @@ def resolve_shrink(spec: SweepSpec, shrink: Shrink | None) -> str:
     if spec.is_staged:
         return shrink or "stages"
     return shrink or spec.default_shrink()
-
-
-# --------------------------------------------------------------------------------------------
-# One sweep per output folder
-# --------------------------------------------------------------------------------------------
-
-class SweepLocked(ConfigError):
-    """Another live sweep holds the output folder."""
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux ``/proc``), to tell a reused pid apart."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(holder: dict[str, Any]) -> bool:
-    """Whether the lock's process still runs; a lock of another host counts as live (we cannot tell)."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        pass
-    started = holder.get("process_start")
-    return started is None or _process_start(pid) in (None, started)
-
-
-class SweepLock:
-    """``out/sweep.lock`` holding ``{pid, host, process_start, started, argv}`` while a sweep runs.
-
-    A second sweep on the same folder raises ``SweepLocked`` naming the holder; a lock whose
-    process is gone (same host, dead pid, or a pid reused by another process) is taken over.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.path = Path(out) / LOCK_FILE
-        self.held = False
-
-    def acquire(self) -> "SweepLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[:8]}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    holder = {}
-                if not holder and time.time() - self.path.stat().st_mtime < 5:
-                    time.sleep(1)  # being written by a sweep starting right now
-                    continue
-                if holder and _alive(holder):
-                    raise SweepLocked(
-                        f"{self.path.parent} is in use by another sweep: pid {holder.get('pid')} on "
-                        f"{holder.get('host')}, since {holder.get('started')} ({' '.join(holder.get('argv', []))}). "
-                        f"Wait for it to finish or use another --output-dir; if that process is gone (e.g. its "
-                        f"machine restarted), delete {self.path}") from None
-                print(f"sweep: taking over the stale lock {self.path} (pid {holder.get('pid')} on "
-                      f"{holder.get('host')} is gone)", file=sys.stderr)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise SweepLocked(f"{self.path}: could not take the lock (another sweep keeps starting here)")
-
-    def release(self) -> None:
-        if self.held:
-            try:
-                if json.loads(self.path.read_text()).get("pid") == os.getpid():
-                    self.path.unlink()
-            except (OSError, ValueError):
-                pass
-            self.held = False
-
-    def __enter__(self) -> "SweepLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 # --------------------------------------------------------------------------------------------

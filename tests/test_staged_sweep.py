@@ -21,8 +21,9 @@ from jobs import sweep as sweep_job
 from service.spaces import (INFEASIBLE, SCORE_KEY, Scheduler, Selection, Stage, Variant, constrained_frame, pick_candidates, rank_settings,
                             spec_from_dict, stage_variants)
 from service.step import TrainingDiverged
-from service.tuning import (SweepLock, SweepLocked, _scheduler, _trial, _TrialContext, failure_kind,
-                            new_evaluations, results_frame, trial_config)
+from service.sweep_lock import SweepLock, SweepLocked
+from service.sweep_trial import _trial, _TrialContext, failure_kind, new_evaluations, trial_config
+from service.tuning import _scheduler, results_frame
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
@@ -181,11 +182,11 @@ def trial_env(tmp_path, monkeypatch):
     """``_trial`` without Ray: a real MLflow SQLite store, ``tune.report`` captured."""
     import ray.tune
 
-    from service import tuning
+    from service import sweep_trial
 
     reports = []
     monkeypatch.setattr(ray.tune, "report", lambda row: reports.append(row))
-    monkeypatch.setattr(tuning, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(sweep_trial, "RETRY_WAIT_S", 0.0)
     ctx = _TrialContext(output_dir=str(tmp_path), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                         parent_run_id="", sweep_name="t", shrink="smoke", varying=(), cpus_per_worker=1,
                         threads_per_worker=1, gpus_per_worker=0, variants=({"id": 0, "preset": A, "params": {},
@@ -234,10 +235,10 @@ def test_trial_retries_infrastructure_failures_and_never_a_diverged_run(trial_en
 def test_a_trial_that_tune_is_stopping_does_not_retry_its_torn_down_run(trial_env, monkeypatch):
     from ray.exceptions import ActorDiedError
 
-    from service import tuning
+    from service import sweep_trial
 
     ctx, reports = trial_env
-    monkeypatch.setattr(tuning, "_tune_is_stopping", lambda: True)  # ASHA said stop; Tune tears the run down
+    monkeypatch.setattr(sweep_trial, "_tune_is_stopping", lambda: True)  # ASHA said stop; Tune tears the run down
     calls = []
 
     def torn_down(cfg, **kw):

@@ -17,7 +17,7 @@ from service.config import ConfigError
 from service.presets import PRESETS
 from service.spaces import SpaceError, SpaceUnavailable, load_space, spec_from_dict, stated_trials
 from service.tables import FINAL_METRICS, PAPER_TABLE1, aggregate
-from service.tuning import plan_resources
+from service.sweep_resources import plan_resources
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 FILES = sorted(SPACES.glob("*.yaml"))
