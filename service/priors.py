@@ -37,8 +37,8 @@ class Components:
         return self.log_weights.exp()
 
 
-def _draw(comps: Components, n: int, generator: torch.Generator | None, component: int | Tensor | None,
-          deterministic: bool, temperature: float) -> tuple[Tensor, Tensor]:
+def draw(comps: Components, n: int, generator: torch.Generator | None, component: int | Tensor | None = None,
+         deterministic: bool = False, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Sample ``i ~ Categorical(w)`` (or the given component) and ``z = mu_i + sigma_i * eps`` (SPEC §3.5)."""
     m = comps.means.shape[0]
     if component is None:
@@ -86,7 +86,7 @@ class Prior(nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None, *, component: int | Tensor | None = None,
                deterministic: bool = False, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-        return _draw(self.components(), n, generator, component, deterministic, temperature)
+        return draw(self.components(), n, generator, component, deterministic, temperature)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import __version__, checkpoint, sampling
 from .model import Model
-from .priors import active_mask
+from .priors import Components, active_mask, draw
 from .serving_schema import (COMPONENTS_HEADER_LIMIT, MAX_SEED, EncodeRequest, InterpolateRequest, Limits,
                              ReconstructRequest, RequestError, SamplesRequest, ServeArgs, json_safe)
 
@@ -188,12 +188,16 @@ def component_spec(mode: int | list[int] | None, n: int) -> int | Tensor | None:
 
 @torch.no_grad()
 def sample_many(model: Model, requests: list[SamplesRequest], *, chunk: int = 1 << 30,
-                deadline: Deadline = NO_DEADLINE, data_modes: DataModes | None = None) -> list[SampleResult]:
+                deadline: Deadline = NO_DEADLINE, data_modes: DataModes | None = None,
+                components: Components | None = None) -> list[SampleResult]:
     """Latents per request from its own seeded generator, then the decoder over all of them in chunks.
 
     For a single request this is exactly ``sampling.sample(model, n, component=..., seed=...)``; a
     ``data_mode`` request first draws its components from ``data_modes[k]`` with the same generator.
+    ``components``: the prior's ``components()``, computed once by a server (the soft-clip and the
+    softmax of the weights are otherwise recomputed for every request).
     """
+    comps = components if components is not None else model.prior.components(detach=True)
     draws = []
     for r in requests:
         seed = r.seed if r.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -204,7 +208,7 @@ def sample_many(model: Model, requests: list[SamplesRequest], *, chunk: int = 1 
                 raise RequestError("data_mode", f"{r.data_mode} is not a data mode of this model")
             members, probs = data_modes[r.data_mode]
             component = members[torch.multinomial(probs, r.n, replacement=True, generator=gen)]
-        z, idx = model.prior.sample(r.n, gen, component=component, temperature=r.temperature)
+        z, idx = draw(comps, r.n, gen, component, temperature=r.temperature)
         draws.append((z, idx, seed))
     (x,) = _map_chunks(model.decoder, torch.cat([z for z, _, _ in draws]), chunk, deadline)  # (sum n, *data_shape)
     _no_nonfinite_output(x, "these samples")
@@ -298,7 +302,8 @@ class Sampler:
         self.sha256 = sha256 or file_sha256(path)
         self.data_shape = tuple(int(s) for s in state["data_shape"])
         self.latent_dim = int(self.model.prior.components().means.shape[-1])
-        self.data_modes = data_mode_table(state.get("extra", {}), self.model.prior.components(detach=True).weights)
+        self.components = self.model.prior.components(detach=True)  # fixed while serving: computed once
+        self.data_modes = data_mode_table(state.get("extra", {}), self.components.weights)
         self.limits = Limits(args.max_samples, args.max_points, args.max_steps, model.prior.num_components,
                              self.data_shape, args.max_abs_value, args.max_request_bytes,
                              None if self.data_modes is None else tuple(self.data_modes))
@@ -372,7 +377,7 @@ class Sampler:
     def modes(self) -> list[dict[str, Any]]:
         """One row per component; ``responsibility_share``/``active``, ``purity``/``majority_mode`` when the
         checkpoint carries them (``extra["usage"]``, ``extra["mode_purity"]``, ``extra["majority_mode"]``)."""
-        c = self.model.prior.components(detach=True)
+        c = self.components
         extra, m = self.state.get("extra", {}), self.limits.num_components
         per_component = {k: json_safe(extra[k]) for k in ("usage", "mode_purity", "majority_mode")
                          if extra.get(k) is not None and len(extra[k]) == m}
@@ -394,7 +399,8 @@ class Sampler:
     # ---- model work (worker threads) -------------------------------------------------------
 
     def sample_batch(self, requests: list[SamplesRequest], deadline: Deadline = NO_DEADLINE) -> list[SampleResult]:
-        return sample_many(self.model, requests, chunk=self.chunk, deadline=deadline, data_modes=self.data_modes)
+        return sample_many(self.model, requests, chunk=self.chunk, deadline=deadline, data_modes=self.data_modes,
+                           components=self.components)
 
     def render(self, result: SampleResult, fmt: str, deadline: Deadline = NO_DEADLINE) -> Rendered:
         deadline.check()
@@ -406,7 +412,7 @@ class Sampler:
 
     @torch.no_grad()
     def interpolate(self, r: InterpolateRequest, deadline: Deadline = NO_DEADLINE) -> Rendered:
-        means = self.model.prior.components(detach=True).means
+        means = self.components.means
         t = torch.linspace(0.0, 1.0, r.steps)
         z = torch.lerp(means[r.from_mode], means[r.to_mode], t[:, None])  # (steps, D)
         (x,) = _map_chunks(self.model.decoder, z, self.chunk, deadline)
