@@ -181,38 +181,36 @@ def sharp_8gaussians() -> ExperimentConfig:
 
 
 def modes_8gaussians() -> ExperimentConfig:
-    """``8gaussians/mog-ip-lc-modes``: IP + LC, beta_rec / beta_kl / beta_neg = 0.4 / 0.05 / 0.15, gamma 0.5.
+    """``8gaussians/mog-ip-lc-modes``: IP + LC with beta_rec / beta_kl / beta_neg = 0.4 / 0.05 / 0.15.
 
-    The preset for "sample mode k", and ``make run``'s: ``mog-ip-lc-sharp``'s beta_kl / beta_neg
-    (sharp posteriors and components, so each component decodes to one data mode) with beta_rec
-    doubled to 0.4 (in the paper's grid, SPEC §6.4) and the decoder's adversarial weight gamma
-    halved to 0.5 (SPEC §2.2 item 6; the paper's gamma >= 0). Why gamma: S-Intro VAE's decoder
-    optimum is ``argmin KL[p_data || p_d] + gamma H[p_d]`` (the paper's eq. 6), so gamma rewards a
-    generator of low entropy; with sharp priors that bias shows as generated modes that are too
-    narrow (the histogram KL counts every data bin they miss) and as lost modes. gamma 6 lost half
-    the modes (seeds 0 / 2: 4 / 3 of 8); gamma 0.5 halved the KL of gamma 1 and kept all eight.
+    The preset for "sample mode k": ``mog-ip-lc-sharp``'s beta_kl / beta_neg (sharp posteriors
+    and components, so each component decodes to one data mode) with beta_rec doubled to 0.4 (in
+    the paper's grid, SPEC §6.4). Full schedule, seeds 0 - 2 (``tune_spaces/seeds_8gaussians_modes.yaml``):
+    purity 0.98 / 0.93 / 0.99, modes 8 / 7 / 8, KL 26.6 / 9.7 / 14.1.
 
-    ``--quick``, 1 worker, seeds 0 - 3, one machine (2026-12-02; ``python -m jobs.train --preset
+    ``make run`` trains it at ``--quick`` with ``--set objective.gamma=0.5``, the decoder's
+    adversarial weight halved (SPEC §2.2 item 6). S-Intro VAE's decoder optimum is
+    ``argmin KL[p_data || p_d] + gamma H[p_d]`` (the paper's eq. 6): gamma rewards a generator of
+    low entropy. At ``--quick``, 1 worker, seeds 0 - 3 (2026-12-02, ``python -m jobs.train --preset
     8gaussians/mog-ip-lc-modes --quick --workers 1 --seed S [--set objective.gamma=G]``, in process):
 
-    ======  ====================  ====================  ==================  ====================
-    gamma   hist KL s0/s1/s2/s3   modes covered         mode purity         gnELBO x 1e7
-    ======  ====================  ====================  ==================  ====================
-    1       63.9 / 69.0 / 54.6 /  8 / 8 / 7 / 8         1.00 (all)          0.22 / 0.43 / 0.34 /
-            34.9 (mean 55.6)                                                0.27
-    0.5     41.4 / 33.7 / 10.6 /  8 / 8 / 8 / 8         1.00 / 0.98 /       0.27 / 0.27 / 0.33 /
-            29.6 (mean 28.8)                            1.00 / 1.00         0.29
-    0.25    32.6 / - / 43.5 / -   8 / - / 8 / -         1.00                0.35 / - / 0.41 / -
-    ======  ====================  ====================  ==================  ====================
+    ======  ==========================  =============  ==============================
+    gamma   hist KL s0 / s1 / s2 / s3   modes covered  gnELBO x 1e7
+    ======  ==========================  =============  ==============================
+    1       63.9 / 69.0 / 54.6 / 34.9   8 / 8 / 7 / 8  0.22 / 0.43 / 0.34 / 0.27
+    0.5     41.4 / 33.7 / 10.6 / 29.6   8 / 8 / 8 / 8  0.27 / 0.27 / 0.33 / 0.29
+    0.25    32.6 / - / 43.5 / -         8 / - / 8 / -  0.35 / - / 0.41 / -
+    6       136.9 / - / 176.4 / -       4 / - / 3 / -  0.31 / - / 0.56 / -
+    ======  ==========================  =============  ==============================
 
-    SG (``8gaussians/sintro``) on the same set-up: seed 0 KL 18.2, gnELBO 0.23. The full schedule:
-    ``tune_spaces/seeds_8gaussians_modes_gamma.yaml`` (README "Mode purity"); gamma 1 there gave
-    purity 0.98 / 0.93 / 0.99, modes 8 / 7 / 8, KL 26.6 / 9.7 / 14.1
-    (``tune_spaces/seeds_8gaussians_modes.yaml``). ``--set objective.gamma=1`` is the paper's value.
+    (SG on the same set-up: KL 18.2 / 10.2 on seeds 0 / 1.) At the full schedule gamma 0.5 did
+    *not* help: seeds 0 / 1 ended with 7 / 6 modes, KL 54.7 / 37.8
+    (``tune_spaces/seeds_8gaussians_modes_gamma.yaml``; gamma 1: 8 / 7, 26.6 / 9.7), so the
+    preset keeps the paper's gamma 1 and only the quick run lowers it.
     """
     cfg = sharp_8gaussians()
     return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-modes",
-                               objective=dataclasses.replace(cfg.objective, beta_rec=0.4, gamma=0.5))
+                               objective=dataclasses.replace(cfg.objective, beta_rec=0.4))
 
 
 PRESETS["8gaussians/mog-ip-lc-sharp"] = sharp_8gaussians

@@ -79,10 +79,10 @@ def test_sharp_8gaussians_preset_is_ip_lc_with_small_beta_kl():
     assert "2spirals/mog-ip-lc-sharp" not in PRESETS  # measured on 8gaussians only
 
 
-def test_modes_preset_is_the_sharp_preset_with_beta_rec_doubled_and_gamma_halved():
+def test_modes_preset_is_the_sharp_preset_with_beta_rec_doubled():
     sharp, modes = get_preset("8gaussians/mog-ip-lc-sharp"), get_preset("8gaussians/mog-ip-lc-modes")
     assert (modes.objective.beta_rec, modes.objective.beta_kl, modes.objective.beta_neg) == (0.4, 0.05, 0.15)
-    assert (modes.objective.gamma, sharp.objective.gamma) == (0.5, 1.0)
-    assert dataclasses.replace(modes.objective, beta_rec=sharp.objective.beta_rec, gamma=1.0) == sharp.objective
+    assert modes.objective.gamma == 1.0  # the paper's; make run lowers it to 0.5 for --quick (Makefile)
+    assert dataclasses.replace(modes.objective, beta_rec=sharp.objective.beta_rec) == sharp.objective
     assert modes.prior == sharp.prior and modes.schedule == sharp.schedule
     assert modes.name == "8gaussians/mog-ip-lc-modes"
