@@ -27,10 +27,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# gamma 0.5 at --quick: all 8 modes on 4 of 4 seeds and half the KL of the paper's gamma 1 there (README "Mode purity")
 run: setup
-	$(PY) -m jobs.train --preset 8gaussians/mog-ip-lc-modes --quick --workers 2 --set objective.gamma=0.5 \
-		--output-dir runs/quick-8gaussians-mog-ip-lc-modes
+	$(PY) -m jobs.train --preset 8gaussians/mog-ip-lc-modes --quick --workers 2 --output-dir runs/quick-8gaussians-mog-ip-lc-modes
 
 # pytest-xdist: TEST_WORKERS processes; a module runs whole on one of them (its fixtures, its one Ray
 # instance, once), the slowest modules first (tests/conftest.py). TEST_WORKERS=0: one process, in order.
