@@ -301,8 +301,8 @@ class Sampler:
         self.state, self.args, self.path = state, args, str(path)
         self.sha256 = sha256 or file_sha256(path)
         self.data_shape = tuple(int(s) for s in state["data_shape"])
-        self.latent_dim = int(self.model.prior.components().means.shape[-1])
         self.components = self.model.prior.components(detach=True)  # fixed while serving: computed once
+        self.latent_dim = int(self.components.means.shape[-1])
         self.data_modes = data_mode_table(state.get("extra", {}), self.components.weights)
         self.limits = Limits(args.max_samples, args.max_points, args.max_steps, model.prior.num_components,
                              self.data_shape, args.max_abs_value, args.max_request_bytes,
@@ -322,7 +322,7 @@ class Sampler:
     @torch.no_grad()
     def _self_test(self) -> None:
         """Refuse a checkpoint whose decoder is not finite at its own component means."""
-        means = self.model.prior.components(detach=True).means[:64]
+        means = self.components.means[:64]
         if not (_finite(means) and _finite(self.model.decoder(means))):
             raise checkpoint.CheckpointError(f"checkpoint: {self.path!r}: the decoder is not finite at the prior's "
                                              "component means (NaN/Inf); refusing to serve it")
