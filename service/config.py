@@ -31,6 +31,7 @@ Dataset = Literal["8gaussians", "2spirals", "checkerboard", "rings", "parquet", 
                   "parquet_images"]
 PriorKind = Literal["standard", "mog"]
 MogInit = Literal["vamp", "random"]
+ExPost = Literal["none", "em"]
 KlEstimator = Literal["closed", "mc"]
 NetworkKind = Literal["mlp", "resnet"]
 ScheduleUnit = Literal["iterations", "epochs"]
@@ -134,9 +135,19 @@ class PriorConfig:
     # range frozen at the end of the warm-up (sharper modes; measured in README "Mode purity")
     softclip_lower: bool = True
     lr: float = 2e-4  # SPEC §5, prior learning rate
+    # An option beside the paper (service/ex_post.py, README "Mode purity"): after training, refit the
+    # mixture by EM to encoded training points mu(x) + ex_post_noise * sigma(x) * eps
+    ex_post: ExPost = "none"
+    ex_post_noise: float = 0.5  # t: 0 = posterior means, 1 = posterior samples
+    ex_post_points: int = 50_000
+    ex_post_iterations: int = 100
 
     def __post_init__(self) -> None:
         _check_choice("prior.kind", self.kind, PriorKind)
+        _check_choice("prior.ex_post", self.ex_post, ExPost)
+        _check_range("prior.ex_post_noise", self.ex_post_noise, lo=0, hi=1)
+        _check_range("prior.ex_post_points", self.ex_post_points, lo=1)
+        _check_range("prior.ex_post_iterations", self.ex_post_iterations, lo=1)
         _check_range("prior.num_components", self.num_components, lo=1)
         _check_choice("prior.init", self.init, MogInit)
         _check_range("prior.mog_warmup", self.mog_warmup, lo=0)
@@ -144,6 +155,11 @@ class PriorConfig:
         _check_range("prior.lr", self.lr, lo=0, lo_open=True)
         if self.kind == "standard" and (self.trainable or self.learnable_weights):
             raise ConfigError("prior.trainable / prior.learnable_weights: only allowed with prior.kind='mog'")
+        if self.kind == "standard" and self.ex_post != "none":
+            raise ConfigError("prior.ex_post: only allowed with prior.kind='mog'; allowed for a standard prior: 'none'")
+        if self.ex_post != "none" and self.ex_post_points < self.num_components:
+            raise ConfigError(f"prior.ex_post_points: {self.ex_post_points} is out of range; allowed "
+                              f"[prior.num_components = {self.num_components}, inf]")
 
     @property
     def use_soft_clip(self) -> bool:

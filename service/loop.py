@@ -23,6 +23,7 @@ from .checkpoint import make_state
 from .config import ExperimentConfig, in_iterations
 from .data import PointSource
 from .evaluation import evaluate
+from .ex_post import refit_prior
 from .model import Model, build_model, convert_prior
 from .networks import apply_speed_switches, use_local_batchnorm, use_sync_batchnorm
 from .priors import MixturePrior, VampPrior
@@ -191,6 +192,8 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
     final: dict[str, float] = {}
     extra: dict[str, Any] = {}
     if is_main:
+        if cfg.prior.ex_post != "none" and model.prior.is_mixture:  # an option beside the paper (service.ex_post)
+            sink.log_metrics(sched.iterations, refit_prior(model, source, cfg))
         final, extra = evaluate(model, source, cfg, device=device, plot_dir=plot_dir)
         sink.log_metrics(sched.iterations, {f"eval/{k}": v for k, v in final.items()})
     state = (_state(model, opt, gens, user_cfg, source, sched.iterations, extra={**extra, "metrics": final, **ranks})

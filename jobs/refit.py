@@ -1,0 +1,97 @@
+r"""Refit a trained mixture prior to its encoder's aggregate posterior, after training (an option beside
+the paper; service/ex_post.py, README "Mode purity").
+
+    python -m jobs.refit --checkpoint runs/quick-8gaussians-mog-ip-lc/checkpoint.pt --noise 0.5
+    python -m jobs.refit --checkpoint CKPT --noise 0.3 --output-dir runs/refit-t0.3
+
+Fits the mixture (same number of components; weights too where the prior has learnable weights)
+by EM to ``--points`` encoded training points ``mu(x) + noise * sigma(x) * eps``, evaluates the
+model before and after (2D: gnELBO, histogram KL / JSD, mode purity; images: the end-of-training
+summary), and writes ``checkpoint.pt`` (config with ``prior.ex_post = "em"``), ``metrics.json``
+and the plots into ``--output-dir`` (default ``<checkpoint folder>/ex-post-t<noise>``). The new
+checkpoint serves like any other (``python -m jobs.serve --checkpoint DIR/checkpoint.pt``).
+Prints both evaluations as JSON. The same refit at the end of training: ``jobs.train --set
+prior.ex_post=em [--set prior.ex_post_noise=T]``. Exit status 2 for bad input (an unreadable
+checkpoint, a model without a mixture prior, a value out of range).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run with a mixture prior")
+    p.add_argument("--noise", type=float, default=None,
+                   help="t in [0, 1]: share of the posterior's standard deviation in the fitted points "
+                        "(default: the checkpoint's prior.ex_post_noise, 0.5 unless set)")
+    p.add_argument("--points", type=int, default=None, help="encoded training points (default 50,000)")
+    p.add_argument("--iterations", type=int, default=None, help="EM iterations (default 100)")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--no-before", action="store_true", help="skip evaluating the checkpoint as it is")
+    return p.parse_args(argv)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from service import checkpoint
+    from service.config import ConfigError
+    from service.evaluation import evaluate
+    from service.ex_post import refit_prior
+
+    ckpt = Path(args.checkpoint).resolve()
+    try:
+        state = checkpoint.load(ckpt)
+        cfg, model = checkpoint.restore_model(state)
+    except (checkpoint.CheckpointError, ConfigError, KeyError, RuntimeError) as e:
+        return _fail(f"checkpoint: {e}" if not str(e).startswith("checkpoint") else str(e), 2)
+    if not model.prior.is_mixture:
+        return _fail(f"checkpoint: {str(ckpt)!r} has a {model.prior_type!r} prior; jobs.refit needs a mixture "
+                     f"(prior.kind='mog')", 2)
+    p = cfg.prior
+    try:
+        prior_cfg = dataclasses.replace(
+            p, ex_post="em", ex_post_noise=p.ex_post_noise if args.noise is None else args.noise,
+            ex_post_points=p.ex_post_points if args.points is None else args.points,
+            ex_post_iterations=p.ex_post_iterations if args.iterations is None else args.iterations)
+    except ConfigError as e:
+        flag = str(e).split(":")[0].replace("prior.ex_post_", "--").replace("_", "-")
+        return _fail(f"{flag} ({e})", 2)
+    new_cfg = dataclasses.replace(cfg, prior=prior_cfg)
+    out = Path(args.output_dir) if args.output_dir else ckpt.parent / f"ex-post-t{prior_cfg.ex_post_noise:g}"
+    if cfg.data.is_image:
+        from service.images import make_image_source
+
+        source = make_image_source(cfg.data, "train")
+    else:
+        from service.data import make_source
+
+        source = make_source(cfg.data)
+    result: dict[str, dict[str, float]] = {}
+    if not args.no_before:
+        result["before"], _ = evaluate(model, source, cfg)
+    fit = refit_prior(model, source, new_cfg)
+    after, extra = evaluate(model, source, new_cfg, plot_dir=out)
+    result["after"] = {**after, **fit}
+    new_state = checkpoint.make_state(model, new_cfg, iteration=int(state["iteration"]),
+                                      data_shape=tuple(state["data_shape"]),
+                                      extra={**extra, "metrics": after, "ex_post_from": str(ckpt)})
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(out / "checkpoint.pt", new_state)
+    checkpoint.atomic_write_text(out / "metrics.json", json.dumps(after, indent=2) + "\n")
+    print(json.dumps({"checkpoint": str(out / "checkpoint.pt"), **result}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
