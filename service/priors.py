@@ -143,7 +143,10 @@ class MixturePrior(Prior):
     def __init__(self, num_components: int, latent_dim: int, *, learnable_weights: bool = False,
                  softclip_k: float = 10.0, softclip_lower: bool = True, generator: torch.Generator | None = None):
         super().__init__()
-        self.means = nn.Parameter(torch.randn(num_components, latent_dim, generator=generator))
+        # drawn where the generator lives, also under ``with torch.device("meta")`` (checkpoint validation):
+        # a meta-device draw from a CPU generator goes through torch._refs, whose import costs seconds
+        device = generator.device if generator is not None else None
+        self.means = nn.Parameter(torch.randn(num_components, latent_dim, generator=generator, device=device))
         self.logvars = nn.Parameter(torch.zeros(num_components, latent_dim))
         self.logits = nn.Parameter(torch.zeros(num_components), requires_grad=learnable_weights)
         self.softclip_k = softclip_k
