@@ -13,9 +13,12 @@ Kept free of heavy imports: it runs in every worker process of the job, whatever
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 HOOK = "service.ray_env.pin_ray_address"
+STARTUP_TIMEOUT = "timed out during startup"  # ray._private.node's message when the raylet did not register in time
+START_ATTEMPTS = 2
 
 
 def pin_ray_address() -> None:
@@ -36,4 +39,15 @@ def init_ray(**kwargs: Any) -> None:
 
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env.setdefault("worker_process_setup_hook", HOOK)
-    ray.init(runtime_env=runtime_env, **kwargs)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            ray.init(runtime_env=runtime_env, **kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if STARTUP_TIMEOUT not in str(e) or attempt == START_ATTEMPTS:
+                raise
+            # Ray gives a new local node a fixed 30 s to register; on a saturated machine (a sweep beside
+            # the tests, a 2-core laptop) it can miss that: clean up and start once more
+            print(f"warning: the local Ray node did not register within Ray's 30 s (attempt {attempt} of "
+                  f"{START_ATTEMPTS}; the machine is busy); starting it again", file=sys.stderr, flush=True)
+            ray.shutdown()

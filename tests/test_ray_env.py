@@ -58,3 +58,42 @@ def test_workers_query_their_own_cluster_beside_another_local_instance() -> None
     finally:
         holder.stdin.close()
         holder.wait(timeout=120)
+
+
+def test_init_ray_starts_once_more_when_the_local_node_missed_rays_registration_deadline(monkeypatch, capsys):
+    """Ray's node start-up raises a bare Exception when the raylet does not register within its fixed 30 s
+    (a saturated machine); init_ray cleans up and starts again, once, and re-raises anything else."""
+    import ray
+
+    from service import ray_env
+
+    calls, shutdowns = [], []
+
+    def flaky_init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because some of the "
+                            "raylet failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "init", flaky_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+    ray_env.init_ray(address="local", num_cpus=1)
+    assert len(calls) == 2 and shutdowns == [1]
+    assert calls[1] == {"address": "local", "num_cpus": 1, "runtime_env": {"worker_process_setup_hook": ray_env.HOOK}}
+    assert "did not register within Ray's 30 s (attempt 1 of 2" in capsys.readouterr().err
+
+    def always_late(**kwargs):
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "init", always_late)
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_env.init_ray()
+
+    def other(**kwargs):
+        raise ValueError("bad address")
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kw: (calls.append(kw), other())[1])
+    with pytest.raises(ValueError, match="bad address"):
+        ray_env.init_ray()
+    assert len(calls) == 1  # anything else is not retried
