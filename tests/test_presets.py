@@ -86,3 +86,11 @@ def test_modes_preset_is_the_sharp_preset_with_beta_rec_doubled():
     assert dataclasses.replace(modes.objective, beta_rec=sharp.objective.beta_rec) == sharp.objective
     assert modes.prior == sharp.prior and modes.schedule == sharp.schedule
     assert modes.name == "8gaussians/mog-ip-lc-modes"
+
+
+def test_ex_post_preset_is_the_papers_ip_lc_with_the_refit_switched_on():
+    base, ex_post = get_preset("8gaussians/mog-ip-lc"), get_preset("8gaussians/mog-ip-lc-ex-post")
+    assert (ex_post.prior.ex_post, ex_post.prior.ex_post_noise) == ("em", 0.5)
+    assert dataclasses.replace(ex_post.prior, ex_post="none") == base.prior  # training is the paper's
+    assert (ex_post.objective, ex_post.schedule, ex_post.optim) == (base.objective, base.schedule, base.optim)
+    assert ex_post.name == "8gaussians/mog-ip-lc-ex-post" and base.prior.ex_post == "none"
