@@ -14,7 +14,7 @@ import service.metrics
 REPO = Path(__file__).resolve().parents[1]
 
 CORE = ["service.config", "service.gaussian", "service.priors", "service.networks", "service.model",
-        "service.objectives", "service.step", "service.loop", "service.data", "service.images",
+        "service.objectives", "service.step", "service.loop", "service.ex_post", "service.data", "service.images",
         "service.sampling", "service.evaluation", "service.checkpoint", "service.presets", "service.tracking",
         "service.distributed", "service.plots", "service.feature_extractor", "service.image_eval",
         "service.spaces", "service.tables"]
