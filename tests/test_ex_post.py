@@ -196,6 +196,15 @@ def test_refit_command_writes_a_servable_checkpoint(one_thread, smoke_checkpoint
     assert not torch.equal(original.prior.means, model.prior.means)
     for k, v in original.decoder.state_dict().items():  # only the prior changed
         assert torch.equal(model.decoder.state_dict()[k], v)
+    from service.serving_model import Sampler
+    from service.serving_schema import SamplesRequest, ServeArgs
+
+    sampler = Sampler.from_checkpoint(out / "checkpoint.pt", ServeArgs(checkpoint=str(out / "checkpoint.pt")))
+    rows = sampler.modes()  # the refit prior, with the purity measured on it
+    assert [r["mean"] for r in rows] == model.prior.means.tolist()
+    assert [r["purity"] for r in rows] == pytest.approx(state["extra"]["mode_purity"], nan_ok=True)
+    (result,) = sampler.sample_batch([SamplesRequest(n=5, mode=0, seed=1)])
+    assert result.x.shape == (5, 2) and torch.isfinite(result.x).all() and set(result.component.tolist()) == {0}
 
 
 def test_refit_command_bad_input_exits_2_naming_the_problem(one_thread, smoke_checkpoint, tmp_path, capsys):
