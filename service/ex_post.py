@@ -117,7 +117,7 @@ def refit_prior(model: Any, source: Any, cfg: ExperimentConfig) -> dict[str, flo
     Draws ``prior.ex_post_points`` training points from ``source`` with its own generator, encodes
     them (encoder in eval mode), fits by EM and writes the result into the prior's parameters; the
     soft-clip is switched off (its range belonged to training). Returns figures for the log:
-    ``ex_post/loglik`` (mean log-likelihood of the fitted points, nats) and ``ex_post/points``.
+    ``ex_post/loglik`` (mean log-likelihood of the fitted points, nats), ``ex_post/points``, ``ex_post/noise``.
     """
     p = cfg.prior
     prior = model.prior
@@ -138,4 +138,4 @@ def refit_prior(model: Any, source: Any, cfg: ExperimentConfig) -> dict[str, flo
     prior.logvars.copy_(logvars.to(dtype))
     prior.logits.copy_(log_w.to(dtype))
     prior.clip_on.fill_(False)
-    return {"ex_post/loglik": loglik, "ex_post/points": float(z.shape[0])}
+    return {"ex_post/loglik": loglik, "ex_post/points": float(z.shape[0]), "ex_post/noise": float(p.ex_post_noise)}

@@ -115,6 +115,11 @@ class ProgressDisplay:
         return "warm-up" if step <= self.warmup else "adversarial"
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
+        if "ex_post/loglik" in metrics:  # service.ex_post, once, after the last iteration
+            self.line(f"[ex-post] mixture refit by EM to {int(metrics.get('ex_post/points', 0)):,} encoded training "
+                      f"points (t = {_number(metrics.get('ex_post/noise', float('nan')))}); mean log-likelihood "
+                      f"{_number(metrics['ex_post/loglik'])}")
+            return
         evals = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
         if evals:
             self.line(f"[eval] iteration {step:,}: " + "  ".join(f"{k} {_number(v)}" for k, v in evals.items()))

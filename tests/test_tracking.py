@@ -6,6 +6,7 @@ import os
 import re
 
 from service.tracking import ConsoleSink, FanoutSink, MlflowSink, ProgressDisplay
+from service.config import apply_overrides
 
 
 class _FlakyClient:
@@ -117,3 +118,18 @@ def test_progress_display_prints_about_twenty_lines_however_long_the_run():
     for step in range(100, 30_001, 100):
         display.update(step, {"train/iterations_per_s": 10.0, "train/loss_encoder": 1.0})
     assert len(out.getvalue().splitlines()) == 2 + 20 + 1  # 2 phase starts, 20 steps of 1,500, final evaluation
+
+
+def test_the_ex_post_refit_gets_a_line_of_its_own_between_training_and_the_evaluation():
+    from service.data import make_source
+    from service.loop import train
+    from service.presets import get_preset, smoke
+
+    cfg = apply_overrides(smoke(get_preset("8gaussians/mog-ip-lc")), ["prior.ex_post=em", "prior.ex_post_points=500"])
+    log = io.StringIO()
+    train(cfg, make_source(cfg.data), sink=ConsoleSink(ProgressDisplay(12, 6, stream=log, tty=False)))
+    lines = log.getvalue().splitlines()
+    assert lines[12] == "[evaluating] 12 iterations done; final evaluation"
+    assert re.fullmatch(r"\[ex-post\] mixture refit by EM to 500 encoded training points \(t = 0\.5\); "
+                        r"mean log-likelihood -?[\d.]+", lines[13]), lines[13]
+    assert lines[14].startswith("[eval] iteration 12: ") and " mode_purity " in lines[14] and len(lines) == 15
