@@ -221,11 +221,11 @@ def ex_post_8gaussians() -> ExperimentConfig:
     ``mu(x) + 0.5 sigma(x) eps`` (``service.ex_post``; an option beside the paper, not its method).
 
     Training keeps the paper's density quality and reliable coverage; the refit puts each component
-    inside one data mode's latent region. Full schedule, seed 0 (2026-12-02, in process, 2 threads;
-    the same refit of a finished run: ``python -m jobs.refit --checkpoint CKPT --noise 0.5``): the
-    trained prior gives mode purity 0.32, KL 1.56, JSD 0.93, gnELBO x 1e7 2.09; refit at
-    t = 0 / 0.25 / 0.5 / 0.75 / 1: purity 1.00 / 1.00 / 0.955 / 0.87 / 0.80, KL 101 / 26.8 / 10.8
-    / 4.9 / 2.5, every mode covered; at t = 0.5 JSD 1.77, gnELBO 1.17 (README "Mode purity").
+    inside one data mode's latent region. Full schedule, seeds 0 / 1 (2026-12-02, in process, 2 threads;
+    the same refit of a finished run: ``python -m jobs.refit --checkpoint CKPT --noise 0.5``): as trained,
+    mode purity 0.32 / 0.33, KL 1.56 / 1.87, JSD 0.93 / 0.90, gnELBO x 1e7 2.09 / 1.61; refit at t = 0.5,
+    purity 0.955 / 0.965, KL 10.8 / 5.10, JSD 1.78 / 1.76, gnELBO 1.17 / 0.87, all 8 modes covered
+    (t = 0 / 0.25 / 0.75 / 1: README "Mode purity").
     """
     cfg = toy_preset("8gaussians", "mog-ip-lc")
     return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-ex-post",
