@@ -192,7 +192,7 @@ def train(cfg: ExperimentConfig, source: PointSource, *, sink: MetricSink | None
     final: dict[str, float] = {}
     extra: dict[str, Any] = {}
     if is_main:
-        if cfg.prior.ex_post != "none" and model.prior.is_mixture:  # an option beside the paper (service.ex_post)
+        if cfg.prior.ex_post != "none" and isinstance(model.prior, MixturePrior):  # an option beside the paper
             sink.log_metrics(sched.iterations, refit_prior(model, source, cfg))
         final, extra = evaluate(model, source, cfg, device=device, plot_dir=plot_dir)
         sink.log_metrics(sched.iterations, {f"eval/{k}": v for k, v in final.items()})
