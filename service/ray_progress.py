@@ -43,14 +43,15 @@ def create_board():
 
 class ProgressSink(NullSink):
     """Rank 0's sink: sends ``(total, warmup)`` once, then each logged step's headline numbers and
-    every ``eval/*`` metric (the rest goes to MLflow only)."""
+    every ``eval/*`` and ``ex_post/*`` metric (the rest goes to MLflow only)."""
 
     def __init__(self, board, total: int, warmup: int) -> None:
         self.board = board
         board.put.remote(("begin", total, warmup))
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        shown = {k: float(v) for k, v in metrics.items() if k in HEADLINE or k == RATE or k.startswith("eval/")}
+        shown = {k: float(v) for k, v in metrics.items()
+                 if k in HEADLINE or k == RATE or k.startswith(("eval/", "ex_post/"))}
         self.board.put.remote(("metrics", step, shown))
 
 

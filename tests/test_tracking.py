@@ -133,3 +133,27 @@ def test_the_ex_post_refit_gets_a_line_of_its_own_between_training_and_the_evalu
     assert re.fullmatch(r"\[ex-post\] mixture refit by EM to 500 encoded training points \(t = 0\.5\); "
                         r"mean log-likelihood -?[\d.]+", lines[13]), lines[13]
     assert lines[14].startswith("[eval] iteration 12: ") and " mode_purity " in lines[14] and len(lines) == 15
+
+
+def test_a_ray_train_runs_progress_sink_forwards_headlines_evaluations_and_the_ex_post_refit():
+    from service.ray_progress import ProgressSink
+
+    class _Remote:
+        def __init__(self):
+            self.events = []
+
+        def remote(self, event):
+            self.events.append(event)
+
+    class _Board:
+        put = _Remote()
+
+    board = _Board()
+    sink = ProgressSink(board, 12, 6)
+    sink.log_metrics(12, {"train/loss_encoder": 0.5, "train/iterations_per_s": 3.0, "train/rec_real": 1.0})
+    sink.log_metrics(12, {"ex_post/loglik": -1.5, "ex_post/points": 500.0, "ex_post/noise": 0.5})
+    sink.log_metrics(12, {"eval/hist_kl": 2.0})
+    assert board.put.events == [("begin", 12, 6),
+                                ("metrics", 12, {"train/loss_encoder": 0.5, "train/iterations_per_s": 3.0}),
+                                ("metrics", 12, {"ex_post/loglik": -1.5, "ex_post/points": 500.0, "ex_post/noise": 0.5}),
+                                ("metrics", 12, {"eval/hist_kl": 2.0})]
