@@ -10,7 +10,8 @@ model before and after (2D: gnELBO, histogram KL / JSD, mode purity; images: the
 summary), and writes ``checkpoint.pt`` (config with ``prior.ex_post = "em"``), ``metrics.json``
 and the plots into ``--output-dir`` (default ``<checkpoint folder>/ex-post-t<noise>``). The new
 checkpoint serves like any other (``python -m jobs.serve --checkpoint DIR/checkpoint.pt``).
-Prints both evaluations as JSON. The same refit at the end of training: ``jobs.train --set
+Prints both evaluations as JSON. ``--tracking-uri`` also logs the refit as an MLflow run (params, ``eval/*``,
+the files, the checkpoint as a pyfunc model), as ``jobs.train`` logs a run. The same refit at the end of training: ``jobs.train --set
 prior.ex_post=em [--set prior.ex_post_noise=T]``. Exit status 2 for bad input (an unreadable
 checkpoint, a model without a mixture prior, a value out of range).
 """
@@ -34,6 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=None, help="EM iterations (default 100)")
     p.add_argument("--output-dir", default=None)
     p.add_argument("--no-before", action="store_true", help="skip evaluating the checkpoint as it is")
+    p.add_argument("--tracking-uri", default=None,
+                   help="also log the refit as an MLflow run of this store: config params, eval/* metrics, the "
+                        "output files, and the checkpoint as a pyfunc model (servable as runs:/<id>/...)")
+    p.add_argument("--run-name", default=None, help="that run's name (default: ex-post-t<noise>-<time>)")
     return p.parse_args(argv)
 
 
@@ -89,8 +94,30 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.save(out / "checkpoint.pt", new_state)
     checkpoint.atomic_write_text(out / "metrics.json", json.dumps(after, indent=2) + "\n")
-    print(json.dumps({"checkpoint": str(out / "checkpoint.pt"), **result}, indent=2))
+    logged = {}
+    if args.tracking_uri:
+        logged = _track(args, new_cfg, out, after, fit, int(state["iteration"]), ckpt)
+    print(json.dumps({"checkpoint": str(out / "checkpoint.pt"), **logged, **result}, indent=2))
     return 0
+
+
+def _track(args: argparse.Namespace, cfg, out: Path, metrics: dict[str, float], fit: dict[str, float],
+           iteration: int, source: Path) -> dict[str, str]:
+    """The refit as an MLflow run (the same run layout as ``jobs.train``'s: params, metrics, files, model)."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from service.ray_train import MLFLOW_FINAL_WAIT_S, _finish_tracking, start_mlflow_run
+    from service.tracking import MlflowSink
+
+    name = args.run_name or f"ex-post-t{cfg.prior.ex_post_noise:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = start_mlflow_run(cfg, args.tracking_uri, name, tags={"ex_post.source": str(source)})
+    sink = MlflowSink(args.tracking_uri, run_id)
+    sink.log_metrics(iteration, {**{f"eval/{k}": v for k, v in metrics.items()}, **fit})
+    sink.flush(MLFLOW_FINAL_WAIT_S)
+    _finish_tracking(MlflowClient(args.tracking_uri), run_id, out, MLFLOW_FINAL_WAIT_S, args.tracking_uri)
+    return {"mlflow_run_id": run_id, "tracking_uri": args.tracking_uri}
 
 
 if __name__ == "__main__":

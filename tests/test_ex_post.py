@@ -217,3 +217,28 @@ def test_refit_command_bad_input_exits_2_naming_the_problem(one_thread, smoke_ch
     sg = checkpoint.save(tmp_path / "sg.pt", train(cfg, make_source(cfg.data)).state)
     assert refit_job.main(["--checkpoint", str(sg)]) == 2
     assert "needs a mixture" in capsys.readouterr().err
+
+
+def test_refit_command_logs_an_mlflow_run_with_a_servable_model(one_thread, smoke_checkpoint, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert refit_job.main(["--checkpoint", str(smoke_checkpoint), "--points", "1000", "--iterations", "10", "--no-before",
+                           "--output-dir", str(tmp_path / "out"), "--tracking-uri", uri, "--run-name", "refit-a"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    run = MlflowClient(uri).get_run(printed["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "refit-a"
+    assert run.data.params["prior.ex_post"] == "em" and run.data.params["prior.ex_post_noise"] == "0.5"
+    assert run.data.metrics["eval/mode_purity"] == pytest.approx(printed["after"]["mode_purity"])
+    assert run.data.metrics["ex_post/points"] == 1000 and run.data.tags["ex_post.source"] == str(smoke_checkpoint.resolve())
+    files = {f.path for f in MlflowClient(uri).list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "metrics.json", "latent.png"} <= files
+    import mlflow
+    import pandas as pd
+
+    from service.mlflow_model import MODEL_NAME, using_store
+
+    with using_store(uri):  # the logged pyfunc samples the refit prior's components
+        out = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{MODEL_NAME}").predict(
+            pd.DataFrame({"n": [3], "mode": [1], "seed": [5]}))
+    assert len(out) == 3 and set(out["component"]) == {1}
