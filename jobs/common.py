@@ -54,6 +54,30 @@ def config_or_exit(args: argparse.Namespace) -> ExperimentConfig | None:
         raise SystemExit(2) from None
 
 
+def fail(message: str, code: int) -> int:
+    """Print ``error: <message>`` to stderr and return ``code``: a job's ``main`` returns it as its exit status."""
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+class CheckpointInputError(Exception):
+    """A ``--checkpoint`` that is missing, unreadable, or does not build its model; the message starts with
+    ``checkpoint``."""
+
+
+def load_checkpoint(path, device="cpu"):
+    """``(state, cfg, model)`` of the checkpoint file ``path``, model on ``device`` (``service.checkpoint``'s
+    checks); any reason it cannot be used raises ``CheckpointInputError`` (torch is imported here, not at start)."""
+    from service.checkpoint import CheckpointError, load, restore_model
+
+    try:
+        state = load(path)
+        cfg, model = restore_model(state, device)
+    except (CheckpointError, ConfigError, KeyError, RuntimeError) as e:
+        raise CheckpointInputError(str(e) if str(e).startswith("checkpoint") else f"checkpoint: {e}") from None
+    return state, cfg, model
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` now (the OS picks it)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:

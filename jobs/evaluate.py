@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from jobs.common import CheckpointInputError, load_checkpoint
+from jobs.common import fail as _fail
 from service.feature_extractor import PROTOCOLS
 
 DEFAULT_SAMPLES = {"clean": 50_000, "paper": 50_000, "cnn": 10_000}
@@ -79,14 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from service.checkpoint import CheckpointError, load, restore_model
     from service.config import ConfigError
     from service.feature_extractor import ExtractorUnavailable, file_sha256
     from service.image_eval import FID_SEED_OFFSET, classifier_for, evaluate_image_model, extractor_for
@@ -94,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = Path(args.checkpoint).resolve()
     try:
-        state = load(ckpt)
-        cfg, model = restore_model(state, args.device)
-    except (CheckpointError, ConfigError, KeyError, RuntimeError) as e:
-        return _fail(f"checkpoint: {e}" if not str(e).startswith("checkpoint") else str(e), 2)
+        state, cfg, model = load_checkpoint(ckpt, args.device)
+    except CheckpointInputError as e:
+        return _fail(str(e), 2)
     if not cfg.data.is_image:
         return _fail(f"checkpoint: {str(ckpt)!r} is a {cfg.data.dataset!r} model; jobs.evaluate evaluates image "
                      f"models (2D runs are evaluated at the end of jobs.train)", 2)

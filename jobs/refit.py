@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
+
+from jobs.common import CheckpointInputError, load_checkpoint
+from jobs.common import fail as _fail
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,11 +44,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from service import checkpoint
@@ -56,10 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = Path(args.checkpoint).resolve()
     try:
-        state = checkpoint.load(ckpt)
-        cfg, model = checkpoint.restore_model(state)
-    except (checkpoint.CheckpointError, ConfigError, KeyError, RuntimeError) as e:
-        return _fail(f"checkpoint: {e}" if not str(e).startswith("checkpoint") else str(e), 2)
+        state, cfg, model = load_checkpoint(ckpt)
+    except CheckpointInputError as e:
+        return _fail(str(e), 2)
     if not model.prior.is_mixture:
         return _fail(f"checkpoint: {str(ckpt)!r} has a {model.prior_type!r} prior; jobs.refit needs a mixture "
                      f"(prior.kind='mog')", 2)
