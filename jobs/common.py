@@ -83,3 +83,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def register_model(cfg, result: dict, out=None) -> str | None:
+    """A new version of the run's registered model: its ``models:/NAME/VERSION`` URI, printed to ``out``
+    (stdout by default). A store without a registry (a file store) only warns (stderr) and gives None."""
+    from service.mlflow_model import RegistrationError, default_model_name, register
+
+    name = cfg.tracking.model_name or default_model_name(cfg.name)
+    try:
+        version = register(result["tracking_uri"], result["mlflow_run_id"], name)
+    except RegistrationError as e:
+        print(f"warning: {e}; the run and its logged model are complete (--no-register skips this step)",
+              file=sys.stderr)
+        return None
+    uri = f"models:/{name}/{version.version}"
+    print(f"registered model: {uri}  (mlflow models serve -m {uri} --env-manager local)", file=out or sys.stdout)
+    return uri

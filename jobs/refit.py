@@ -11,7 +11,8 @@ summary), and writes ``checkpoint.pt`` (config with ``prior.ex_post = "em"``), `
 and the plots into ``--output-dir`` (default ``<checkpoint folder>/ex-post-t<noise>``). The new
 checkpoint serves like any other (``python -m jobs.serve --checkpoint DIR/checkpoint.pt``).
 Prints both evaluations as JSON. ``--tracking-uri`` also logs the refit as an MLflow run (params, ``eval/*``,
-the files, the checkpoint as a pyfunc model), as ``jobs.train`` logs a run. The same refit at the end of training: ``jobs.train --set
+the files, the checkpoint as a pyfunc model) and registers it as a new version of the training run's
+model (``--model-name`` another, ``--no-register`` none), as ``jobs.train`` logs and registers a run. The same refit at the end of training: ``jobs.train --set
 prior.ex_post=em [--set prior.ex_post_noise=T]``. Exit status 2 for bad input (an unreadable
 checkpoint, a model without a mixture prior, a value out of range).
 """
@@ -21,9 +22,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
-from jobs.common import CheckpointInputError, load_checkpoint
+from jobs.common import CheckpointInputError, load_checkpoint, register_model
 from jobs.common import fail as _fail
 
 
@@ -41,6 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also log the refit as an MLflow run of this store: config params, eval/* metrics, the "
                         "output files, and the checkpoint as a pyfunc model (servable as runs:/<id>/...)")
     p.add_argument("--run-name", default=None, help="that run's name (default: ex-post-t<noise>-<time>)")
+    p.add_argument("--model-name", default=None,
+                   help="with --tracking-uri: the registered model the refit becomes a new version of (default: "
+                        "the checkpoint's tracking.model_name, else the model name jobs.train gives its config)")
+    p.add_argument("--no-register", dest="register", action="store_false",
+                   help="with --tracking-uri: log the refit's pyfunc model but register no model version")
     return p.parse_args(argv)
 
 
@@ -93,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     logged = {}
     if args.tracking_uri:
         logged = _track(args, new_cfg, out, after, fit, int(state["iteration"]), ckpt)
+        if args.register:
+            named = new_cfg if args.model_name is None else dataclasses.replace(
+                new_cfg, tracking=dataclasses.replace(new_cfg.tracking, model_name=args.model_name))
+            registered = register_model(named, logged, out=sys.stderr)  # stdout stays one JSON document
+            if registered:
+                logged["registered_model"] = registered
     print(json.dumps({"checkpoint": str(out / "checkpoint.pt"), **logged, **result}, indent=2))
     return 0
 

@@ -26,7 +26,7 @@ import signal
 import sys
 from pathlib import Path
 
-from jobs.common import add_config_args, config_or_exit
+from jobs.common import add_config_args, config_or_exit, register_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,21 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         register_model(cfg, result)
     print(json.dumps(result["metrics"], indent=2))
     return 0
-
-
-def register_model(cfg, result: dict) -> None:
-    """A new version of the run's registered model; a store without a registry (a file store) only warns."""
-    from service.mlflow_model import RegistrationError, default_model_name, register
-
-    name = cfg.tracking.model_name or default_model_name(cfg.name)
-    try:
-        version = register(result["tracking_uri"], result["mlflow_run_id"], name)
-    except RegistrationError as e:
-        print(f"warning: {e}; the run and its logged model are complete (--no-register skips this step)",
-              file=sys.stderr)
-        return
-    print(f"registered model: models:/{name}/{version.version}  (mlflow models serve -m models:/{name}/"
-          f"{version.version} --env-manager local)")
 
 
 if __name__ == "__main__":

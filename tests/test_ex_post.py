@@ -236,9 +236,14 @@ def test_refit_command_logs_an_mlflow_run_with_a_servable_model(one_thread, smok
     import mlflow
     import pandas as pd
 
-    from service.mlflow_model import MODEL_NAME, using_store
+    from service.mlflow_model import MODEL_NAME, default_model_name, using_store
 
     with using_store(uri):  # the logged pyfunc samples the refit prior's components
         out = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{MODEL_NAME}").predict(
             pd.DataFrame({"n": [3], "mode": [1], "seed": [5]}))
     assert len(out) == 3 and set(out["component"]) == {1}
+    # registered as a new version of the model the training run's config names
+    name = checkpoint.load(smoke_checkpoint)["config"]["tracking"]["model_name"] or default_model_name(
+        checkpoint.load(smoke_checkpoint)["config"]["name"])
+    assert printed["registered_model"] == f"models:/{name}/1"
+    assert MlflowClient(uri, registry_uri=uri).get_model_version(name, "1").run_id == run.info.run_id
