@@ -2,6 +2,7 @@
 
     python -m jobs.bench                         # SG and IP+LC (M=64, T=100), batch 512, 2 threads
     python -m jobs.bench --threads 1 --iterations 50 --configs sintro,mog-ip-lc
+    python -m jobs.bench --configs sintro,mog-ip-lc,mog-ip-lc:samples   # also the step before the MC form
     python -m jobs.bench --precision             # the mixture kernel against float64, broad to sharp priors
 
 The configurations run in alternating rounds inside one process and each figure is the median of
@@ -26,6 +27,12 @@ class Stepper:
     (``batch``: the preset's batch size unless given). ``jobs.gpu_steps`` times it on a GPU."""
 
     def __init__(self, preset: str, seed: int = 0, batch: int | None = None, device: str | torch.device = "cpu"):
+        # "8gaussians/mog-ip-lc:samples": the same step with the Monte-Carlo KL's samples formed in PyTorch
+        # and passed to the kernel row by row (the path before the kernel's Monte-Carlo form)
+        preset, _, variant = preset.partition(":")
+        if variant not in ("", "samples"):
+            raise ValueError(f"unknown step variant {variant!r} of {preset!r}: allowed '' or 'samples'")
+        self.mc_form = variant != "samples"
         from service.config import apply_overrides
         from service.data import make_source
         from service.model import build_model
@@ -47,10 +54,15 @@ class Stepper:
         self.i = 0
 
     def step(self) -> None:
+        import service.gaussian as gaussian
         from service.step import introspective_step
 
-        introspective_step(self.model, self.opt, self.batches[self.i % len(self.batches)], self.cfg,
-                           generator=self.gen)
+        gaussian.MC_FORM = self.mc_form
+        try:
+            introspective_step(self.model, self.opt, self.batches[self.i % len(self.batches)], self.cfg,
+                               generator=self.gen)
+        finally:
+            gaussian.MC_FORM = True
         self.i += 1
 
     def _sync(self) -> None:
@@ -222,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(times[preset])
         flops = Stepper(preset).matmul_flops()
         spread = f"{1e3 * min(times[preset]):.1f} - {1e3 * max(times[preset]):.1f}"
-        print(f"adversarial step  {preset.split('/')[1]:<12} {1 / med:6.1f} it/s  ({1e3 * med:6.1f} ms/it, rounds "
+        print(f"adversarial step  {preset.split('/')[1]:<18} {1 / med:6.1f} it/s  ({1e3 * med:6.1f} ms/it, rounds "
               f"{spread}; {med / base:4.2f}x {presets[0].split('/')[1]}); matrix products "
               f"{flops / med / 1e9:5.1f} GFLOP/s of {gemm:5.1f} for a plain 512x256x256 GEMM")
     bandwidth = copy_gbytes_per_s()

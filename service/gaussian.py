@@ -206,6 +206,23 @@ def mixture_log_prob(z: Tensor, means: Tensor, logvars: Tensor, log_weights: Ten
     return _MixtureLogProb.apply(z, means, logvars, log_weights, "resp")
 
 
+def _parameter_grads(stats: Tensor | None, iv_t: Tensor, needed: tuple[bool, bool, bool],
+                     dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of (means, log-variances, log weights) from the kernel's sums S0 | S1 | S2 (float64,
+    ``(1 + 2D) * M``): S1 / var, 0.5 (S2 / var - S0), S0; None where not ``needed`` or no sums."""
+    if stats is None:
+        return None, None, None
+    d, m = iv_t.shape
+    s0 = stats[:m]
+    s1 = stats[m:m + d * m].view(d, m).T  # (M, D)
+    s2 = stats[m + d * m:].view(d, m).T
+    inv_var = iv_t.T.to(_WIDE)
+    need_mu, need_lv, need_w = needed
+    return ((inv_var * s1).to(dtype) if need_mu else None,
+            (0.5 * (inv_var * s2 - s0.unsqueeze(-1))).to(dtype) if need_lv else None,
+            s0.to(dtype) if need_w else None)
+
+
 class _NativeMixtureLogProb(torch.autograd.Function):
     """``log p(z)`` (and the usage) through the fused C kernel (``mixture_native``), float32 CPU.
 
@@ -246,7 +263,7 @@ class _NativeMixtureLogProb(torch.autograd.Function):
         zc, mu_t, iv_t, bias, log_p, dlogp_dz, unit_sums = ctx.saved_tensors
         need_z, need_mu, need_lv, need_w = ctx.needs_input_grad[:4]
         if grad_log_p is None:
-            return None, None, None, None, None
+            return (None,) * 6
         (n, d), m = zc.shape, mu_t.shape[1]
         g = grad_log_p.to(zc.dtype)
         dz = g.unsqueeze(-1) * dlogp_dz if need_z else None  # from the forward
@@ -257,16 +274,65 @@ class _NativeMixtureLogProb(torch.autograd.Function):
             else:  # one more pass of exps, for the parameters only
                 stats = torch.zeros((1 + 2 * d) * m, dtype=_WIDE)
                 mixture_native.backward(zc, mu_t, iv_t, bias, log_p, g.contiguous(), None, stats)
-        grad_mu = grad_lv = grad_w = None
-        if stats is not None:
-            s0 = stats[:m]
-            s1 = stats[m:m + d * m].view(d, m).T  # (M, D)
-            s2 = stats[m + d * m:].view(d, m).T
-            inv_var = iv_t.T.to(_WIDE)
-            grad_mu = (inv_var * s1).to(zc.dtype) if need_mu else None
-            grad_lv = (0.5 * (inv_var * s2 - s0.unsqueeze(-1))).to(zc.dtype) if need_lv else None
-            grad_w = s0.to(zc.dtype) if need_w else None
+        grad_mu, grad_lv, grad_w = _parameter_grads(stats, iv_t, (need_mu, need_lv, need_w), zc.dtype)
         return dz, grad_mu, grad_lv, grad_w, None, None
+
+
+class _NativeMcLogProb(torch.autograd.Function):
+    """``mean_t log p(mu + sigma * eps_t)`` (B,) through the kernel's Monte-Carlo form, float32 CPU.
+
+    The same mixture as ``_NativeMixtureLogProb`` at the T * B points ``z_tb = mu_b + sigma_b eps_tb``,
+    but the kernel forms each z where it evaluates it: the (T, B, D) samples, their (T * B,) log p
+    and (T * B, D) gradient never reach memory, and the reparameterisation's backward is done:
+      d/dmu_b    = g_b mean_t dlogp/dz_tb,   d/dsigma_b = g_b mean_t eps_tb dlogp/dz_tb.
+    The parameters' gradient: the rows' gradient is g_b / T, so a uniform g scales the forward's
+    g = 1 sums as before; any other g re-forms z and takes the row-wise backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, mu: Tensor, sigma: Tensor, eps: Tensor, means: Tensor, logvars: Tensor,  # type: ignore[override]
+                log_weights: Tensor, want_usage: bool, grad_mode: bool):
+        t, b, d = eps.shape
+        m = means.shape[0]
+        lv = logvars.detach()
+        mu_t = means.detach().T.contiguous()
+        iv_t = torch.exp(-lv).T.contiguous()
+        bias = (log_weights.detach() - 0.5 * (lv.sum(-1) + d * LOG_2PI)).contiguous()
+        need_params = grad_mode and any(ctx.needs_input_grad[3:6])
+        need_post = grad_mode and any(ctx.needs_input_grad[0:2])
+        sums = torch.zeros((1 + 2 * d) * m if need_params else m, dtype=_WIDE) if need_params or want_usage else None
+        post = (mu.detach().contiguous(), sigma.detach().contiguous(), eps.detach().contiguous())
+        out = mixture_native.mc_forward(*post, mu_t, iv_t, bias, sums, need_post)
+        dmu, deps = out[1:] if need_post else (None, None)
+        ctx.save_for_backward(*post, mu_t, iv_t, bias, dmu, deps, sums if need_params else None)
+        second = (sums[:m] / max(t * b, 1)).to(mu.dtype) if want_usage else mu.new_empty(0)
+        ctx.mark_non_differentiable(second)
+        ctx.set_materialize_grads(False)
+        return out[0], second
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_second: Tensor):  # type: ignore[override]
+        mu, sigma, eps, mu_t, iv_t, bias, dmu, deps, unit_sums = ctx.saved_tensors
+        need_mu, need_sigma, _, need_means, need_lv, need_w = ctx.needs_input_grad[:6]
+        if grad is None:
+            return (None,) * 8
+        (t, b, d), m = eps.shape, mu_t.shape[1]
+        g = grad.to(mu.dtype)
+        g_col = g.unsqueeze(-1)
+        grad_mu = g_col * dmu if need_mu else None
+        grad_sigma = g_col * deps if need_sigma else None
+        stats = None
+        if need_means or need_lv or need_w:
+            if b and bool((g == g[0]).all()):  # every row's gradient is g / T: the forward's sums, scaled
+                stats = unit_sums * (float(g[0]) / t)
+            else:  # re-form the samples for one row-wise pass of the parameters' sums
+                z = torch.addcmul(mu, sigma, eps).reshape(t * b, d)
+                rows = (g / t).expand(t, b).reshape(-1).contiguous()
+                stats = torch.zeros((1 + 2 * d) * m, dtype=_WIDE)
+                log_p = mixture_native.forward(z, mu_t, iv_t, bias, None)
+                mixture_native.backward(z, mu_t, iv_t, bias, log_p, rows, None, stats)
+        grad_means, grad_lv, grad_w = _parameter_grads(stats, iv_t, (need_means, need_lv, need_w), mu.dtype)
+        return grad_mu, grad_sigma, None, grad_means, grad_lv, grad_w, None, None
 
 
 def native_applies(z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor) -> bool:
@@ -292,3 +358,28 @@ def mixture_log_prob_and_usage(z: Tensor, means: Tensor, logvars: Tensor, log_we
     else:
         log_p, second = _MixtureLogProb.apply(z, means, logvars, log_weights, "usage" if usage else "none")
     return log_p, (second if usage else None)
+
+
+MC_FORM = True  # False: the Monte-Carlo KL forms its samples in PyTorch (``jobs.bench`` times both side by side)
+
+
+def mixture_mc_log_prob_and_usage(mu: Tensor, sigma: Tensor, eps: Tensor, means: Tensor, logvars: Tensor,
+                                  log_weights: Tensor, usage: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``(mean_t log p(mu + sigma * eps_t) (B,), mean responsibilities (M,) or None)``: the Monte-Carlo
+    KL's log p term for posteriors ``mu``, ``sigma`` (B, D) and noise ``eps`` (T, B, D).
+
+    float32 on CPU: the C kernel forms the samples itself (``_NativeMcLogProb``); otherwise the
+    samples are formed here and go through ``mixture_log_prob_and_usage``. Same values and gradients.
+    """
+    t, b, d = eps.shape
+    if MC_FORM and mu.shape == sigma.shape == (b, d) and native_applies(mu, means, logvars, log_weights) \
+            and sigma.dtype == eps.dtype == torch.float32 and sigma.device.type == eps.device.type == "cpu":
+        with torch.no_grad():
+            finite = math.isfinite(float(sigma.sum())) and math.isfinite(float(eps.sum()))
+        if finite:
+            mean_log_p, second = _NativeMcLogProb.apply(mu, sigma, eps, means, logvars, log_weights, usage,
+                                                        torch.is_grad_enabled())
+            return mean_log_p, (second if usage else None)
+    z = torch.addcmul(mu, sigma, eps)  # (T, B, D), one pass
+    log_p, second = mixture_log_prob_and_usage(z.reshape(t * b, d), means, logvars, log_weights, usage)
+    return log_p.reshape(t, b).mean(0), second

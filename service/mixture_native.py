@@ -4,8 +4,9 @@ The Monte-Carlo KL of a mixture prior evaluates T * B points against M component
 adversarial step. In PyTorch every elementwise step is a pass over the (T * B, M) matrix through
 memory; the C kernel makes one pass per row with the row in L1, never stores the matrix (the
 backward recomputes it) and uses an exp that is exact to float32 for arguments <= 0 without
-Sleef's general-purpose cost. ``service.gaussian`` uses it for float32 CPU tensors and keeps its
-PyTorch path for everything else.
+Sleef's general-purpose cost. Its Monte-Carlo form (``mc_forward``) takes the posteriors and the
+noise instead of the points and forms each sample z = mu + sigma eps where it evaluates it.
+``service.gaussian`` uses it for float32 CPU tensors and keeps its PyTorch path for everything else.
 
 Build: ``cc -O3 -march=native -shared`` (no -ffast-math: the kernel relies on IEEE rounding) into
 ``$INTROPRIOR_KERNEL_CACHE`` (default ``~/.cache/introprior/kernels``; the system temp directory when that is not writable), one file
@@ -89,6 +90,9 @@ def _build() -> ctypes.CDLL:
     lib.mixture_forward.restype = None
     lib.mixture_backward.argtypes = [i64, i64, i64, f32p, f32p, f32p, f32p, f32p, f32p, f32p, f64p, ctypes.c_int]
     lib.mixture_backward.restype = None
+    lib.mixture_mc_forward.argtypes = [i64, i64, i64, i64, f32p, f32p, f32p, f32p, f32p, f32p, f32p, f64p, ctypes.c_int,
+                                       f32p, f32p, ctypes.c_int]
+    lib.mixture_mc_forward.restype = None
     return lib
 
 
@@ -138,3 +142,22 @@ def backward(z: torch.Tensor, mu_t: torch.Tensor, iv_t: torch.Tensor, bias: torc
     n, d = z.shape
     lib.mixture_backward(n, mu_t.shape[1], d, _ptr(z), _ptr(mu_t), _ptr(iv_t), _ptr(bias), _ptr(log_p),
                          _ptr(grad), _ptr(dz), _ptr(stats), torch.get_num_threads())
+
+
+def mc_forward(mu: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, mu_t: torch.Tensor, iv_t: torch.Tensor,
+               bias: torch.Tensor, sums: torch.Tensor | None, grads: bool) -> tuple[torch.Tensor, ...]:
+    """The Monte-Carlo form: ``mean_t log p(mu + sigma * eps_t)`` (B,) for float32 contiguous ``mu``,
+    ``sigma`` (B, D) and ``eps`` (T, B, D); the samples are formed in the kernel and never stored.
+    With ``grads`` also ``mean_t dlogp/dz`` and ``mean_t eps_t * dlogp/dz`` (B, D) each; ``sums`` as in
+    ``forward`` over all T * B samples."""
+    lib = library()
+    assert lib is not None
+    t, b, d = eps.shape
+    m = mu_t.shape[1]
+    moments = sums is not None and sums.numel() == (1 + 2 * d) * m
+    mean_log_p = torch.empty(b, dtype=torch.float32)
+    dmu = torch.empty(b, d, dtype=torch.float32) if grads else None
+    deps = torch.empty(b, d, dtype=torch.float32) if grads else None
+    lib.mixture_mc_forward(b, t, m, d, _ptr(mu), _ptr(sigma), _ptr(eps), _ptr(mu_t), _ptr(iv_t), _ptr(bias),
+                           _ptr(mean_log_p), _ptr(sums), int(moments), _ptr(dmu), _ptr(deps), torch.get_num_threads())
+    return (mean_log_p, dmu, deps) if grads else (mean_log_p,)

@@ -49,16 +49,17 @@ def kl_term(prior: Prior, mu: Tensor, logvar: Tensor, cfg: ObjectiveConfig, gene
         return KlResult(kl_to_standard_normal(mu, logvar))
     t, (b, d) = cfg.mc_samples, mu.shape
     eps = randn((t, b, d), generator, mu)
-    z = torch.addcmul(mu, torch.exp(0.5 * logvar), eps)  # reparameterised, (T, B, D), one pass
+    sigma = torch.exp(0.5 * logvar)
     # mean_t log q(z_t|x) = -0.5 (D log 2 pi + sum_d logvar_d) - 0.5 mean_t sum_d eps_td^2: the (T, B, D)
     # samples enter only through eps^2 (no gradient), averaged over T first (a fast outer-dim reduction)
     mean_log_q = -0.5 * (d * LOG_2PI + logvar.sum(-1) + (eps * eps).mean(0).sum(-1))  # (B,)
     if usage_grad:
+        z = torch.addcmul(mu, sigma, eps)  # reparameterised, (T, B, D), one pass
         comp = prior.component_log_prob(z.reshape(t * b, d), detach=detach_prior)  # (T*B, M)
-        log_p, usage = torch.logsumexp(comp, dim=-1), torch.softmax(comp, dim=-1).mean(0)
-    else:
-        log_p, usage = prior.log_prob_and_usage(z.reshape(t * b, d), detach=detach_prior, usage=want_usage)
-    return KlResult(mean_log_q - log_p.reshape(t, b).mean(0), usage if want_usage else None)
+        mean_log_p, usage = torch.logsumexp(comp, dim=-1).reshape(t, b).mean(0), torch.softmax(comp, dim=-1).mean(0)
+    else:  # z = mu + sigma eps formed inside the mixture kernel where it applies
+        mean_log_p, usage = prior.mc_log_prob_and_usage(mu, sigma, eps, detach=detach_prior, usage=want_usage)
+    return KlResult(mean_log_q - mean_log_p, usage if want_usage else None)
 
 
 def energy(x: Tensor, x_hat: Tensor, kl: Tensor, beta_rec: float, beta_kl: float) -> Tensor:

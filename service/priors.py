@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gaussian import mixture_component_log_prob, mixture_log_prob_and_usage, randn
+from .gaussian import mixture_component_log_prob, mixture_log_prob_and_usage, mixture_mc_log_prob_and_usage, randn
 
 
 @dataclass
@@ -83,6 +83,13 @@ class Prior(nn.Module):
         """``(log p(z) (N,), mean responsibilities C (M,) or None)``; C carries no gradient (fastest path)."""
         c = self.components(detach)
         return mixture_log_prob_and_usage(z, c.means, c.logvars, c.log_weights, usage)
+
+    def mc_log_prob_and_usage(self, mu: Tensor, sigma: Tensor, eps: Tensor, detach: bool = False,
+                              usage: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(mean_t log p(mu + sigma * eps_t) (B,), C (M,) or None)`` for posteriors (B, D) and noise
+        (T, B, D): the Monte-Carlo KL's log p term, its samples never stored on the kernel's path."""
+        c = self.components(detach)
+        return mixture_mc_log_prob_and_usage(mu, sigma, eps, c.means, c.logvars, c.log_weights, usage)
 
     def sample(self, n: int, generator: torch.Generator | None = None, *, component: int | Tensor | None = None,
                deterministic: bool = False, temperature: float = 1.0) -> tuple[Tensor, Tensor]:

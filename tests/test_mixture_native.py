@@ -196,3 +196,73 @@ def test_adversarial_steps_equal_the_plain_autograd_reference(preset, monkeypatc
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     for a, b in zip(params, ref_params):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def _mc_case(b, t, m, d, logvar, scale, seed=0):
+    """Posteriors (mu, logvar) near the components of a mixture, noise (T, B, D), the mixture, a weight (B,)."""
+    g = torch.Generator().manual_seed(seed)
+    centres, means, logvars, log_w = draw_mixture(g, b, m, d, logvar, scale)
+    post_lv = logvar + 0.5 + 0.3 * torch.randn(b, d, generator=g, dtype=F64)
+    eps = torch.randn(t, b, d, generator=g, dtype=F64)
+    weight = torch.randn(b, generator=g, dtype=F64)
+    return [x.float() for x in (centres, post_lv, eps, means, logvars, log_w)], weight
+
+
+def _mc_value_usage_grads(inputs, weight, fn=None):
+    """mean_t log p, usage and the gradients of (log p * weight).sum() for mu, logvar, means, logvars, log w."""
+    mu, lv, eps, means, logvars, log_w = [x.detach().clone().requires_grad_(i != 2) for i, x in enumerate(inputs)]
+    fn = fn or gaussian.mixture_mc_log_prob_and_usage
+    log_p, usage = fn(mu, torch.exp(0.5 * lv), eps, means, logvars, log_w)
+    (log_p * weight.to(log_p.dtype)).sum().backward()
+    return [log_p.detach().double(), usage.detach().double()] + [x.grad.double() for x in (mu, lv, means, logvars, log_w)]
+
+
+def _mc_reference(mu, sigma, eps, means, logvars, log_w):
+    """float64 autograd through the formed samples and every component's log-density."""
+    t, b, d = eps.shape
+    comp = mixture_component_log_prob(torch.addcmul(mu, sigma, eps).reshape(t * b, d), means, logvars, log_w)
+    return torch.logsumexp(comp, -1).reshape(t, b).mean(0), torch.softmax(comp, -1).mean(0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights", ["per-sample", "uniform"])  # per-sample: the parameters take the row-wise pass
+@pytest.mark.parametrize("logvar,scale", [(0.0, 1.0), (-3.5, 2.0), (-7.0, 5.0), (-9.0, 5.0)])
+def test_monte_carlo_form_matches_float64_from_broad_to_sharp_components(logvar, scale, weights):
+    """The kernel's Monte-Carlo form (samples formed inside, reparameterisation's backward folded in)
+    against float64 autograd, and against the sample path it replaces, at the step's shape."""
+    inputs, weight = _mc_case(512, 100, 64, 2, logvar, scale)
+    if weights == "uniform":
+        weight = torch.full_like(weight, 1.0 / weight.numel())
+    got = _mc_value_usage_grads(inputs, weight)
+    ref = _mc_value_usage_grads([x.double() for x in inputs], weight, _mc_reference)
+    old = _mc_value_usage_grads(inputs, weight, lambda mu, s, e, *p: (lambda lp, u: (lp.reshape(e.shape[:2]).mean(0), u))(
+        *mixture_log_prob_and_usage(torch.addcmul(mu, s, e).reshape(-1, e.shape[-1]), *p)))
+    names = ["log p", "usage", "d mu", "d logvar", "d means", "d logvars", "d log w"]
+    for name, a, b, c in zip(names, got, ref, old):
+        assert _rel(a, b) < 2e-5, (name, _rel(a, b))
+        assert _rel(a, b) < 3 * _rel(c, b) + 1e-6, (name, _rel(a, b), _rel(c, b))  # no worse than the sample path
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,t", [(37, 3), (45, 100), (1, 5)])  # partial vector blocks; one thread and several
+def test_monte_carlo_form_partial_blocks(b, t):
+    inputs, weight = _mc_case(b, t, 7, 3, -1.0, 1.5, seed=3)
+    got = _mc_value_usage_grads(inputs, weight)
+    ref = _mc_value_usage_grads([x.double() for x in inputs], weight, _mc_reference)
+    for a, r in zip(got, ref):
+        assert _rel(a, r) < 2e-5
+
+
+def test_monte_carlo_form_falls_back_where_the_kernel_does_not_apply():
+    """float64 takes the sample path exactly; a NaN posterior propagates as on the sample path."""
+    inputs, weight = _mc_case(64, 10, 8, 2, -1.0, 1.5)
+    wide = [x.double() for x in inputs]
+    got = _mc_value_usage_grads(wide, weight)
+    ref = _mc_value_usage_grads(wide, weight, _mc_reference)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
+    mu, lv, eps, *params = inputs
+    mu = mu.clone()
+    mu[3, 0] = float("nan")
+    log_p, _ = gaussian.mixture_mc_log_prob_and_usage(mu, torch.exp(0.5 * lv), eps, *params)
+    assert torch.isnan(log_p[3]) and bool(torch.isfinite(log_p[torch.arange(64) != 3]).all())
