@@ -226,8 +226,9 @@ def _parameter_grads(stats: Tensor | None, iv_t: Tensor, needed: tuple[bool, boo
 class _NativeMixtureLogProb(torch.autograd.Function):
     """``log p(z)`` (and the usage) through the fused C kernel (``mixture_native``), float32 CPU.
 
-    The kernel evaluates each row against its own maximum, in centred form (no cancellation, so
-    no precision guard is needed), and returns the sums the gradients are made of:
+    The kernel evaluates each row against the largest peak (a row far from every component against its
+    own maximum), in centred form (no cancellation, so no precision guard is needed), and returns the
+    sums the gradients are made of:
       S0_m = sum_n g r_nm,  S1_md = sum_n g r_nm (z_nd - mu_md),  S2_md = sum_n g r_nm (z_nd - mu_md)^2
       dlogp/dmu = S1 / var,  dlogp/dlogvar = 0.5 (S2 / var - S0),  dlogp/dlog w = S0,
       dlogp/dz_n = -g_n sum_m r_nm (z_n - mu_m) / var_m.

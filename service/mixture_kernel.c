@@ -4,7 +4,8 @@
  * service/gaussian.py keeps its PyTorch path where this cannot be built or does not apply.
  *
  * comp[n][m] = bias_m - 0.5 * sum_d (z_nd - mu_md)^2 / var_md,  bias_m = log w_m - 0.5 sum_d log(2 pi var_md)
- * log p[n]   = logsumexp_m comp[n][m]               (each row against its own maximum)
+ * log p[n]   = logsumexp_m comp[n][m]               (against the largest peak max_m bias_m in one pass;
+ *                                                    a row far from every component: its own maximum)
  * r[n][m]    = exp(comp[n][m] - log p[n])           (responsibilities: never stored, recomputed)
  *
  * The quadratic is evaluated in centred form, (z - mu)^2 / var, so sharp components far from the
