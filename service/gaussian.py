@@ -206,6 +206,16 @@ def mixture_log_prob(z: Tensor, means: Tensor, logvars: Tensor, log_weights: Ten
     return _MixtureLogProb.apply(z, means, logvars, log_weights, "resp")
 
 
+def _kernel_params(means: Tensor, logvars: Tensor, log_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The mixture as the C kernel takes it (detached, contiguous): means and inverse variances transposed
+    to (D, M), the kernel runs along m; bias_m = log w_m - 0.5 sum_d log(2 pi var_md) (M,)."""
+    lv = logvars.detach()
+    mu_t = means.detach().T.contiguous()
+    iv_t = torch.exp(-lv).T.contiguous()
+    bias = (log_weights.detach() - 0.5 * (lv.sum(-1) + lv.shape[-1] * LOG_2PI)).contiguous()
+    return mu_t, iv_t, bias
+
+
 def _parameter_grads(stats: Tensor | None, iv_t: Tensor, needed: tuple[bool, bool, bool],
                      dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients of (means, log-variances, log weights) from the kernel's sums S0 | S1 | S2 (float64,
@@ -244,10 +254,7 @@ class _NativeMixtureLogProb(torch.autograd.Function):
         n, d = z.shape
         m = means.shape[0]
         zc = z.detach().contiguous()
-        lv = logvars.detach()
-        mu_t = means.detach().T.contiguous()  # (D, M): the kernel runs along m
-        iv_t = torch.exp(-lv).T.contiguous()
-        bias = (log_weights.detach() - 0.5 * (lv.sum(-1) + d * LOG_2PI)).contiguous()
+        mu_t, iv_t, bias = _kernel_params(means, logvars, log_weights)
         need_params = grad_mode and any(ctx.needs_input_grad[1:4])  # (needs_input_grad ignores no_grad)
         # with parameter gradients to come, the forward also forms their sums for g = 1 (no exp more)
         sums = torch.zeros((1 + 2 * d) * m if need_params else m, dtype=_WIDE) if need_params or want_usage else None
@@ -295,10 +302,7 @@ class _NativeMcLogProb(torch.autograd.Function):
                 log_weights: Tensor, want_usage: bool, grad_mode: bool):
         t, b, d = eps.shape
         m = means.shape[0]
-        lv = logvars.detach()
-        mu_t = means.detach().T.contiguous()
-        iv_t = torch.exp(-lv).T.contiguous()
-        bias = (log_weights.detach() - 0.5 * (lv.sum(-1) + d * LOG_2PI)).contiguous()
+        mu_t, iv_t, bias = _kernel_params(means, logvars, log_weights)
         need_params = grad_mode and any(ctx.needs_input_grad[3:6])
         need_post = grad_mode and any(ctx.needs_input_grad[0:2])
         sums = torch.zeros((1 + 2 * d) * m if need_params else m, dtype=_WIDE) if need_params or want_usage else None

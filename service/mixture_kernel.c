@@ -114,15 +114,26 @@ typedef struct {
 } Task;
 
 /* the rows of one block as D vectors; lanes past the end repeat the last row */
+/* column k of LANES rows of a (rows, D) array from row `start`; lanes past `rows` repeat the last row */
+static inline vf gather(const float *a, int64_t start, int64_t rows, int64_t k, const int64_t d) {
+    float tmp[LANES];
+    for (int i = 0; i < LANES; ++i) tmp[i] = a[(start + i < rows ? start + i : rows - 1) * d + k];
+    vf v;
+    memcpy(&v, tmp, sizeof v);
+    return v;
+}
+
+/* the first `valid` lanes of v into column k of a (rows, D) array from row `start` */
+static inline void scatter(vf v, float *a, int64_t start, int valid, int64_t k, const int64_t d) {
+    float lanes[LANES];
+    memcpy(lanes, &v, sizeof lanes);
+    for (int i = 0; i < valid; ++i) a[(start + i) * d + k] = lanes[i];
+}
+
 static inline int load_block(const Task *t, int64_t start, vf *zv) {
     const int64_t d = t->d;
-    int valid = (int)(t->n - start < LANES ? t->n - start : LANES);
-    for (int64_t k = 0; k < d; ++k) {
-        float tmp[LANES];
-        for (int i = 0; i < LANES; ++i) tmp[i] = t->z[(start + (i < valid ? i : valid - 1)) * d + k];
-        memcpy(&zv[k], tmp, sizeof tmp);
-    }
-    return valid;
+    for (int64_t k = 0; k < d; ++k) zv[k] = gather(t->z, start, t->n, k, d);
+    return (int)(t->n - start < LANES ? t->n - start : LANES);
 }
 
 static inline vf component(const Task *t, const vf *zv, int64_t j, const int64_t d) {
@@ -222,25 +233,9 @@ static inline vf mixture_rows(const Task *t, const vf *zv, int valid, vf *qbuf, 
 static inline void forward_block(const Task *t, int64_t start, vf *zv, vf *qbuf, vf *usage, const int64_t d) {
     int valid = load_block(t, start, zv);
     vf dir[d];
-    vf lp = mixture_rows(t, zv, valid, qbuf, t->dz ? dir : NULL, usage, d);
-    float lanes[LANES];
-    memcpy(lanes, &lp, sizeof lanes);
-    for (int i = 0; i < valid; ++i) t->out_log_p[start + i] = lanes[i];
-    if (t->dz) {
-        for (int64_t k = 0; k < d; ++k) {
-            memcpy(lanes, &dir[k], sizeof lanes);
-            for (int i = 0; i < valid; ++i) t->dz[(start + i) * d + k] = lanes[i];
-        }
-    }
-}
-
-/* LANES posteriors' columns k of a (rows, D) array, from row `start`; lanes past `rows` repeat the last */
-static inline vf gather(const float *a, int64_t start, int64_t rows, int64_t k, const int64_t d) {
-    float tmp[LANES];
-    for (int i = 0; i < LANES; ++i) tmp[i] = a[(start + i < rows ? start + i : rows - 1) * d + k];
-    vf v;
-    memcpy(&v, tmp, sizeof v);
-    return v;
+    scatter(mixture_rows(t, zv, valid, qbuf, t->dz ? dir : NULL, usage, d), t->out_log_p, start, valid, 0, 1);
+    if (t->dz)
+        for (int64_t k = 0; k < d; ++k) scatter(dir[k], t->dz, start, valid, k, d);
 }
 
 static void flush(vf *part, double *acc, size_t width);
@@ -279,17 +274,11 @@ static inline void mc_block(const Task *t, int64_t start, vf *zv, vf *qbuf, vf *
         }
     }
     const vf inv_t = splat(1.0f / (float)nt);
-    float lanes[LANES];
-    vf mean_lp = acc_lp * inv_t;
-    memcpy(lanes, &mean_lp, sizeof lanes);
-    for (int i = 0; i < valid; ++i) t->out_log_p[start + i] = lanes[i];
+    scatter(acc_lp * inv_t, t->out_log_p, start, valid, 0, 1);
     if (t->dz) {
         for (int64_t k = 0; k < d; ++k) {
-            vf a = gm[k] * inv_t, b = ge[k] * inv_t;
-            memcpy(lanes, &a, sizeof lanes);
-            for (int i = 0; i < valid; ++i) t->dz[(start + i) * d + k] = lanes[i];
-            memcpy(lanes, &b, sizeof lanes);
-            for (int i = 0; i < valid; ++i) t->deps[(start + i) * d + k] = lanes[i];
+            scatter(gm[k] * inv_t, t->dz, start, valid, k, d);
+            scatter(ge[k] * inv_t, t->deps, start, valid, k, d);
         }
     }
 }
@@ -320,13 +309,8 @@ static inline void backward_block(const Task *t, int64_t start, vf *zv, vf *acc,
             }
         }
     }
-    if (t->dz) {
-        for (int64_t k = 0; k < d; ++k) {
-            float lanes[LANES];
-            memcpy(lanes, &gz[k], sizeof lanes);
-            for (int i = 0; i < valid; ++i) t->dz[(start + i) * d + k] = -lanes[i];
-        }
-    }
+    if (t->dz)
+        for (int64_t k = 0; k < d; ++k) scatter(-gz[k], t->dz, start, valid, k, d);
 }
 
 static void flush(vf *part, double *acc, size_t width) {
@@ -371,26 +355,13 @@ static void *forward_task(void *arg) {
     if (usage) for (size_t j = 0; j < width; ++j) usage[j] = splat(0.0f);
     int64_t blocks = 0;
     RUN_ROWS(for (int64_t s = t->lo; s < t->hi; s += LANES) {
+        if (t->samples) { /* the Monte-Carlo form: a block of posteriors, counting its samples' blocks */
+            mc_block(t, s, zv, qbuf, usage, &blocks, dd);
+            continue;
+        }
         forward_block(t, s, zv, qbuf, usage, dd);
         if (usage && ++blocks == BLOCK_FLUSH) { flush(usage, t->acc, width); blocks = 0; }
     });
-    if (usage) { flush(usage, t->acc, width); free(usage); }
-    free(qbuf);
-    free(zv);
-    FTZ_END;
-    return NULL;
-}
-
-static void *mc_task(void *arg) {
-    FTZ_BEGIN;
-    Task *t = (Task *)arg;
-    const size_t width = (size_t)(t->moments ? t->m * (1 + 2 * t->d) : t->m);
-    vf *zv = aligned_alloc(VALIGN, sizeof(vf) * (size_t)(t->d + 1));
-    vf *qbuf = aligned_alloc(VALIGN, sizeof(vf) * (size_t)t->m);
-    vf *usage = t->want_acc ? aligned_alloc(VALIGN, sizeof(vf) * width) : NULL;
-    if (usage) for (size_t j = 0; j < width; ++j) usage[j] = splat(0.0f);
-    int64_t blocks = 0;
-    RUN_ROWS(for (int64_t s = t->lo; s < t->hi; s += LANES) mc_block(t, s, zv, qbuf, usage, &blocks, dd));
     if (usage) { flush(usage, t->acc, width); free(usage); }
     free(qbuf);
     free(zv);
@@ -474,5 +445,5 @@ void mixture_mc_forward(int64_t n, int64_t samples, int64_t m, int64_t d, const 
     if (n <= 0 || samples <= 0) return;
     Task base = {0, 0, m, d, n, NULL, mu_t, iv_t, bias, NULL, NULL, mean_log_p, dmu, NULL, 0, moments != 0,
                  mu, sigma, eps, deps, samples};
-    run_tasks(mc_task, &base, threads, sums, (size_t)(moments ? m * (1 + 2 * d) : m));
+    run_tasks(forward_task, &base, threads, sums, (size_t)(moments ? m * (1 + 2 * d) : m));
 }
