@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.tracking_uri and (args.model_name is not None or not args.register or args.run_name is not None):
+        return _fail("--model-name, --no-register and --run-name name the MLflow run and model version of "
+                     "--tracking-uri; give --tracking-uri too (nothing was written)", 2)
     from service import checkpoint
     from service.config import ConfigError
     from service.evaluation import evaluate

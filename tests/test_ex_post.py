@@ -213,6 +213,9 @@ def test_refit_command_bad_input_exits_2_naming_the_problem(one_thread, smoke_ch
     assert refit_job.main(["--checkpoint", str(smoke_checkpoint), "--noise", "3", "--output-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "--noise" in err and "allowed [0, 1]" in err and not (tmp_path / "x").exists()
+    for flags in (["--model-name", "other"], ["--no-register"], ["--run-name", "r"]):  # MLflow flags need a store
+        assert refit_job.main(["--checkpoint", str(smoke_checkpoint), "--output-dir", str(tmp_path / "y"), *flags]) == 2
+        assert "give --tracking-uri too" in capsys.readouterr().err and not (tmp_path / "y").exists()
     cfg = smoke(get_preset("8gaussians/sintro"))
     sg = checkpoint.save(tmp_path / "sg.pt", train(cfg, make_source(cfg.data)).state)
     assert refit_job.main(["--checkpoint", str(sg)]) == 2
