@@ -52,7 +52,11 @@ def test_workers_query_their_own_cluster_beside_another_local_instance() -> None
     try:
         assert holder.stdout.readline().strip() == "up"
         plain = _probe("plain", env)  # Ray's default: the worker finds two instances and gives up
-        assert plain["nodes"] is None and "multiple active Ray instances" in plain["error"]
+        # or, when a busy machine (the suite's other workers' Ray instances starting and stopping) leaves it a
+        # stale address, waits for a GCS that is not its own until Ray's timeout: either way no answer
+        assert plain["nodes"] is None and plain["worker"] is None
+        assert ("multiple active Ray instances" in plain["error"]
+                or "Timed out while waiting for GCS" in plain["error"]), plain["error"]
         pinned = _probe("pinned", env)
         assert pinned["worker"] == pinned["driver"] and pinned["error"] is None and pinned["nodes"] == 1
     finally:
