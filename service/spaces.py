@@ -123,7 +123,7 @@ class Scheduler:
     """Tune trial scheduler; its time unit is the training iteration (``schedule.eval_every`` reports)."""
 
     type: str  # "asha" | "fifo"
-    grace_period: int | None = None  # None: the trials' schedule.eval_every (their first report)
+    grace_period: int | None = None  # None: the trials' first evaluation after the warm-up (first_rung)
     reduction_factor: float = 3
     max_t: int | None = None  # None: the trials' schedule.iterations
 
@@ -281,6 +281,11 @@ class SweepSpec:
                 _check_scheduler(stage, sh, configs, self)
 
 
+def first_rung(schedule: Any) -> int:
+    """The first evaluation after the warm-up: the default ASHA grace period (iterations)."""
+    return (schedule.warmup // schedule.eval_every + 1) * schedule.eval_every
+
+
 def _check_scheduler(stage: Stage, shrink: Shrink, configs: list[ExperimentConfig], spec: SweepSpec) -> None:
     """A scheduler needs intermediate reports (``schedule.eval_every`` < iterations, counted in iterations)."""
     sched, key = stage.scheduler, f"{stage.key}.scheduler" if stage.key else "scheduler"
@@ -301,6 +306,17 @@ def _check_scheduler(stage: Stage, shrink: Shrink, configs: list[ExperimentConfi
         if sched.grace_period is not None and sched.grace_period >= s.iterations:
             raise SpaceError(f"{spec.source}: {key}.grace_period: {sched.grace_period} is not shorter than {what}'s "
                              f"schedule.iterations {s.iterations}; allowed [1, {s.iterations - 1}]")
+        if sched.grace_period is not None and sched.grace_period <= s.warmup:
+            # the warm-up trains a plain VAE: objective.beta_neg (and the adversarial game) play no part in it,
+            # so a rung there stops trials on what the settings being searched do not yet affect
+            raise SpaceError(f"{spec.source}: {key}.grace_period: {sched.grace_period} falls within {what}'s warm-up "
+                             f"(schedule.warmup {s.warmup}), where objective.beta_neg and the adversarial game play "
+                             f"no part; allowed [{s.warmup + 1}, {s.iterations - 1}] (leave it out for the first "
+                             f"evaluation after the warm-up, iteration {first_rung(s)})")
+        if sched.grace_period is None and first_rung(s) >= s.iterations:
+            raise SpaceError(f"{spec.source}: {key}: {what} makes no evaluation between the end of its warm-up "
+                             f"(schedule.warmup {s.warmup}) and its end (schedule.iterations {s.iterations}) with "
+                             f"schedule.eval_every {s.eval_every}; lower eval_every or drop the scheduler")
         if sched.max_t is not None and sched.max_t < s.iterations:
             raise SpaceError(f"{spec.source}: {key}.max_t: {sched.max_t} would stop every trial before its schedule "
                              f"ends ({what}: schedule.iterations {s.iterations}); allowed integers >= {s.iterations} "

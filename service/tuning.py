@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from .config import ConfigError, ExperimentConfig, flatten, to_dict
 from .ray_env import init_ray
 from .ray_train import failure_text
-from .spaces import (OPTIONAL_METRICS, Shrink, SpaceError, Stage, SweepSpec, Variant, constrained_frame,
+from .spaces import (OPTIONAL_METRICS, Shrink, SpaceError, Stage, SweepSpec, Variant, constrained_frame, first_rung,
                      pick_candidates, rank_settings, stage_variants)
 from .sweep_lock import SweepLock
 from .sweep_resources import DRIVER_CPU, ResourcePlan, plan_resources
@@ -373,7 +373,7 @@ def _scheduler(stage: Stage, spec: SweepSpec, configs: list[ExperimentConfig]):
     from ray.tune.schedulers import ASHAScheduler
 
     iterations = max(c.schedule.iterations for c in configs)
-    grace = sched.grace_period or min(c.schedule.eval_every for c in configs)
+    grace = sched.grace_period or max(first_rung(c.schedule) for c in configs)  # after every trial's warm-up
     return ASHAScheduler(time_attr="iteration", metric=spec.select.scheduler_metric, mode=spec.mode, grace_period=grace,
                          reduction_factor=sched.reduction_factor, max_t=sched.max_t or iterations, brackets=1)
 

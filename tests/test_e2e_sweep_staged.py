@@ -1,7 +1,7 @@
 """End to end: the staged protocol's smoke sweep (``tune_spaces/smoke_staged.yaml``) through real Ray
 Tune + Ray Train on 2 CPUs with a real MLflow SQLite store.
 
-Four Ray Train runs: two coarse trials that report their evaluation at iteration 6 to Tune (ASHA),
+Four Ray Train runs: two coarse trials that report their evaluation at iteration 8 (after the warm-up) to Tune (ASHA),
 the best re-run longer, then that setting with two seeds, one of which is the previous stage's run
 and is reused. (The plain sweep is test_e2e_sweep.py; ``jobs.sweep`` is driven the same way.)
 """
@@ -54,10 +54,10 @@ def test_staged_trials_report_every_evaluation_to_tune_with_hyperparameter_colum
     root, _, _ = staged
     for trial in sorted((root / "out" / "tune" / "stage1-coarse").glob("v*/result.json")):
         results = [json.loads(line) for line in trial.read_text().splitlines()]
-        assert results[0]["iteration"] == 6 and results[0]["hist_kl"] > 0 and "status" not in results[0]
+        assert results[0]["iteration"] == 8 and results[0]["hist_kl"] > 0 and "status" not in results[0]
         assert {"hist_jsd", "gnelbo_x1e7", "run_name", "mlflow_run_id"} <= set(results[0])
         assert {"variant", "preset", "seed", "objective.beta_kl"} <= set(results[0]["config"])
-        if results[-1].get("status") == "ok":  # ASHA may stop one of the two at iteration 6
+        if results[-1].get("status") == "ok":  # ASHA may stop one of the two at iteration 8
             assert results[-1]["iteration"] == 12 and len(results) == 2
 
 

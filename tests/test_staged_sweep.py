@@ -133,12 +133,15 @@ def test_constrained_selection_ranks_reports_for_the_scheduler_feasible_first():
 def test_asha_ranks_by_the_constrained_score_and_every_report_carries_it(trial_env):
     spec = spec_from_dict({"preset": A, "select": {"metric": "hist_kl", "where": {"mode_purity": {"min": 0.9}}},
                            "param_space": {"schedule": {"iterations": 3000, "warmup": 1000, "eval_every": 1000}},
-                           "scheduler": {"type": "asha", "grace_period": 1000}}, "t.yaml")
+                           "scheduler": {"type": "asha", "grace_period": 2000}}, "t.yaml")
     stage = spec.plan("full")[0][0]
     assert _scheduler(stage, spec, spec.configs("full"))._metric == SCORE_KEY
     plain = spec_from_dict({"preset": A, "param_space": {"schedule": {"iterations": 3000, "warmup": 1000, "eval_every": 1000}},
                             "scheduler": {"type": "asha"}}, "t.yaml")
     assert _scheduler(plain.plan("full")[0][0], plain, plain.configs("full"))._metric == "hist_kl"
+    # no grace_period: the first evaluation after the 1,000-iteration warm-up is ASHA's first rung
+    rungs = _scheduler(plain.plan("full")[0][0], plain, plain.configs("full"))._brackets[0]._rungs
+    assert min(milestone for milestone, _ in rungs) == 2000
 
     ctx, reports = trial_env
     ctx = dataclasses.replace(ctx, select=spec.select)

@@ -128,10 +128,20 @@ BAD = [
      r"no_reports.yaml: scheduler: asha stops trials on their intermediate evaluations, but variant 0 "
      r"8gaussians/sintro \(full\) makes none: schedule.eval_every is 0 with schedule.iterations 30000; allowed "
      r"eval_every in \[1, 29999\] \(set param_space.schedule.eval_every\), or drop the scheduler"),
-    ("short_max_t.yaml", "preset: 8gaussians/sintro\nscheduler: {type: asha, grace_period: 1000, max_t: 5000}\n"
+    ("short_max_t.yaml", "preset: 8gaussians/sintro\nscheduler: {type: asha, grace_period: 3000, max_t: 5000}\n"
      "param_space: {schedule: {eval_every: 1000}}\n",
      r"short_max_t.yaml: scheduler.max_t: 5000 would stop every trial before its schedule ends \(variant 0 "
      r"8gaussians/sintro \(full\): schedule.iterations 30000\); allowed integers >= 30000"),
+    ("warmup_rung.yaml", "preset: 8gaussians/mog-ip-lc\nscheduler: {type: asha, grace_period: 1000}\n"
+     "param_space: {schedule: {iterations: 5000, warmup: 1000, eval_every: 1000}}\n",
+     r"warmup_rung.yaml: scheduler.grace_period: 1000 falls within variant 0 8gaussians/mog-ip-lc \(full\)'s warm-up "
+     r"\(schedule.warmup 1000\), where objective.beta_neg and the adversarial game play no part; allowed \[1001, 4999\] "
+     r"\(leave it out for the first evaluation after the warm-up, iteration 2000\)"),
+    ("no_rung_after_warmup.yaml", "preset: 8gaussians/mog-ip-lc\nscheduler: {type: asha}\n"
+     "param_space: {schedule: {iterations: 5000, warmup: 4000, eval_every: 3000}}\n",
+     r"no_rung_after_warmup.yaml: scheduler: variant 0 8gaussians/mog-ip-lc \(full\) makes no evaluation between the "
+     r"end of its warm-up \(schedule.warmup 4000\) and its end \(schedule.iterations 5000\) with schedule.eval_every "
+     r"3000; lower eval_every or drop the scheduler"),
     ("epoch_scheduler.yaml", "preset: fmnist/mog10-ip-lc\nmetric: fid_fmnist_cnn\nscheduler: {type: asha}\n"
      "param_space: {schedule: {eval_every: 10}}\n",
      r"epoch_scheduler.yaml: scheduler: asha counts training iterations, but variant 0 fmnist/mog10-ip-lc \(full\) "
@@ -265,7 +275,8 @@ def test_staged_spaces_run_a_short_coarse_grid_with_asha_then_top3_full_then_thr
         (coarse, s1), (full, s2), (seeds, s3) = spec.plan()
         assert (s1, s2, s3) == ("quick", "full", "full")
         assert (spec.metric, spec.mode, spec.select.where) == ("hist_kl", "min", ())
-        assert coarse.scheduler.type == "asha" and coarse.scheduler.grace_period == 1000
+        assert (coarse.scheduler.type, coarse.scheduler.grace_period, coarse.scheduler.reduction_factor) == ("asha", 2000, 2)
+        assert coarse.scheduler.grace_period > spec.configs(s1, coarse)[0].schedule.warmup  # the rung follows the warm-up
         c = spec.configs(s1, coarse)[0]
         assert (c.schedule.iterations, c.schedule.eval_every) == (5_000, 1_000)
         assert full.top_k == 3 and spec.configs(s2, full)[0].schedule.iterations == 30_000
