@@ -275,7 +275,7 @@ def test_staged_spaces_run_a_short_coarse_grid_with_asha_then_top3_full_then_thr
         (coarse, s1), (full, s2), (seeds, s3) = spec.plan()
         assert (s1, s2, s3) == ("quick", "full", "full")
         assert (spec.metric, spec.mode, spec.select.where) == ("hist_kl", "min", ())
-        assert (coarse.scheduler.type, coarse.scheduler.grace_period, coarse.scheduler.reduction_factor) == ("asha", 2000, 2)
+        assert (coarse.scheduler.type, coarse.scheduler.grace_period, coarse.scheduler.reduction_factor) == ("asha", 4000, 2)
         assert coarse.scheduler.grace_period > spec.configs(s1, coarse)[0].schedule.warmup  # the rung follows the warm-up
         c = spec.configs(s1, coarse)[0]
         assert (c.schedule.iterations, c.schedule.eval_every) == (5_000, 1_000)
