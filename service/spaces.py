@@ -281,6 +281,16 @@ class SweepSpec:
                 _check_scheduler(stage, sh, configs, self)
 
 
+def train_command(preset: str, hparams: str | dict[str, Any], searched: tuple[str, ...] | list[str]) -> str:
+    """The ``jobs.train`` command line that trains a selected setting: its preset and the searched keys as
+    ``--set`` overrides (``objective.beta_neg`` resolved where a factor set it)."""
+    hparams = json.loads(hparams) if isinstance(hparams, str) else hparams
+    keys = [k for k in sorted(hparams) if k in searched or (k == "objective.beta_neg" and FACTOR_KEY in searched)]
+    sets = "".join(f" --set {k}={format(v, '.6g') if isinstance(v, float) else v}" for k, v in
+                   ((k, hparams[k]) for k in keys))
+    return f"python -m jobs.train --preset {preset}{sets}"
+
+
 def first_rung(schedule: Any) -> int:
     """The first evaluation after the warm-up: the default ASHA grace period (iterations)."""
     return (schedule.warmup // schedule.eval_every + 1) * schedule.eval_every

@@ -48,7 +48,7 @@ from .config import ConfigError, ExperimentConfig, flatten, to_dict
 from .ray_env import init_ray
 from .ray_train import failure_text
 from .spaces import (OPTIONAL_METRICS, Shrink, SpaceError, Stage, SweepSpec, Variant, constrained_frame, first_rung,
-                     pick_candidates, rank_settings, stage_variants)
+                     pick_candidates, rank_settings, stage_variants, train_command)
 from .sweep_lock import SweepLock
 from .sweep_resources import DRIVER_CPU, ResourcePlan, plan_resources
 from .sweep_trial import _trial, _TrialContext, config_sha, trial_config
@@ -465,7 +465,8 @@ def _selection_markdown(spec: SweepSpec, frames: list["pd.DataFrame"], progress:
     picks, notes = pick_candidates(frames[-1], spec.select, 1)
     lines += ["## Selected", ""] + [f"- {n}" for n in notes]
     lines += [f"- {p['preset']}: `{searched_params(p['params'], spec.searched)}` (mean {spec.metric} "
-              f"{p['score']:.4g} over seeds {p['seeds']})" for p in picks]
+              f"{p['score']:.4g} over seeds {p['seeds']}); train it: "
+              f"`{train_command(p['preset'], p['hparams'], spec.searched)}`" for p in picks]
     return "\n".join(lines) + "\n"
 
 

@@ -46,7 +46,11 @@ def test_staged_sweep_runs_each_stage_on_the_previous_stages_best_setting(staged
     assert [v["overrides"]["seed"] for v in candidates["variants"]] == [0, 1]
     progress = json.loads((root / "out" / "progress.json").read_text())
     assert [progress["stages"][n]["complete"] for n in ("coarse", "longer", "seeds")] == [True] * 3
-    assert "## Selected" in (root / "out" / "selection.md").read_text()
+    selection = (root / "out" / "selection.md").read_text()
+    assert "## Selected" in selection
+    beta_kl = json.loads(best["hparams"])["objective.beta_kl"]  # the command that trains the pick
+    command = f"python -m jobs.train --preset 8gaussians/mog-ip-lc --set objective.beta_kl={beta_kl:g}"
+    assert f"train it: `{command}`" in selection
     assert not (root / "out" / "sweep.lock").exists()
 
 

@@ -5,6 +5,7 @@ exercised end to end in test_e2e_sweep.py.
 """
 
 import itertools
+import json
 import math
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from jobs import sweep as sweep_job
 from service.config import ConfigError
 from service.presets import PRESETS
-from service.spaces import SpaceError, SpaceUnavailable, load_space, spec_from_dict, stated_trials
+from service.spaces import SpaceError, SpaceUnavailable, load_space, spec_from_dict, stated_trials, train_command
 from service.tables import FINAL_METRICS, PAPER_TABLE1, aggregate
 from service.sweep_resources import plan_resources
 
@@ -135,8 +136,8 @@ BAD = [
     ("warmup_rung.yaml", "preset: 8gaussians/mog-ip-lc\nscheduler: {type: asha, grace_period: 1000}\n"
      "param_space: {schedule: {iterations: 5000, warmup: 1000, eval_every: 1000}}\n",
      r"warmup_rung.yaml: scheduler.grace_period: 1000 falls within variant 0 8gaussians/mog-ip-lc \(full\)'s warm-up "
-     r"\(schedule.warmup 1000\), where objective.beta_neg and the adversarial game play no part; allowed \[1001, 4999\] "
-     r"\(leave it out for the first evaluation after the warm-up, iteration 2000\)"),
+     r"\(schedule.warmup 1000\), where objective.beta_neg and the adversarial game play no part; "
+     r"allowed \[1001, 4999\] \(leave it out for the first evaluation after the warm-up, iteration 2000\)"),
     ("no_rung_after_warmup.yaml", "preset: 8gaussians/mog-ip-lc\nscheduler: {type: asha}\n"
      "param_space: {schedule: {iterations: 5000, warmup: 4000, eval_every: 3000}}\n",
      r"no_rung_after_warmup.yaml: scheduler: variant 0 8gaussians/mog-ip-lc \(full\) makes no evaluation between the "
@@ -275,8 +276,9 @@ def test_staged_spaces_run_a_short_coarse_grid_with_asha_then_top3_full_then_thr
         (coarse, s1), (full, s2), (seeds, s3) = spec.plan()
         assert (s1, s2, s3) == ("quick", "full", "full")
         assert (spec.metric, spec.mode, spec.select.where) == ("hist_kl", "min", ())
-        assert (coarse.scheduler.type, coarse.scheduler.grace_period, coarse.scheduler.reduction_factor) == ("asha", 4000, 2)
-        assert coarse.scheduler.grace_period > spec.configs(s1, coarse)[0].schedule.warmup  # the rung follows the warm-up
+        sched = coarse.scheduler
+        assert (sched.type, sched.grace_period, sched.reduction_factor) == ("asha", 4000, 2)
+        assert sched.grace_period > spec.configs(s1, coarse)[0].schedule.warmup  # the rung follows the warm-up
         c = spec.configs(s1, coarse)[0]
         assert (c.schedule.iterations, c.schedule.eval_every) == (5_000, 1_000)
         assert full.top_k == 3 and spec.configs(s2, full)[0].schedule.iterations == 30_000
@@ -504,3 +506,23 @@ def test_kuberay_rayjob_runs_a_valid_sweep_on_cpu_and_gpu_worker_groups():
         (volume,) = pod["template"]["spec"]["volumes"]
         assert volume["name"] == mount["name"] and "persistentVolumeClaim" in volume
     assert len(images) == 1  # one image with the project installed
+
+
+def test_selection_names_the_train_command_that_reproduces_the_selected_setting():
+    """selection.md's "train it" line: the preset and the searched keys (beta_neg resolved from its factor)
+    as jobs.train --set overrides; applied to the preset they give the selected variant's objective."""
+    import shlex
+
+    from service.config import apply_overrides
+    from service.presets import get_preset
+
+    spec = load_space(SPACES / "staged_8gaussians_mog_ip_lc.yaml")
+    (v,) = [v for v in spec.variants if (v.overrides["objective.beta_rec"], v.overrides["objective.beta_kl"],
+                                         v.params["objective.beta_neg_factor"]) == (0.2, 0.05, 3)]
+    cmd = train_command(v.preset, json.dumps(v.hparams), spec.searched)
+    assert cmd == ("python -m jobs.train --preset 8gaussians/mog-ip-lc --set objective.beta_kl=0.05 "
+                   "--set objective.beta_neg=0.15 --set objective.beta_rec=0.2")  # eval.plots is not a choice
+    argv = shlex.split(cmd)
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    trained = apply_overrides(get_preset(argv[argv.index("--preset") + 1]), sets)
+    assert trained.objective == v.config("full").objective
