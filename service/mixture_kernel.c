@@ -113,7 +113,6 @@ typedef struct {
     float shift;                            /* max_m bias_m: the largest peak (set by run_tasks) */
 } Task;
 
-/* the rows of one block as D vectors; lanes past the end repeat the last row */
 /* column k of LANES rows of a (rows, D) array from row `start`; lanes past `rows` repeat the last row */
 static inline vf gather(const float *a, int64_t start, int64_t rows, int64_t k, const int64_t d) {
     float tmp[LANES];
@@ -130,6 +129,7 @@ static inline void scatter(vf v, float *a, int64_t start, int valid, int64_t k, 
     for (int i = 0; i < valid; ++i) a[(start + i) * d + k] = lanes[i];
 }
 
+/* the rows of one block as D vectors; lanes past the end repeat the last row */
 static inline int load_block(const Task *t, int64_t start, vf *zv) {
     const int64_t d = t->d;
     for (int64_t k = 0; k < d; ++k) zv[k] = gather(t->z, start, t->n, k, d);

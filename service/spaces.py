@@ -285,9 +285,8 @@ def train_command(preset: str, hparams: str | dict[str, Any], searched: tuple[st
     """The ``jobs.train`` command line that trains a selected setting: its preset and the searched keys as
     ``--set`` overrides (``objective.beta_neg`` resolved where a factor set it)."""
     hparams = json.loads(hparams) if isinstance(hparams, str) else hparams
-    keys = [k for k in sorted(hparams) if k in searched or (k == "objective.beta_neg" and FACTOR_KEY in searched)]
-    sets = "".join(f" --set {k}={format(v, '.6g') if isinstance(v, float) else v}" for k, v in
-                   ((k, hparams[k]) for k in keys))
+    sets = "".join(f" --set {k}={format(v, '.6g') if isinstance(v, float) else v}" for k, v in sorted(hparams.items())
+                   if k in searched or (k == "objective.beta_neg" and FACTOR_KEY in searched))
     return f"python -m jobs.train --preset {preset}{sets}"
 
 
