@@ -18,6 +18,9 @@ A space file holds:
   here, seeded, 6 significant digits: every variant is known and validated before Ray starts).
   Special key ``objective.beta_neg_factor: k`` sets ``objective.beta_neg = k * objective.beta_kl``
   (the paper's grid ``beta_neg = k * beta_kl``);
+- ``settings:`` optional list of explicit points, each a mapping like ``param_space`` with plain values
+  and the same keys in every point (e.g. the picks of an earlier selection to re-run); a grid
+  dimension (outside ``param_space``'s grid), its keys count as searched;
 - ``scheduler:`` ``{type: asha, grace_period, reduction_factor, max_t}`` (early stopping on the
   intermediate evaluations every ``schedule.eval_every`` iterations) or ``{type: fifo}``;
 - ``stages:`` a staged protocol: stage 1 runs the space; every later stage re-runs the ``top_k``
@@ -53,8 +56,8 @@ if TYPE_CHECKING:
 
 Shrink = Literal["full", "quick", "smoke"]
 SHRINKS = ("full", "quick", "smoke")
-TOP_KEYS = ("preset", "presets", "metric", "mode", "seeds", "smoke", "requires", "param_space", "search",
-            "scheduler", "select", "stages")
+TOP_KEYS = ("preset", "presets", "metric", "mode", "seeds", "smoke", "requires", "param_space", "settings",
+            "search", "scheduler", "select", "stages")
 FACTOR_KEY = "objective.beta_neg_factor"  # beta_neg = factor * beta_kl (SPEC §6.4)
 SAMPLERS = ("loguniform", "uniform", "choice")
 SEARCH_TYPES = ("grid", "random")
@@ -241,7 +244,7 @@ class SweepSpec:
     scheduler: Scheduler | None = None  # a plain space's; a staged space has one per stage
     select: Selection = Selection()
     stages: tuple[Stage, ...] = ()  # empty: a plain space (one stage)
-    searched: tuple[str, ...] = ()  # the dotted keys of param_space's grid_search and sampler leaves
+    searched: tuple[str, ...] = ()  # the dotted keys of settings:, and of param_space's grid_search and sampler leaves
 
     def configs(self, shrink: Shrink = "full", stage: Stage | None = None) -> list[ExperimentConfig]:
         """Every variant's validated config; errors name the file, the variant and the dotted key."""
@@ -604,18 +607,47 @@ def _stages(raw: Any, source: str, schema: dict[str, Any], searched: set[str]) -
     return tuple(out)
 
 
+def _settings(raw: Any, source: str, schema: dict[str, Any], flat: dict[str, list | Sampler]) -> list[dict[str, Any]]:
+    """``settings:`` -> explicit points ``[{dotted: value}]`` (``[{}]`` when absent); plain values, the
+    same keys in every point, none of them in ``param_space`` or the seed."""
+    if raw is None:
+        return [{}]
+    if not isinstance(raw, list) or not raw:
+        raise SpaceError(f"{source}: settings: expected a non-empty list of mappings (each like param_space, "
+                         f"with plain values), got {raw!r}")
+    points: list[dict[str, Any]] = []
+    for i, node in enumerate(raw):
+        key = f"settings[{i}]"
+        if not isinstance(node, dict) or not node:
+            raise SpaceError(f"{source}: {key}: expected a non-empty mapping like param_space, got {node!r}")
+        point = _flatten_space(node, "", source, schema, key)
+        for k, v in point.items():
+            if not isinstance(v, list) or len(v) != 1:
+                raise SpaceError(f"{source}: {key}.{k}: a setting holds plain values; searches belong in param_space")
+            if k == "seed":
+                raise SpaceError(f"{source}: {key}.seed: give seeds in the top-level seeds: list")
+            if k in flat:
+                raise SpaceError(f"{source}: {key}.{k}: also set in param_space; give each key in one place")
+        if points and set(point) != set(points[0]):
+            raise SpaceError(f"{source}: {key}: keys {sorted(point)} differ from settings[0]'s "
+                             f"{sorted(points[0])}; every setting names the same keys")
+        points.append({k: v[0] for k, v in point.items()})
+    return points
+
+
 def _expand(presets: list[tuple[str, dict]], flat: dict[str, list | Sampler], seeds: tuple[int, ...] | None,
-            search: Search, source: str) -> list[Variant]:
-    """presets x samples x grid x seeds, in that order (seeds innermost); samples are shared by presets."""
+            search: Search, source: str, points: list[dict[str, Any]] | None = None) -> list[Variant]:
+    """presets x samples x settings x grid x seeds, in that order (seeds innermost); samples are shared
+    by presets."""
     grid = {k: v for k, v in flat.items() if isinstance(v, list)}
     samplers = {k: v for k, v in flat.items() if isinstance(v, Sampler)}
     rng = random.Random(search.seed)
     draws = [{k: s.draw(rng) for k, s in samplers.items()} for _ in range(search.num_samples)] if samplers else [{}]
     variants = []
-    for (preset, fixed), draw in itertools.product(presets, draws):
+    for (preset, fixed), draw, point in itertools.product(presets, draws, points or [{}]):
         for combo in itertools.product(*grid.values()):
             chosen = {**dict(zip(grid, combo)), **draw}
-            params = {k: chosen[k] for k in flat}  # in the file's order
+            params = {**point, **{k: chosen[k] for k in flat}}  # in the file's order
             for seed in seeds or [None]:
                 overrides = _resolve(params, fixed, preset, source)
                 if seed is not None:
@@ -648,13 +680,15 @@ def spec_from_dict(data: Any, source: str, text: str = "") -> SweepSpec:
     seeds = _seeds(data.get("seeds"), source, "seeds")
     if seeds is not None and "seed" in flat:
         raise SpaceError(f"{source}: seeds: and param_space.seed both set; give one of them")
-    searched = tuple(k for k, v in flat.items() if isinstance(v, Sampler) or len(v) > 1)
+    points = _settings(data.get("settings"), source, schema, flat)
+    searched = (*points[0], *(k for k, v in flat.items() if isinstance(v, Sampler) or len(v) > 1))
     stages = _stages(data.get("stages"), source, schema, set(searched))
     scheduler = _scheduler(data.get("scheduler"), source, "scheduler")
     if stages and scheduler is not None:
         raise SpaceError(f"{source}: scheduler: a staged space gives each stage its own (stages[i].scheduler)")
-    variants = _expand(presets, flat, seeds, search, source)
+    variants = _expand(presets, flat, seeds, search, source, points)
     varying = tuple(k for k, vals in [("preset", [p for p, _ in presets]), ("seed", seeds or [None]),
+                                      *((k, list(dict.fromkeys(str(p[k]) for p in points))) for k in points[0]),
                                       *((k, v if isinstance(v, list) else [0, 1]) for k, v in flat.items())]
                     if len(vals) > 1)
     spec = SweepSpec(source=source, name=Path(source).stem, metric=select.metric, mode=select.mode, smoke=is_smoke,

@@ -185,6 +185,23 @@ BAD = [
     ("bad_factor.yaml", "preset: 8gaussians/sintro\nparam_space:\n  objective: {beta_neg_factor: {grid_search: [1, 0]}}\n",
      r"bad_factor.yaml: param_space.objective.beta_neg_factor: 0 is not a positive number"),
     ("not_yaml.yaml", "preset: [8gaussians/sintro\n", r"not_yaml.yaml: not valid YAML"),
+    ("settings_grid.yaml", "preset: 8gaussians/sintro\nsettings:\n  - {objective: {beta_kl: {grid_search: [0.1, 0.2]}}}\n",
+     r"settings_grid.yaml: settings\[0\].objective.beta_kl: a setting holds plain values; searches belong in param_space"),
+    ("settings_keys.yaml", "preset: 8gaussians/sintro\nsettings:\n  - {objective: {beta_kl: 0.1}}\n"
+     "  - {objective: {beta_rec: 0.2}}\n",
+     r"settings_keys.yaml: settings\[1\]: keys \['objective.beta_rec'\] differ from settings\[0\]'s "
+     r"\['objective.beta_kl'\]; every setting names the same keys"),
+    ("settings_twice.yaml", "preset: 8gaussians/sintro\nparam_space: {objective: {beta_kl: 0.3}}\nsettings:\n"
+     "  - {objective: {beta_kl: 0.1}}\n",
+     r"settings_twice.yaml: settings\[0\].objective.beta_kl: also set in param_space; give each key in one place"),
+    ("settings_unknown.yaml", "preset: 8gaussians/sintro\nsettings:\n  - {objective: {beta_kll: 0.1}}\n",
+     r"settings_unknown.yaml: settings\[0\].objective.beta_kll: unknown key; known keys are \[.*'beta_kl'"),
+    ("settings_seed.yaml", "preset: 8gaussians/sintro\nsettings:\n  - {seed: 3}\n",
+     r"settings_seed.yaml: settings\[0\].seed: give seeds in the top-level seeds: list"),
+    ("settings_empty.yaml", "preset: 8gaussians/sintro\nsettings: []\n",
+     r"settings_empty.yaml: settings: expected a non-empty list of mappings"),
+    ("settings_value.yaml", "preset: 8gaussians/sintro\nsettings:\n  - {objective: {beta_kl: -0.1}}\n",
+     r"settings_value.yaml: variant 0 .*objective.beta_kl: -0.1 is out of range"),
 ]
 
 
@@ -289,6 +306,43 @@ def test_staged_spaces_run_a_short_coarse_grid_with_asha_then_top3_full_then_thr
     assert [c.schedule for c in grid.configs("quick", grid.stages[0])] == \
         [c.schedule for c in staged.configs("quick", staged.stages[0])]  # trials that finish are identical
     assert grid.stages[0].scheduler is None and staged.stages[0].scheduler.type == "asha"
+
+
+def test_settings_are_explicit_points_times_the_grid_and_seeds_and_count_as_searched():
+    """settings: re-runs named points (here stage 1's picks of the staged IP + LC selection): each point is
+    one setting (not a product of its values), crossed with param_space's grid and the seeds."""
+    spec = spec_from_dict({"preset": "8gaussians/mog-ip-lc", "seeds": [0, 1],
+                           "settings": [{"objective": {"beta_rec": 0.8, "beta_kl": 0.05, "beta_neg_factor": 1}},
+                                        {"objective": {"beta_rec": 0.2, "beta_kl": 0.3, "beta_neg_factor": 5}}],
+                           "param_space": {"prior": {"lr": {"grid_search": [1e-3, 2e-3]}}}}, "pts.yaml")
+    got = [(v.overrides["objective.beta_rec"], v.overrides["objective.beta_kl"], v.overrides["objective.beta_neg"],
+            v.overrides["prior.lr"], v.overrides["seed"]) for v in spec.variants]
+    assert got == [(0.8, 0.05, 0.05, 1e-3, 0), (0.8, 0.05, 0.05, 1e-3, 1), (0.8, 0.05, 0.05, 2e-3, 0),
+                   (0.8, 0.05, 0.05, 2e-3, 1), (0.2, 0.3, 1.5, 1e-3, 0), (0.2, 0.3, 1.5, 1e-3, 1),
+                   (0.2, 0.3, 1.5, 2e-3, 0), (0.2, 0.3, 1.5, 2e-3, 1)]
+    assert set(spec.searched) == {"objective.beta_rec", "objective.beta_kl", "objective.beta_neg_factor",
+                                  "prior.lr"}
+    assert {"objective.beta_rec", "objective.beta_kl", "objective.beta_neg_factor", "seed"} <= set(spec.varying)
+    cmd = train_command(spec.variants[0].preset, spec.variants[0].hparams, spec.searched)
+    assert cmd == ("python -m jobs.train --preset 8gaussians/mog-ip-lc --set objective.beta_kl=0.05 "
+                   "--set objective.beta_neg=0.05 --set objective.beta_rec=0.8 --set prior.lr=0.001")
+    # the file that continues the IP + LC staged selection from its stage 1's three picks
+    full = load_space(SPACES / "staged_8gaussians_mog_ip_lc_full.yaml")
+    picks = [(v.overrides["objective.beta_rec"], v.overrides["objective.beta_kl"], v.overrides["objective.beta_neg"])
+             for v in full.variants]
+    assert picks == [(0.8, 0.05, 0.05), (0.8, 0.2, 1.0), (0.2, 0.3, 1.5)]
+    (first, s1), (seeds, s2) = full.plan()
+    assert (s1, s2, seeds.top_k, seeds.seeds) == ("full", "full", 1, (0, 1, 2))
+    assert {c.schedule.iterations for c in full.configs(s1, first)} == {30_000}
+    staged = load_space(SPACES / "staged_8gaussians_mog_ip_lc.yaml")  # the same trials as the original's stage 2
+    (_, _), (stage2, _), _ = staged.plan()
+    same = [v for v in staged.variants if (v.overrides["objective.beta_rec"], v.overrides["objective.beta_kl"],
+                                           v.overrides["objective.beta_neg"]) in picks]
+    assert [c for c in full.configs("full", first)] == [v.config("full", stage2.overrides) for v in
+                                                        sorted(same, key=lambda v: picks.index(
+                                                            (v.overrides["objective.beta_rec"],
+                                                             v.overrides["objective.beta_kl"],
+                                                             v.overrides["objective.beta_neg"])))]
 
 
 def test_quick_and_smoke_flags_shrink_every_variant(tmp_path):
