@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.spaces import Selection, pick_candidates, rank_settings
+from service.selection import Selection, pick_candidates, rank_settings
 from service.tuning import PROGRESS_FILE, searched_params
 
 

@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from service.spaces import OPTIONAL_METRICS, Selection, constrained_frame
+from service.selection import Selection, constrained_frame
+from service.spaces import OPTIONAL_METRICS
 from service.tables import FINAL_METRICS, aggregate
 
 

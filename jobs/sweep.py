@@ -111,7 +111,7 @@ def register_champions(spec, df, tracking_uri: str | None) -> list[tuple[str, st
     """
     from service.mlflow_model import CHAMPION, RegistrationError, default_model_name, register
     from service.ray_train import default_tracking_uri
-    from service.spaces import pick_candidates
+    from service.selection import pick_candidates
 
     last = df[df["stage"] == df["stage"].max()]
     picks, _ = pick_candidates(last, spec.select, 1)

@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 from .config import ExperimentConfig, apply_overrides, flatten, to_dict
 from .ray_train import failure_text
-from .spaces import OPTIONAL_METRICS, SCORE_KEY, Selection, Shrink, Variant
+from .selection import SCORE_KEY, Selection
+from .spaces import OPTIONAL_METRICS, Shrink, Variant
 from .tables import FINAL_METRICS
 
 REPORTED = tuple(dict.fromkeys(FINAL_METRICS + OPTIONAL_METRICS))  # eval/* names forwarded to Tune

@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 from .config import ConfigError, ExperimentConfig, flatten, to_dict
 from .ray_env import init_ray
 from .ray_train import failure_text
-from .spaces import (OPTIONAL_METRICS, Shrink, SpaceError, Stage, SweepSpec, Variant, constrained_frame, first_rung,
-                     pick_candidates, rank_settings, stage_variants, train_command)
+from .selection import constrained_frame, pick_candidates, rank_settings
+from .spaces import (OPTIONAL_METRICS, Shrink, SpaceError, Stage, SweepSpec, Variant, first_rung, stage_variants,
+                     train_command)
 from .sweep_lock import SweepLock
 from .sweep_resources import DRIVER_CPU, ResourcePlan, plan_resources
 from .sweep_trial import _trial, _TrialContext, config_sha, trial_config

@@ -25,7 +25,7 @@ def staged(tmp_path_factory, ray_local):
 def test_staged_sweep_runs_each_stage_on_the_previous_stages_best_setting(staged):
     import pandas as pd
 
-    from service.spaces import Selection, rank_settings
+    from service.selection import Selection, rank_settings
 
     root, _, rc = staged
     assert rc == 0

@@ -17,7 +17,7 @@ CORE = ["service.config", "service.gaussian", "service.priors", "service.network
         "service.objectives", "service.step", "service.loop", "service.ex_post", "service.data", "service.images",
         "service.sampling", "service.evaluation", "service.checkpoint", "service.presets", "service.tracking",
         "service.distributed", "service.plots", "service.feature_extractor", "service.image_eval",
-        "service.spaces", "service.tables"]
+        "service.spaces", "service.selection", "service.tables"]
 METRICS = [f"service.metrics.{m.name}" for m in pkgutil.iter_modules(service.metrics.__path__)]
 FORBIDDEN = ("ray", "mlflow", "fastapi")
 

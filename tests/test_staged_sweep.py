@@ -18,8 +18,8 @@ import pytest
 
 from jobs import compare_selection
 from jobs import sweep as sweep_job
-from service.spaces import (INFEASIBLE, SCORE_KEY, Scheduler, Selection, Stage, Variant, constrained_frame, pick_candidates, rank_settings,
-                            spec_from_dict, stage_variants)
+from service.selection import INFEASIBLE, SCORE_KEY, Selection, constrained_frame, pick_candidates, rank_settings
+from service.spaces import Scheduler, Stage, Variant, spec_from_dict, stage_variants
 from service.step import TrainingDiverged
 from service.sweep_lock import SweepLock, SweepLocked
 from service.sweep_trial import _trial, _TrialContext, failure_kind, new_evaluations, trial_config
