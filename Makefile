@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m jobs.train --preset 8gaussians/mog-ip-lc-modes --quick --workers 2 --output-dir runs/quick-8gaussians-mog-ip-lc-modes
+	$(PY) -m jobs.train --preset 8gaussians/mog-ip-lc-selected --quick --workers 2 --output-dir runs/quick-8gaussians-mog-ip-lc-selected
 
 # pytest-xdist: TEST_WORKERS processes; a module runs whole on one of them (its fixtures, its one Ray
 # instance, once), the slowest modules first (tests/conftest.py). TEST_WORKERS=0: one process, in order.

@@ -1,6 +1,7 @@
 """2D presets: SG as the paper ran it (paper Table 3), the official S-Intro VAE betas by name, MoG unchanged."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +87,26 @@ def test_modes_preset_is_the_sharp_preset_with_beta_rec_doubled():
     assert dataclasses.replace(modes.objective, beta_rec=sharp.objective.beta_rec) == sharp.objective
     assert modes.prior == sharp.prior and modes.schedule == sharp.schedule
     assert modes.name == "8gaussians/mog-ip-lc-modes"
+
+
+def test_selected_preset_is_ip_lc_at_the_betas_of_the_staged_selection_files():
+    """The preset, the stage-2 file's pick and the seeds file are one setting (the seeds file's trials are the
+    selection's run with another seed)."""
+    from service.spaces import load_space
+
+    base, sel = get_preset("8gaussians/mog-ip-lc"), get_preset("8gaussians/mog-ip-lc-selected")
+    assert (sel.objective.beta_rec, sel.objective.beta_kl, sel.objective.beta_neg) == (0.8, 0.2, 1.0)
+    assert dataclasses.replace(sel.objective, beta_rec=0.2, beta_kl=0.3, beta_neg=0.9) == base.objective
+    assert (sel.prior, sel.schedule, sel.optim, sel.seed) == (base.prior, base.schedule, base.optim, base.seed)
+    spaces = Path(__file__).resolve().parents[1] / "tune_spaces"
+    staged = load_space(spaces / "staged_8gaussians_mog_ip_lc_full.yaml")
+    seeds = load_space(spaces / "seeds_8gaussians_mog_ip_lc_selected.yaml")
+    picked = [v.config("full") for v in staged.variants]
+    assert sel.objective in [c.objective for c in picked]
+    assert {v.config("full").objective for v in seeds.variants} == {sel.objective}
+    assert [v.overrides["seed"] for v in seeds.variants] == [1, 2]  # seed 0 is the selection's own run
+    run = (spaces.parent / "Makefile").read_text().split("\nrun:")[1].split("\n\n")[0]
+    assert "--preset 8gaussians/mog-ip-lc-selected --quick" in run  # make run trains it
 
 
 def test_ex_post_preset_is_the_papers_ip_lc_with_the_refit_switched_on():
