@@ -3,7 +3,7 @@ CPU milliseconds per request of each process), and a fuzz of malformed and hosti
 
 Start Serve in-process on a checkpoint, measure its cold start, then run with and without batching
 (the issue's comparison; the one command to re-measure, run it alone on the machine):
-    python -m jobs.load_test --checkpoint runs/quick-8gaussians-mog-ip-lc-modes/checkpoint.pt
+    python -m jobs.load_test --checkpoint runs/quick-8gaussians-mog-ip-lc-selected/checkpoint.pt
     ... --ray-serve-defaults    the same with Ray Serve's default switches (before SERVE_FAST_PATH_ENV)
 Against a running server (``python -m jobs.serve ...``); ``--server-pid`` adds its processes' CPU:
     python -m jobs.load_test --url http://127.0.0.1:8000 --clients 8 --requests 400 [--server-pid PID]

@@ -168,6 +168,8 @@ def using_store(uri: str | None) -> Iterator[None]:
 def register(tracking_uri: str, run_id: str, name: str, alias: str | None = None) -> Any:
     """A new version of registered model ``name`` from the run's logged model (``alias`` moved onto it).
 
+    Idempotent: where a version of ``name`` already holds that logged model (a resumed sweep or run
+    registering its pick again), that version is returned (and the alias moved onto it), not a copy.
     Raises ``RegistrationError`` when the store has no registry or refuses (the message says which store).
     """
     from mlflow.exceptions import MlflowException
@@ -186,9 +188,14 @@ def register(tracking_uri: str, run_id: str, name: str, alias: str | None = None
         except MlflowException:
             client.create_registered_model(name, description="introprior: a Soft-Intro VAE with a learned prior "
                                                               "(pyfunc: n, mode, temperature, seed -> samples)")
-        with using_store(tracking_uri):  # the registry resolves the models:/ source through the fluent URI
-            version = client.create_model_version(name, source=model.model_uri, run_id=run_id,
-                                                  model_id=model.model_id)
+        same = [v for v in client.search_model_versions(f"name = '{name}'")
+                if v.run_id == run_id and v.source == model.model_uri]  # (search leaves model_id empty)
+        if same:
+            version = max(same, key=lambda v: int(v.version))
+        else:
+            with using_store(tracking_uri):  # the registry resolves the models:/ source through the fluent URI
+                version = client.create_model_version(name, source=model.model_uri, run_id=run_id,
+                                                      model_id=model.model_id)
         if alias:
             client.set_registered_model_alias(name, alias, version.version)
     except MlflowException as e:

@@ -467,6 +467,22 @@ def expected_samples(smoke_checkpoint: Path, n: int, mode: int, seed: int, shift
     return (x + shift).tolist()
 
 
+def test_registering_a_logged_model_again_returns_its_version_instead_of_a_copy(registry: dict[str, str]) -> None:
+    """A resumed sweep registers its champion again: the registry keeps one version per logged model."""
+    from mlflow.tracking import MlflowClient
+
+    from service.mlflow_model import CHAMPION, register
+
+    client = MlflowClient(registry["uri"], registry_uri=registry["uri"])
+    before = sorted((int(v.version), v.run_id) for v in client.search_model_versions(f"name = '{MODEL}'"))
+    again_b = register(registry["uri"], registry["b"], MODEL, alias=CHAMPION)
+    again_a = register(registry["uri"], registry["a"], MODEL)
+    after = sorted((int(v.version), v.run_id) for v in client.search_model_versions(f"name = '{MODEL}'"))
+    assert after == before and len(before) == 2
+    assert (again_a.run_id, again_b.run_id) == (registry["a"], registry["b"]) and again_a.version != again_b.version
+    assert client.get_model_version_by_alias(MODEL, CHAMPION).version == again_b.version
+
+
 def test_mlflow_models_serve_by_alias(registry: dict[str, str], smoke_checkpoint: Path) -> None:
     """``mlflow models serve -m models:/<name>@champion --env-manager local`` (offline) answers /invocations."""
     port = free_port()
