@@ -464,7 +464,13 @@ def _selection_markdown(spec: SweepSpec, frames: list["pd.DataFrame"], progress:
                              + f"`{searched_params(r['params'], spec.searched)}` |")
         lines.append("")
     picks, notes = pick_candidates(frames[-1], spec.select, 1)
-    lines += ["## Selected", ""] + [f"- {n}" for n in notes]
+    unfinished = int((frames[-1]["status"] == "incomplete").sum())
+    not_run = [s.name for s in spec.stages[len(frames):]]
+    why = ([f"{unfinished} trial(s) of stage {frames[-1]['stage_name'].iloc[0]} did not finish"] if unfinished else []) \
+        + ([f"stage(s) {', '.join(not_run)} have not run"] if not_run else [])
+    lines += ["## Selected" + (" so far (provisional)" if why else ""), ""]
+    lines += [f"- provisional: {'; '.join(why)}; run the same command again to complete the selection"] if why else []
+    lines += [f"- {n}" for n in notes]
     lines += [f"- {p['preset']}: `{searched_params(p['params'], spec.searched)}` (mean {spec.metric} "
               f"{p['score']:.4g} over seeds {p['seeds']}); train it: "
               f"`{train_command(p['preset'], p['hparams'], spec.searched)}`" for p in picks]

@@ -357,3 +357,24 @@ def test_compare_selection_reports_agreement_rank_and_cost(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Agreement: 0 of 1 presets." in out and "2 of 3" in out
     assert compare_selection.main([str(tmp_path / "grid"), str(tmp_path / "nowhere")]) == 2
+
+
+def test_selection_md_calls_a_pick_provisional_while_trials_or_stages_are_unfinished():
+    """An interrupted staged sweep still writes selection.md: its pick is marked provisional, saying why."""
+    from service.tuning import _selection_markdown
+
+    spec = spec_from_dict({"preset": A, "param_space": {"objective": {"beta_kl": {"grid_search": [0.1, 0.3]}}},
+                           "stages": [{"name": "coarse", "shrink": "smoke"},
+                                      {"name": "seeds", "shrink": "smoke", "seeds": [0, 1]}]}, "p.yaml")
+    progress = {"stages": {"coarse": {"wall_s": 60.0}}}
+    df = _rows((A, 0.1, 0, "ok", 3.0, 0.9), (A, 0.3, 0, "incomplete", math.nan, math.nan))
+    df = df.assign(reused_from=None, trained_iterations=[12, 5])
+    md = _selection_markdown(spec, [df], progress)
+    assert "## Selected so far (provisional)" in md
+    assert ("- provisional: 1 trial(s) of stage coarse did not finish; stage(s) seeds have not run; run the same "
+            "command again to complete the selection") in md
+    assert "train it: `python -m jobs.train --preset 8gaussians/mog-ip-lc --set objective.beta_kl=0.1`" in md
+    done = df.assign(status="ok", hist_kl=[3.0, 4.0])
+    second = done[done["hparams"] == done["hparams"].iloc[0]].assign(stage=2, stage_name="seeds")
+    md = _selection_markdown(spec, [done, second], {"stages": {"coarse": {}, "seeds": {}}})
+    assert "## Selected\n" in md and "provisional" not in md
