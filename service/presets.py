@@ -248,9 +248,10 @@ def selected_8gaussians() -> ExperimentConfig:
     0.015 (0.8 / 0.05 / 0.05: KL 72.4, purity 0.95, 7 modes). At the quick schedule (1 worker, seed 0):
     KL 5.0, purity 1.00. Seed 1 (``tune_spaces/seeds_8gaussians_mog_ip_lc_selected.yaml``): KL 29.1, JSD
     8.45, gnELBO 0.58, purity 1.00, 8 / 8 modes, ``mode_share_tv`` 0.018. Pure, even modes on both seeds;
-    the KL is 15x SG's (1.89) and the gnELBO misses the paper's 0.26 (README "Mode purity"). Train it with ``python -m jobs.train --preset 8gaussians/mog-ip-lc-selected`` (the
-    same as ``--preset 8gaussians/mog-ip-lc --set objective.beta_rec=0.8 --set objective.beta_kl=0.2
-    --set objective.beta_neg=1``).
+    the KL is 15x SG's (1.89) and the gnELBO misses the paper's 0.26 (README "Mode purity"). Train it
+    with ``python -m jobs.train --preset 8gaussians/mog-ip-lc-selected`` (the same as ``--preset
+    8gaussians/mog-ip-lc --set objective.beta_rec=0.8 --set objective.beta_kl=0.2 --set
+    objective.beta_neg=1``).
     """
     cfg = toy_preset("8gaussians", "mog-ip-lc")
     return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-selected",

@@ -62,7 +62,6 @@ class Selection:
         return {"metric": self.metric, "mode": self.mode, **({"where": where} if where else {})}
 
 
-
 def rank_settings(df: "pd.DataFrame", select: Selection) -> "pd.DataFrame":
     """Per preset, every hyperparameter setting with a completed trial, best first.
 

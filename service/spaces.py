@@ -569,9 +569,9 @@ def _settings(raw: Any, source: str, schema: dict[str, Any], flat: dict[str, lis
         key = f"settings[{i}]"
         if not isinstance(node, dict) or not node:
             raise SpaceError(f"{source}: {key}: expected a non-empty mapping like param_space, got {node!r}")
-        point = _flatten_space(node, "", source, schema, key)
+        point = _flatten_space(node, "", source, schema, key)  # search "grid": no sampler leaves
         for k, v in point.items():
-            if not isinstance(v, list) or len(v) != 1:
+            if len(v) != 1:
                 raise SpaceError(f"{source}: {key}.{k}: a setting holds plain values; searches belong in param_space")
             if k == "seed":
                 raise SpaceError(f"{source}: {key}.seed: give seeds in the top-level seeds: list")
@@ -585,7 +585,7 @@ def _settings(raw: Any, source: str, schema: dict[str, Any], flat: dict[str, lis
 
 
 def _expand(presets: list[tuple[str, dict]], flat: dict[str, list | Sampler], seeds: tuple[int, ...] | None,
-            search: Search, source: str, points: list[dict[str, Any]] | None = None) -> list[Variant]:
+            search: Search, source: str, points: list[dict[str, Any]]) -> list[Variant]:
     """presets x samples x settings x grid x seeds, in that order (seeds innermost); samples are shared
     by presets."""
     grid = {k: v for k, v in flat.items() if isinstance(v, list)}
@@ -593,7 +593,7 @@ def _expand(presets: list[tuple[str, dict]], flat: dict[str, list | Sampler], se
     rng = random.Random(search.seed)
     draws = [{k: s.draw(rng) for k, s in samplers.items()} for _ in range(search.num_samples)] if samplers else [{}]
     variants = []
-    for (preset, fixed), draw, point in itertools.product(presets, draws, points or [{}]):
+    for (preset, fixed), draw, point in itertools.product(presets, draws, points):
         for combo in itertools.product(*grid.values()):
             chosen = {**dict(zip(grid, combo)), **draw}
             params = {**point, **{k: chosen[k] for k in flat}}  # in the file's order

@@ -328,21 +328,18 @@ def test_settings_are_explicit_points_times_the_grid_and_seeds_and_count_as_sear
                    "--set objective.beta_neg=0.05 --set objective.beta_rec=0.8 --set prior.lr=0.001")
     # the file that continues the IP + LC staged selection from its stage 1's three picks
     full = load_space(SPACES / "staged_8gaussians_mog_ip_lc_full.yaml")
-    picks = [(v.overrides["objective.beta_rec"], v.overrides["objective.beta_kl"], v.overrides["objective.beta_neg"])
-             for v in full.variants]
+    def betas(v):
+        return v.overrides["objective.beta_rec"], v.overrides["objective.beta_kl"], v.overrides["objective.beta_neg"]
+
+    picks = [betas(v) for v in full.variants]
     assert picks == [(0.8, 0.05, 0.05), (0.8, 0.2, 1.0), (0.2, 0.3, 1.5)]
     (first, s1), (seeds, s2) = full.plan()
     assert (s1, s2, seeds.top_k, seeds.seeds) == ("full", "full", 1, (0, 1, 2))
     assert {c.schedule.iterations for c in full.configs(s1, first)} == {30_000}
     staged = load_space(SPACES / "staged_8gaussians_mog_ip_lc.yaml")  # the same trials as the original's stage 2
     (_, _), (stage2, _), _ = staged.plan()
-    same = [v for v in staged.variants if (v.overrides["objective.beta_rec"], v.overrides["objective.beta_kl"],
-                                           v.overrides["objective.beta_neg"]) in picks]
-    assert [c for c in full.configs("full", first)] == [v.config("full", stage2.overrides) for v in
-                                                        sorted(same, key=lambda v: picks.index(
-                                                            (v.overrides["objective.beta_rec"],
-                                                             v.overrides["objective.beta_kl"],
-                                                             v.overrides["objective.beta_neg"])))]
+    same = sorted((v for v in staged.variants if betas(v) in picks), key=lambda v: picks.index(betas(v)))
+    assert full.configs("full", first) == [v.config("full", stage2.overrides) for v in same]
 
 
 def test_quick_and_smoke_flags_shrink_every_variant(tmp_path):
