@@ -179,6 +179,16 @@ def data_mode_table(extra: dict[str, Any], weights: Tensor) -> DataModes | None:
     return table
 
 
+def stored_decoder_sigma(state: dict[str, Any], data_shape: tuple[int, ...]) -> float | None:
+    """The calibrated decoder sigma that the 2D evaluation stored with the final metrics (checkpoint
+    ``extra["metrics"]["decoder_sigma"]``); None for images, for checkpoints without it and for a value
+    that is not a finite number >= 0."""
+    value = state.get("extra", {}).get("metrics", {}).get("decoder_sigma")
+    if len(data_shape) != 1 or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
+
+
 def component_spec(mode: int | list[int] | None, n: int) -> int | Tensor | None:
     """``mode`` of a request as ``Prior.sample``'s ``component``: a list becomes round-robin (n,)."""
     if mode is None or isinstance(mode, int):
@@ -189,13 +199,14 @@ def component_spec(mode: int | list[int] | None, n: int) -> int | Tensor | None:
 @torch.no_grad()
 def sample_many(model: Model, requests: list[SamplesRequest], *, chunk: int = 1 << 30,
                 deadline: Deadline = NO_DEADLINE, data_modes: DataModes | None = None,
-                components: Components | None = None) -> list[SampleResult]:
+                components: Components | None = None, decoder_sigma: float | None = None) -> list[SampleResult]:
     """Latents per request from its own seeded generator, then the decoder over all of them in chunks.
 
     For a single request this is exactly ``sampling.sample(model, n, component=..., seed=...)``; a
     ``data_mode`` request first draws its components from ``data_modes[k]`` with the same generator.
     ``components``: the prior's ``components()``, computed once by a server (the soft-clip and the
-    softmax of the weights are otherwise recomputed for every request).
+    softmax of the weights are otherwise recomputed for every request). A ``decoder_noise`` request
+    then gets ``decoder_sigma`` times noise from its own generator (``sampling.sample``'s order).
     """
     comps = components if components is not None else model.prior.components(detach=True)
     draws = []
@@ -209,11 +220,16 @@ def sample_many(model: Model, requests: list[SamplesRequest], *, chunk: int = 1 
             members, probs = data_modes[r.data_mode]
             component = members[torch.multinomial(probs, r.n, replacement=True, generator=gen)]
         z, idx = draw(comps, r.n, gen, component, temperature=r.temperature)
-        draws.append((z, idx, seed))
-    (x,) = _map_chunks(model.decoder, torch.cat([z for z, _, _ in draws]), chunk, deadline)  # (sum n, *data_shape)
+        draws.append((z, idx, seed, gen))
+    (x,) = _map_chunks(model.decoder, torch.cat([z for z, *_ in draws]), chunk, deadline)  # (sum n, *data_shape)
     _no_nonfinite_output(x, "these samples")
-    xs = x.split([r.n for r in requests])
-    return [SampleResult(xi, z, idx, seed) for xi, (z, idx, seed) in zip(xs, draws)]
+    xs = list(x.split([r.n for r in requests]))
+    for i, r in enumerate(requests):
+        if r.decoder_noise:
+            if decoder_sigma is None:  # SamplesRequest.check refuses it first
+                raise RequestError("decoder_noise", "this model has no calibrated decoder sigma; allowed false")
+            xs[i] = sampling.add_decoder_noise(xs[i], decoder_sigma, draws[i][3])
+    return [SampleResult(xi, z, idx, seed) for xi, (z, idx, seed, _) in zip(xs, draws)]
 
 
 _MATPLOTLIB = threading.Lock()  # pyplot-free figures, but font caches are shared between threads
@@ -306,7 +322,8 @@ class Sampler:
         self.data_modes = data_mode_table(state.get("extra", {}), self.components.weights)
         self.limits = Limits(args.max_samples, args.max_points, args.max_steps, model.prior.num_components,
                              self.data_shape, args.max_abs_value, args.max_request_bytes,
-                             None if self.data_modes is None else tuple(self.data_modes))
+                             None if self.data_modes is None else tuple(self.data_modes),
+                             stored_decoder_sigma(state, self.data_shape))
         per_item = max(activation_bytes_per_item(model.decoder, torch.zeros(2, self.latent_dim)),
                        activation_bytes_per_item(model.encoder, torch.zeros(2, *self.data_shape)))
         self.chunk = max(1, args.decode_chunk_bytes // per_item)  # items per decoder / encoder call
@@ -336,6 +353,7 @@ class Sampler:
                 "data_modes": self.data_modes_json(),
                 "mode_shares": self.mode_shares_json(),
                 "data_shape": list(self.data_shape),
+                "decoder_sigma": self.limits.decoder_sigma,
                 "metrics": json_safe(self.state.get("extra", {}).get("metrics", {})),
                 "checkpoint": {"source": self.args.checkpoint, "path": self.path, "sha256": self.sha256,
                                "iteration": int(self.state["iteration"]),
@@ -400,7 +418,7 @@ class Sampler:
 
     def sample_batch(self, requests: list[SamplesRequest], deadline: Deadline = NO_DEADLINE) -> list[SampleResult]:
         return sample_many(self.model, requests, chunk=self.chunk, deadline=deadline, data_modes=self.data_modes,
-                           components=self.components)
+                           components=self.components, decoder_sigma=self.limits.decoder_sigma)
 
     def render(self, result: SampleResult, fmt: str, deadline: Deadline = NO_DEADLINE) -> Rendered:
         deadline.check()

@@ -131,6 +131,7 @@ class Limits:
     max_abs_value: float = 1e4
     max_request_bytes: int = 64 * MiB
     data_modes: tuple[int, ...] | None = None  # data modes some active component stands for; None: no labels
+    decoder_sigma: float | None = None  # the calibrated Gaussian decoder's sigma; None: not measured (images, old runs)
 
     @property
     def values_per_item(self) -> int:
@@ -171,6 +172,8 @@ class Limits:
             "data": f"a list of 1 to {self.max_points} items of shape {list(self.data_shape)}, numbers with "
                     f"|x| <= {self.max_abs_value:g}",
             "stochastic": "true or false",
+            "decoder_noise": ("false (this model has no calibrated decoder sigma)" if self.decoder_sigma is None
+                              else "true or false"),
             "data_mode": ("null (this model has no data-mode labels)" if self.data_modes is None else
                           f"null or one of {list(self.data_modes)}"),
         }.get(field, "see /docs")
@@ -247,7 +250,8 @@ class SamplesRequest(_Body):
 
     ``data_mode``: k = a data mode (a toy mode, a label, an image class) of a labelled training set; the
     samples come from the active components whose majority data mode is k, each drawn with its prior weight
-    (``GET /v1/modes`` lists them). Exclusive with ``mode``.
+    (``GET /v1/modes`` lists them). Exclusive with ``mode``. ``decoder_noise``: add the calibrated decoder's
+    Gaussian noise to each decoded point (2D models whose evaluation measured ``decoder_sigma``).
     """
 
     n: StrictInt = Field(16, ge=1, description="number of samples")
@@ -258,6 +262,9 @@ class SamplesRequest(_Body):
     format: Format = "json"
     data_mode: StrictInt | None = Field(None, description="a data mode of the labelled training set: samples "
                                                           "from the active components that stand for it")
+    decoder_noise: StrictBool = Field(False, description="true: samples of the calibrated Gaussian decoder "
+                                                         "N(D(z), sigma^2 I) (sigma: GET /v1/info's decoder_sigma) "
+                                                         "instead of its mean D(z), the paper's samples")
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -282,6 +289,10 @@ class SamplesRequest(_Body):
             if self.data_mode not in lim.data_modes:
                 raise RequestError("data_mode", f"{self.data_mode} is the majority mode of no active component "
                                                 f"of this model; allowed one of {list(lim.data_modes)}")
+        if self.decoder_noise and lim.decoder_sigma is None:
+            raise RequestError("decoder_noise", "this model has no calibrated decoder sigma (measured by the 2D "
+                                                "evaluation; image models and checkpoints from before it have none); "
+                                                "allowed false")
         return lim.check_cost("n", self.n, self.format)
 
 

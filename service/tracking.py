@@ -23,7 +23,7 @@ METRIC_NAMES = (
     "train/dec/rec_fake_rec", "train/dec/kl_prior", "train/lr", "train/iterations_per_s",
     "prior/entropy_norm", "prior/active_components",
     "eval/gnelbo_x1e7", "eval/hist_kl", "eval/hist_jsd", "eval/prior_entropy_norm",
-    "eval/prior_active_components",
+    "eval/prior_active_components", "eval/decoder_sigma", "eval/hist_kl_calibrated", "eval/hist_jsd_calibrated",
 )
 
 

@@ -91,7 +91,7 @@ def test_messages_give_the_allowed_range() -> None:
         "n: -3 is invalid (Input should be greater than or equal to 1); allowed integers in [1, 100]")
     with pytest.raises(ValidationError) as info:
         SamplesRequest.model_validate({"colour": 1})
-    assert "allowed fields ['n', 'mode', 'seed', 'temperature', 'format', 'data_mode']" in (
+    assert "allowed fields ['n', 'mode', 'seed', 'temperature', 'format', 'data_mode', 'decoder_noise']" in (
         describe_validation_error(info.value.errors()[0], LIMITS, SamplesRequest)["message"])
 
 
