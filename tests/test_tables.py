@@ -101,3 +101,12 @@ def test_report_rerenders_both_standard_errors_from_results_parquet(tmp_path, ca
     out = capsys.readouterr().out
     assert line in out
     assert render_comparison(aggregate(_frame([("8gaussians/sintro", N5)])).summary).count(line) == 1
+
+
+def test_calibrated_rows_show_ours_without_paper_values():
+    frame = _frame([("8gaussians/sintro", N3)])
+    frame["hist_kl_calibrated"] = [0.5, 0.7, 0.9]
+    md = aggregate(frame).markdown
+    assert "| 8gaussians | KL calibrated | — | 0.70 ± 0.12 | — | — | — | — |" in md
+    assert "| 8gaussians | JSD calibrated | — | — | — | — | — | — |" in md  # not measured: no cell
+    assert "| 8gaussians | SG (sintro) | KL calibrated | 0.70 ± 0.12 |" in md
