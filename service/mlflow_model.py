@@ -11,6 +11,7 @@ it needs the ``service`` package importable (the project installed, or on ``PYTH
     n (long, required)  mode (long, optional: a component; -1 or no column = the full prior)
     temperature (double, optional, default 1)  seed (long, optional: -1 or no column = a fresh seed)
     data_mode (long, optional: a data mode of labelled training data, instead of mode; -1 or no column = none)
+    decoder_noise (boolean, optional, default false: samples of the calibrated Gaussian decoder, not its mean)
 
 (-1 rather than null: MLflow's schema check refuses a long column that mixes numbers and nulls.)
 
@@ -44,7 +45,7 @@ PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")  # the model as code:
 CHAMPION = "champion"  # the alias a sweep gives its selected trial
 INPUT_SCHEMA = Schema([ColSpec("long", "n"), ColSpec("long", "mode", required=False),
                        ColSpec("double", "temperature", required=False), ColSpec("long", "seed", required=False),
-                       ColSpec("long", "data_mode", required=False)])
+                       ColSpec("long", "data_mode", required=False), ColSpec("boolean", "decoder_noise", required=False)])
 OUTPUT_SCHEMA = Schema([ColSpec("long", "request"), ColSpec("long", "seed"), ColSpec("long", "component"),
                         ColSpec(Array("double"), "sample")])
 SIGNATURE = ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA)
@@ -108,8 +109,10 @@ def _request(i: int, row: dict[str, Any], limits: Any) -> Any:
     from .serving_schema import RequestError, SamplesRequest
 
     body = {"n": _optional(row, "n"), "mode": _optional(row, "mode"), "seed": _optional(row, "seed"),
-            "temperature": _optional(row, "temperature"), "data_mode": _optional(row, "data_mode")}
-    body = {k: (float(v) if k == "temperature" else int(v)) for k, v in body.items() if v is not None}
+            "temperature": _optional(row, "temperature"), "data_mode": _optional(row, "data_mode"),
+            "decoder_noise": _optional(row, "decoder_noise")}
+    cast = {"temperature": float, "decoder_noise": bool}
+    body = {k: cast.get(k, int)(v) for k, v in body.items() if v is not None}
     try:
         req = SamplesRequest.model_validate(body)
         req.check(limits)

@@ -155,3 +155,23 @@ def test_decoder_noise_is_refused_naming_the_field_when_the_model_has_no_sigma()
     assert "allowed false (this model has no calibrated decoder sigma)" in wrong_type.json()["detail"][0]["message"]
     ok, _ = asyncio.run(calls(_sampler({"decoder_sigma": 0.02})))
     assert ok.status_code == 200 and len(ok.json()["samples"]) == 8
+
+
+def test_mlflow_pyfunc_takes_decoder_noise():
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from service.mlflow_model import INPUT_SCHEMA, IntroPriorModel
+
+    assert "decoder_noise" in INPUT_SCHEMA.input_names()
+    model = IntroPriorModel()
+    model.sampler = _sampler({"decoder_sigma": 0.05})
+    out = model.predict(None, pd.DataFrame({"n": [2000, 2000], "mode": [3, 3], "seed": [4, 4],
+                                            "decoder_noise": [True, False]}))
+    noisy = torch.tensor(out[out.request == 0]["sample"].tolist(), dtype=torch.float64)
+    mean = torch.tensor(out[out.request == 1]["sample"].tolist(), dtype=torch.float64)
+    assert torch.allclose(mean, CENTRES[3].double().expand(2000, 2), atol=1e-7)
+    assert (noisy - mean).std().item() == pytest.approx(0.05, rel=0.05)
+    model.sampler = _sampler({})
+    with pytest.raises(MlflowException, match=r"row 0: decoder_noise: this model has no calibrated decoder sigma"):
+        model.predict(None, pd.DataFrame({"n": [1], "decoder_noise": [True]}))
