@@ -577,3 +577,12 @@ def test_selection_names_the_train_command_that_reproduces_the_selected_setting(
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     trained = apply_overrides(get_preset(argv[argv.index("--preset") + 1]), sets)
     assert trained.objective == v.config("full").objective
+
+
+def test_the_calibrated_decoders_metrics_can_select_and_constrain():
+    spec = spec_from_dict({"preset": "8gaussians/mog-ip-lc",
+                           "select": {"metric": "hist_kl_calibrated", "mode": "min",
+                                      "where": {"mode_purity": {"min": 0.9}, "decoder_sigma": {"max": 0.05}}}},
+                          "calibrated.yaml")
+    assert spec.metric == "hist_kl_calibrated"
+    assert {"hist_kl_calibrated", "hist_jsd_calibrated", "decoder_sigma"} <= set(FINAL_METRICS)
