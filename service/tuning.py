@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import ConfigError, ExperimentConfig, flatten, to_dict
 from .ray_env import init_ray
@@ -193,8 +193,10 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
             init_ray()
         resources = ray.cluster_resources()
         workers = max(c.scaling.workers for stage, sh in stages for c in spec.configs(sh, stage))
-        plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), workers, max_concurrent,
-                              gpus_per_trial)
+        def replan(n: int | None) -> ResourcePlan:
+            return plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), workers, n, gpus_per_trial)
+
+        plan = replan(max_concurrent)
         if state is None:  # nothing is written before the checks above
             state = _new_state(out, spec, label, tracking_uri or default_tracking_uri(),
                                spec.configs(stages[0][1], stages[0][0])[0].tracking.experiment, name,
@@ -216,7 +218,7 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
                     entry["note"] = f"not run: stage {stage.index - 1} has no completed trial to select from"
                     print(f"sweep: stage {stage.name}: {entry['note']}", file=sys.stderr)
                     break
-            df = _run_stage(spec, stage, sh, variants, frames, out, state, plan, progress, store)
+            df = _run_stage(spec, stage, sh, variants, frames, out, state, plan, progress, store, replan)
             frames.append(df)
             if (df["status"] == "incomplete").any():
                 break  # later stages need this one finished: run the same command again
@@ -258,7 +260,7 @@ def _stage_inputs(out: Path, spec: SweepSpec, stage: Stage, previous: "pd.DataFr
 
 def _run_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Variant], earlier: list["pd.DataFrame"],
                out: Path, state: dict[str, Any], plan: ResourcePlan, progress: dict[str, Any],
-               store: Any = None) -> "pd.DataFrame":
+               store: Any = None, replan: Callable[[int], ResourcePlan] | None = None) -> "pd.DataFrame":
     """One stage: reuse rows of identical earlier trials, run the others as Tune trials, return its frame."""
     import pandas as pd
 
@@ -288,6 +290,8 @@ def _run_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Var
     started = time.perf_counter()
     try:
         if to_run:
+            plan = _stage_plan(spec, stage, entry, plan, replan, out, store)
+            _save_progress(out, progress)  # the stage's concurrency is known before any trial starts
             reported = _tune_stage(spec, stage, shrink, variants, configs, to_run, out, state, plan, store)
     finally:
         entry["wall_s"] = entry.get("wall_s", 0.0) + time.perf_counter() - started
@@ -316,6 +320,37 @@ def _reused_row(row: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
+def _tune_location(spec: SweepSpec, stage: Stage, out: Path, store: Any = None) -> tuple[Any, Any, Any, str]:
+    """Where a stage's Tune experiment lives: ``(storage path, pyarrow filesystem, its location, restore path)``."""
+    from . import storage
+
+    tune_root = (store or storage.resolve(out)) / "tune"  # a URI/pyarrow location or the local folder
+    tune_path, tune_fs = tune_root.ray_storage()
+    path = tune_root / (f"stage{stage.index}-{stage.name}" if spec.is_staged else "sweep")
+    return tune_path, tune_fs, path, path.ray_storage()[0]
+
+
+def _stage_plan(spec: SweepSpec, stage: Stage, entry: dict[str, Any], plan: ResourcePlan,
+                replan: Callable[[int], ResourcePlan] | None, out: Path, store: Any = None) -> ResourcePlan:
+    """The stage's plan. A stage that Tune restores keeps the concurrency it started with (``Tuner.restore``
+    cannot change ``max_concurrent_trials``), so its trials' threads follow that, not ``--max-concurrent``:
+    a stage started one at a time (2 threads each on 2 CPUs) and resumed with 2 would otherwise run one
+    trial at a time with 1 thread, half the machine idle. A new stage records its concurrency."""
+    from ray import tune
+
+    _, tune_fs, _, restore_path = _tune_location(spec, stage, out, store)
+    started = entry.get("max_concurrent")
+    if started is None or not tune.Tuner.can_restore(restore_path, storage_filesystem=tune_fs):
+        entry["max_concurrent"] = plan.max_concurrent
+        return plan
+    if started != plan.max_concurrent and replan is not None:
+        plan = replan(int(started))
+        print(f"sweep: stage {stage.name} resumes {started} trial(s) at a time as it started (Tune keeps a restored "
+              f"stage's concurrency), each Train worker {plan.threads_per_worker} torch threads; --max-concurrent "
+              f"applies to stages not started yet")
+    return plan
+
+
 def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Variant],
                 configs: list[ExperimentConfig], to_run: list[int], out: Path, state: dict[str, Any],
                 plan: ResourcePlan, store: Any = None) -> dict[int, tuple[dict[str, Any], BaseException | None, str]]:
@@ -331,12 +366,7 @@ def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Va
                         variants=tuple(asdict(v) for v in variants),
                         run_prefix=f"s{stage.index}-" if spec.is_staged else "", storage=store)
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": DRIVER_CPU})
-    from . import storage
-
-    tune_root = (store or storage.resolve(out)) / "tune"  # a URI/pyarrow location or the local folder
-    tune_path, tune_fs = tune_root.ray_storage()
-    path = tune_root / (f"stage{stage.index}-{stage.name}" if spec.is_staged else "sweep")
-    restore_path = path.ray_storage()[0]
+    tune_path, tune_fs, path, restore_path = _tune_location(spec, stage, out, store)
     if tune.Tuner.can_restore(restore_path, storage_filesystem=tune_fs):
         tuner = tune.Tuner.restore(restore_path, trainable, resume_errored=True, storage_filesystem=tune_fs)
     else:

@@ -23,7 +23,8 @@ from service.spaces import Scheduler, Stage, Variant, spec_from_dict, stage_vari
 from service.step import TrainingDiverged
 from service.sweep_lock import SweepLock, SweepLocked
 from service.sweep_trial import _trial, _TrialContext, failure_kind, new_evaluations, trial_config
-from service.tuning import _scheduler, results_frame
+from service.sweep_resources import plan_resources
+from service.tuning import _scheduler, _stage_plan, results_frame
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
@@ -378,3 +379,31 @@ def test_selection_md_calls_a_pick_provisional_while_trials_or_stages_are_unfini
     second = done[done["hparams"] == done["hparams"].iloc[0]].assign(stage=2, stage_name="seeds")
     md = _selection_markdown(spec, [done, second], {"stages": {"coarse": {}, "seeds": {}}})
     assert "## Selected\n" in md and "provisional" not in md
+
+
+def test_a_restored_stage_keeps_the_concurrency_it_started_with(tmp_path, capsys):
+    """Tune restores a stage with the concurrency it started with, whatever --max-concurrent says now; the
+    trials' threads must follow it (2 CPUs: one trial at a time gets 2 threads), not the new value."""
+    from service.spaces import load_space
+
+    spec = load_space(SPACES / "smoke_staged.yaml")
+    stage = spec.plan(None)[1][0]
+
+    def replan(n):
+        return plan_resources(2, 0, 1, n)
+
+    two, one = replan(2), replan(1)
+    assert (two.threads_per_worker, one.threads_per_worker) == (1, 2)
+    entry = {}
+    assert _stage_plan(spec, stage, entry, two, replan, tmp_path) == two  # a new stage records its own
+    assert entry["max_concurrent"] == 2
+    tuner_state = tmp_path / "tune" / f"stage{stage.index}-{stage.name}" / "tuner.pkl"
+    tuner_state.parent.mkdir(parents=True)
+    tuner_state.write_bytes(b"")  # what Tuner.can_restore looks for
+    entry = {"max_concurrent": 1}  # started one at a time, resumed with --max-concurrent 2
+    assert _stage_plan(spec, stage, entry, two, replan, tmp_path) == one
+    assert "resumes 1 trial(s) at a time as it started" in capsys.readouterr().out
+    assert _stage_plan(spec, stage, {"max_concurrent": 2}, two, replan, tmp_path) == two  # unchanged: silent
+    assert capsys.readouterr().out == ""
+    tuner_state.unlink()  # nothing to restore: the stage starts anew with the concurrency asked for now
+    assert _stage_plan(spec, stage, entry, two, replan, tmp_path) == two and entry["max_concurrent"] == 2
