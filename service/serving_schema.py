@@ -263,7 +263,7 @@ class SamplesRequest(_Body):
     data_mode: StrictInt | None = Field(None, description="a data mode of the labelled training set: samples "
                                                           "from the active components that stand for it")
     decoder_noise: StrictBool = Field(False, description="true: samples of the calibrated Gaussian decoder "
-                                                         "N(D(z), sigma^2 I) (sigma: GET /v1/info's decoder_sigma) "
+                                                         "N(D(z), sigma^2 I) (sigma: GET /v1/model's decoder_sigma) "
                                                          "instead of its mean D(z), the paper's samples")
 
     @field_validator("mode", mode="before")
