@@ -193,6 +193,7 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
             init_ray()
         resources = ray.cluster_resources()
         workers = max(c.scaling.workers for stage, sh in stages for c in spec.configs(sh, stage))
+
         def replan(n: int | None) -> ResourcePlan:
             return plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), workers, n, gpus_per_trial)
 
@@ -260,7 +261,7 @@ def _stage_inputs(out: Path, spec: SweepSpec, stage: Stage, previous: "pd.DataFr
 
 def _run_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Variant], earlier: list["pd.DataFrame"],
                out: Path, state: dict[str, Any], plan: ResourcePlan, progress: dict[str, Any],
-               store: Any = None, replan: Callable[[int], ResourcePlan] | None = None) -> "pd.DataFrame":
+               store: Any, replan: Callable[[int], ResourcePlan]) -> "pd.DataFrame":
     """One stage: reuse rows of identical earlier trials, run the others as Tune trials, return its frame."""
     import pandas as pd
 
@@ -331,7 +332,7 @@ def _tune_location(spec: SweepSpec, stage: Stage, out: Path, store: Any = None) 
 
 
 def _stage_plan(spec: SweepSpec, stage: Stage, entry: dict[str, Any], plan: ResourcePlan,
-                replan: Callable[[int], ResourcePlan] | None, out: Path, store: Any = None) -> ResourcePlan:
+                replan: Callable[[int], ResourcePlan], out: Path, store: Any = None) -> ResourcePlan:
     """The stage's plan. A stage that Tune restores keeps the concurrency it started with (``Tuner.restore``
     cannot change ``max_concurrent_trials``), so its trials' threads follow that, not ``--max-concurrent``:
     a stage started one at a time (2 threads each on 2 CPUs) and resumed with 2 would otherwise run one
@@ -343,7 +344,7 @@ def _stage_plan(spec: SweepSpec, stage: Stage, entry: dict[str, Any], plan: Reso
     if started is None or not tune.Tuner.can_restore(restore_path, storage_filesystem=tune_fs):
         entry["max_concurrent"] = plan.max_concurrent
         return plan
-    if started != plan.max_concurrent and replan is not None:
+    if started != plan.max_concurrent:
         plan = replan(int(started))
         print(f"sweep: stage {stage.name} resumes {started} trial(s) at a time as it started (Tune keeps a restored "
               f"stage's concurrency), each Train worker {plan.threads_per_worker} torch threads; --max-concurrent "
