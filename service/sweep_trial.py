@@ -116,12 +116,19 @@ def failure_kind(e: BaseException) -> str:
 
 def new_evaluations(client: Any, run_id: str, after: int, before: int) -> list[dict[str, Any]]:
     """The intermediate evaluations rank 0 logged to MLflow (``eval/<name>`` at step ``iteration``)
-    with ``after < iteration < before``, oldest first: ``[{"iteration": 1000, "hist_kl": ...}, ...]``."""
-    history: dict[str, dict[int, float]] = {}
-    for name in REPORTED:
-        history[name] = {int(m.step): float(m.value) for m in client.get_metric_history(run_id, f"eval/{name}")
-                         if after < m.step < before}
-    steps = sorted(set().union(*history.values()))
+    with ``after < iteration < before``, oldest first: ``[{"iteration": 1000, "hist_kl": ...}, ...]``.
+
+    One history per metric name, so an evaluation logged while they are read would come out partly
+    (``hist_kl`` missing, later names present) and never be forwarded whole. Each evaluation is logged in
+    one batch (one transaction), so the steps seen in a first read are complete in a second one; steps
+    that appear only in the second read wait for the next call.
+    """
+    def read() -> dict[str, dict[int, float]]:
+        return {name: {int(m.step): float(m.value) for m in client.get_metric_history(run_id, f"eval/{name}")
+                       if after < m.step < before} for name in REPORTED}
+
+    steps = sorted(set().union(*read().values()))
+    history = read()
     return [{"iteration": s, **{n: h[s] for n, h in history.items() if s in h}} for s in steps]
 
 

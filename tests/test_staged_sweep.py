@@ -265,6 +265,37 @@ def test_new_evaluations_come_from_the_mlflow_history_between_reports():
                                                          "mode_purity": 0.9}]  # the final evaluation is not one
 
 
+def test_an_evaluation_logged_while_the_histories_are_read_is_forwarded_whole_or_not_yet():
+    """MLflow commits an evaluation's metrics in one batch, but they are read one name at a time: the batch of
+    step 2000 lands after hist_kl was read and before decoder_sigma was (seen in a real staged sweep)."""
+    from service.sweep_trial import REPORTED
+
+    def client_committing_at(call):
+        """Step 2000's batch commits just before history read number ``call`` (counted from 1)."""
+        logged = {"eval/hist_kl": [(1000, 5.0)], "eval/decoder_sigma": [(1000, 0.5)]}
+        calls = []
+
+        def history(run, key):
+            calls.append(key)
+            if len(calls) == call:
+                logged["eval/hist_kl"].append((2000, 4.0))
+                logged["eval/decoder_sigma"].append((2000, 0.4))
+            return [SimpleNamespace(step=s, value=v) for s, v in logged.get(key, [])]
+
+        return SimpleNamespace(get_metric_history=history)
+
+    both = [{"iteration": 1000, "hist_kl": 5.0, "decoder_sigma": 0.5},
+            {"iteration": 2000, "hist_kl": 4.0, "decoder_sigma": 0.4}]
+    sigma_read = 1 + REPORTED.index("decoder_sigma")  # after hist_kl's read
+    assert REPORTED.index("hist_kl") < REPORTED.index("decoder_sigma")
+    # during the first pass: the step is seen there and read whole in the second
+    assert new_evaluations(client_committing_at(sigma_read), "r", -1, 5000) == both
+    # during the second pass: not forwarded yet (no partial row), and whole at the next call
+    client = client_committing_at(len(REPORTED) + sigma_read)
+    assert new_evaluations(client, "r", -1, 5000) == both[:1]
+    assert new_evaluations(client, "r", 1000, 5000) == both[1:]
+
+
 def test_results_frame_has_a_column_per_hyperparameter_and_marks_early_stopped_trials():
     spec = spec_from_dict({"preset": A, "param_space": {"objective": {"beta_kl": {"grid_search": [0.1, 0.3]},
                                                                       "beta_neg_factor": 3}}}, "t.yaml")
