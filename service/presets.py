@@ -33,7 +33,8 @@ until a grid search of ours replaces them. The VAE uses ``VAE_BETAS`` (SPEC §6.
 (``sharp_8gaussians``) is IP + LC at the betas of highest mode purity, beside the paper's protocol;
 ``8gaussians/mog-ip-lc-modes`` (beta_rec 0.4) is the earlier "sample mode k" preset.
 ``8gaussians/mog-ip-lc-selected`` carries the betas that the staged selection (SPEC §6.4) picked for IP + LC
-on 8gaussians, and is ``make run``'s. ``8gaussians/mog-ip-lc-ex-post`` is the
+on 8gaussians among settings with pure components, and is ``make run``'s; ``8gaussians/mog-ip-lc-protocol``
+carries the pick of the paper's protocol as it is (lowest histogram KL alone). ``8gaussians/mog-ip-lc-ex-post`` is the
 paper's IP + LC with the ex-post refit of its prior after training (``service.ex_post``).
 
 Command: ``python -m jobs.train --preset 8gaussians/mog-ip-lc`` (faithful: 30,000 iterations,
@@ -261,10 +262,32 @@ def selected_8gaussians() -> ExperimentConfig:
                                objective=dataclasses.replace(cfg.objective, beta_rec=0.8, beta_kl=0.2, beta_neg=1.0))
 
 
+def protocol_8gaussians() -> ExperimentConfig:
+    """``8gaussians/mog-ip-lc-protocol``: IP + LC with beta_rec / beta_kl / beta_neg = 0.2 / 0.3 / 1.5, the pick
+    of the paper's own protocol (SPEC §6.4: lowest histogram KL, no other constraint) run as the staged
+    selection for this configuration (issue #11).
+
+    Found by ``python -m jobs.sweep tune_spaces/staged_8gaussians_mog_ip_lc.yaml --output-dir DIR`` (stage 1,
+    quick schedule) and ``python -m jobs.sweep tune_spaces/staged_8gaussians_mog_ip_lc_full.yaml
+    --output-dir DIR`` (stage 2: stage 1's top 3 at 30,000 iterations, where this setting had the lowest
+    KL, 1.04; stage 3: its seeds 1 and 2). Seeds 0 - 2 (2026-12-02, 2 CPUs): KL 1.20 +- 0.08, JSD
+    1.01 +- 0.11, gnELBO x 1e7 4.13 +- 0.72 (mean +- s.e., ddof = 1), mode purity 0.33, all 8 modes
+    covered; the paper's IP + LC: 2.24 / 1.08 / 0.26. The density by histogram is the best measured for
+    this configuration; "mode k" mixes about three data modes and gnELBO is 16x the paper's. Only
+    beta_neg differs from ``mog-ip-lc`` (0.9 there, the SG betas; that preset keeps them so that the
+    Table-1 comparison at the paper's published defaults stays reproducible). For pure modes use
+    ``mog-ip-lc-selected``.
+    """
+    cfg = toy_preset("8gaussians", "mog-ip-lc")
+    return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-protocol",
+                               objective=dataclasses.replace(cfg.objective, beta_rec=0.2, beta_kl=0.3, beta_neg=1.5))
+
+
 PRESETS["8gaussians/mog-ip-lc-sharp"] = sharp_8gaussians
 PRESETS["8gaussians/mog-ip-lc-ex-post"] = ex_post_8gaussians
 PRESETS["8gaussians/mog-ip-lc-modes"] = modes_8gaussians
 PRESETS["8gaussians/mog-ip-lc-selected"] = selected_8gaussians
+PRESETS["8gaussians/mog-ip-lc-protocol"] = protocol_8gaussians
 PRESETS.update({f"{d}/{c}": (lambda d=d, c=c: image_preset(d, c))
                 for d in IMAGE_PRESET_DATASETS for c in IMAGE_CONFIGURATIONS})
 

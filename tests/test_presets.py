@@ -109,6 +109,20 @@ def test_selected_preset_is_ip_lc_at_the_betas_of_the_staged_selection_files():
     assert "--preset 8gaussians/mog-ip-lc-selected --quick" in run  # make run trains it
 
 
+
+def test_protocol_preset_is_the_stage_2_setting_the_papers_criterion_picked():
+    """``mog-ip-lc-protocol`` is IP + LC at the one stage-2 setting of the staged file that the paper's criterion
+    (lowest KL, no purity bound) kept, and differs from ``mog-ip-lc`` in beta_neg only."""
+    from service.spaces import load_space
+
+    base, proto = get_preset("8gaussians/mog-ip-lc"), get_preset("8gaussians/mog-ip-lc-protocol")
+    assert (proto.objective.beta_rec, proto.objective.beta_kl, proto.objective.beta_neg) == (0.2, 0.3, 1.5)
+    assert dataclasses.replace(proto.objective, beta_neg=0.9) == base.objective
+    assert dataclasses.replace(proto, name=base.name, objective=base.objective) == base
+    staged = load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "staged_8gaussians_mog_ip_lc_full.yaml")
+    assert (staged.select.metric, staged.select.mode, staged.select.where) == ("hist_kl", "min", ())  # KL alone
+    assert proto.objective in [v.config("full").objective for v in staged.variants]
+
 def test_ex_post_preset_is_the_papers_ip_lc_with_the_refit_switched_on():
     base, ex_post = get_preset("8gaussians/mog-ip-lc"), get_preset("8gaussians/mog-ip-lc-ex-post")
     assert (ex_post.prior.ex_post, ex_post.prior.ex_post_noise) == ("em", 0.5)
