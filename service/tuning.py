@@ -336,7 +336,9 @@ def _stage_plan(spec: SweepSpec, stage: Stage, entry: dict[str, Any], plan: Reso
     """The stage's plan. A stage that Tune restores keeps the concurrency it started with (``Tuner.restore``
     cannot change ``max_concurrent_trials``), so its trials' threads follow that, not ``--max-concurrent``:
     a stage started one at a time (2 threads each on 2 CPUs) and resumed with 2 would otherwise run one
-    trial at a time with 1 thread, half the machine idle. A new stage records its concurrency."""
+    trial at a time with 1 thread, half the machine idle. Where fewer trials than that are left to run
+    (the last of a stage started 2 at a time), the threads are planned for those: one trial left on 2 CPUs
+    gets both. A new stage records its concurrency."""
     from ray import tune
 
     _, tune_fs, _, restore_path = _tune_location(spec, stage, out, store)
@@ -344,12 +346,27 @@ def _stage_plan(spec: SweepSpec, stage: Stage, entry: dict[str, Any], plan: Reso
     if started is None or not tune.Tuner.can_restore(restore_path, storage_filesystem=tune_fs):
         entry["max_concurrent"] = plan.max_concurrent
         return plan
-    if started != plan.max_concurrent:
-        plan = replan(int(started))
-        print(f"sweep: stage {stage.name} resumes {started} trial(s) at a time as it started (Tune keeps a restored "
-              f"stage's concurrency), each Train worker {plan.threads_per_worker} torch threads; --max-concurrent "
-              f"applies to stages not started yet")
+    left = _unfinished_trials(restore_path, tune_fs)
+    at_once = min(int(started), left) if left else int(started)  # none left (Tune only reports back) or unknown
+    if at_once != plan.max_concurrent:
+        plan = replan(at_once)
+        why = (f"{left} trial(s) left of a stage started {started} at a time" if at_once < int(started) else
+               f"{started} trial(s) at a time as it started (Tune keeps a restored stage's concurrency)")
+        print(f"sweep: stage {stage.name} resumes {why}: each Train worker {plan.threads_per_worker} torch threads; "
+              f"--max-concurrent applies to stages not started yet")
     return plan
+
+
+def _unfinished_trials(restore_path: str, tune_fs: Any = None) -> int | None:
+    """How many trials of a stored Tune experiment a restore runs (not TERMINATED; errored ones are resumed);
+    None when its trial states cannot be read (stopped before Tune wrote any: the restore decides)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(restore_path, storage_filesystem=tune_fs).trials
+    except (ValueError, OSError):
+        return None
+    return sum(t.status != "TERMINATED" for t in trials)
 
 
 def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Variant],

@@ -80,3 +80,16 @@ def test_staged_sweep_rerun_keeps_every_finished_stage(staged):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4 and parent.info.status == "FINISHED"  # 4 Ray Train runs, no duplicates
     assert {r.data.tags["sweep.stage"] for r in children} == {"coarse", "longer", "seeds"}
+
+
+def test_finished_stages_have_no_trial_left_for_a_restore(staged):
+    """What a resumed stage plans its threads on (``_unfinished_trials``) read from Tune's real stored state:
+    every trial of a finished stage is TERMINATED (ASHA's stopped ones too); a missing experiment is unknown."""
+    from service.tuning import _unfinished_trials
+
+    root, _, _ = staged
+    tune_root = root / "out" / "tune"
+    assert sorted(p.name for p in tune_root.iterdir()) == ["stage1-coarse", "stage2-longer", "stage3-seeds"]
+    for stage in tune_root.iterdir():
+        assert _unfinished_trials(str(stage)) == 0, stage.name
+    assert _unfinished_trials(str(tune_root / "stage4-none")) is None

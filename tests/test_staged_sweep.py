@@ -438,3 +438,28 @@ def test_a_restored_stage_keeps_the_concurrency_it_started_with(tmp_path, capsys
     assert capsys.readouterr().out == ""
     tuner_state.unlink()  # nothing to restore: the stage starts anew with the concurrency asked for now
     assert _stage_plan(spec, stage, entry, two, replan, tmp_path) == two and entry["max_concurrent"] == 2
+
+
+def test_the_last_trial_of_a_restored_stage_gets_the_whole_machine(tmp_path, capsys, monkeypatch):
+    """A stage started 2 at a time and resumed with one trial left: that trial's worker gets 2 threads on 2
+    CPUs, not the 1 it had beside another trial (seen: the last seed of a 2-seed stage ran at 1 thread for an
+    hour). Several left: the started concurrency; none left (Tune only reports back) or unreadable: unchanged."""
+    import service.tuning as tuning
+    from service.spaces import load_space
+
+    spec = load_space(SPACES / "smoke_staged.yaml")
+    stage = spec.plan(None)[1][0]
+
+    def replan(n):
+        return plan_resources(2, 0, 1, n)
+
+    two, one = replan(2), replan(1)
+    tuner_state = tmp_path / "tune" / f"stage{stage.index}-{stage.name}" / "tuner.pkl"
+    tuner_state.parent.mkdir(parents=True)
+    tuner_state.write_bytes(b"")
+    seen = []
+    for left, expected in ((1, one), (3, two), (0, two), (None, two)):
+        monkeypatch.setattr(tuning, "_unfinished_trials", lambda path, fs, n=left: seen.append(path) or n)
+        assert _stage_plan(spec, stage, {"max_concurrent": 2}, two, replan, tmp_path) == expected, left
+    assert seen == [str(tuner_state.parent)] * 4
+    assert "1 trial(s) left of a stage started 2 at a time: each Train worker 2 torch threads" in capsys.readouterr().out
