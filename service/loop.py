@@ -127,7 +127,8 @@ def _evaluate_during_training(model: Model, source: PointSource, cfg: Experiment
                               sink: MetricSink, done: int, world_size: int) -> None:
     """The ``schedule.eval_every`` evaluation (main rank, no plots), logged as ``eval/*`` at ``done``.
 
-    The same metrics as the final evaluation (2D: SPEC §6.5; images: the summary, plus FID,
+    The same metrics as the final evaluation (2D: SPEC §6.5, less the gnELBO where
+    ``eval.intermediate_gnelbo`` is off; images: the summary, plus FID,
     precision/recall and probes when ``eval.fid_protocol`` is set). It draws from its own seeded
     generators, so training continues exactly as without it. With SyncBatchNorm on several
     workers it runs on a copy with per-worker BatchNorm: the other ranks take no part.
@@ -135,7 +136,7 @@ def _evaluate_during_training(model: Model, source: PointSource, cfg: Experiment
     probe = model
     if cfg.network.sync_bn and world_size > 1:
         probe = use_local_batchnorm(copy.deepcopy(model))
-    metrics, _ = evaluate(probe, source, cfg, device=device, plot_dir=None)
+    metrics, _ = evaluate(probe, source, cfg, device=device, plot_dir=None, gnelbo=cfg.eval.intermediate_gnelbo)
     sink.log_metrics(done, {f"eval/{k}": v for k, v in metrics.items()})
 
 

@@ -264,6 +264,11 @@ def _check_scheduler(stage: Stage, shrink: Shrink, configs: list[ExperimentConfi
                 f"makes none: schedule.eval_every is {s.eval_every} with schedule.iterations {s.iterations}; "
                 f"allowed eval_every in [1, {s.iterations - 1}] (set {stage.key + '.' if stage.key else ''}"
                 f"param_space.schedule.eval_every), or drop the scheduler")
+        ranked = {spec.select.metric, *(name for name, _, _ in spec.select.where)}
+        if "gnelbo_x1e7" in ranked and not cfg.eval.intermediate_gnelbo:
+            raise SpaceError(f"{spec.source}: {key}: {sched.type} ranks trials by gnelbo_x1e7 on their intermediate "
+                             f"evaluations, but {what} sets eval.intermediate_gnelbo false; allowed: true "
+                             f"(or select by another metric)")
         if sched.grace_period is not None and sched.grace_period >= s.iterations:
             raise SpaceError(f"{spec.source}: {key}.grace_period: {sched.grace_period} is not shorter than {what}'s "
                              f"schedule.iterations {s.iterations}; allowed [1, {s.iterations - 1}]")

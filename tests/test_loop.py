@@ -138,6 +138,29 @@ def test_evaluation_cadence_logs_eval_metrics_and_leaves_training_unchanged(refe
     assert all(torch.equal(v, expected[k]) for k, v in _params(again.model).items())
 
 
+@pytest.mark.parametrize("preset", [PRESET, "8gaussians/sintro"])
+def test_intermediate_evaluations_without_the_gnelbo_keep_every_other_number(preset):
+    """``eval.intermediate_gnelbo = false`` (a selection stage's saving): the evaluations during training
+    leave out ``gnelbo_x1e7`` only, every other metric is the same number as with it (the gnELBO's random
+    draws are still taken: MC KL for the mixture, closed form for SG), and the final evaluation keeps it."""
+    cfg = _cfg(preset)
+    cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, eval_every=4),
+                              eval=dataclasses.replace(cfg.eval, grid_size=64))
+    runs = {}
+    for flag in (True, False):
+        sink = MemorySink()
+        c = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, intermediate_gnelbo=flag))
+        result = train(c, make_source(c.data), sink=sink)
+        runs[flag] = ({step: m for step, m in sink.metrics if any(k.startswith("eval/") for k in m)}, result)
+    (with_, full), (without, lean) = runs[True], runs[False]
+    assert sorted(with_) == sorted(without) == [4, 8, 12]
+    for step in (4, 8):
+        assert "eval/gnelbo_x1e7" in with_[step] and "eval/gnelbo_x1e7" not in without[step]
+        assert without[step] == {k: v for k, v in with_[step].items() if k != "eval/gnelbo_x1e7"}
+        assert {"eval/hist_kl", "eval/hist_jsd"} <= set(without[step])
+    assert without[12] == with_[12] and lean.metrics == full.metrics and "gnelbo_x1e7" in lean.metrics
+
+
 def test_resuming_from_a_checkpoint_continues_bit_for_bit(reference):
     cfg, result, _, checkpoints, _ = reference
     _, _, mid = checkpoints[0]

@@ -143,6 +143,12 @@ BAD = [
      r"no_rung_after_warmup.yaml: scheduler: variant 0 8gaussians/mog-ip-lc \(full\) makes no evaluation between the "
      r"end of its warm-up \(schedule.warmup 4000\) and its end \(schedule.iterations 5000\) with schedule.eval_every "
      r"3000; lower eval_every or drop the scheduler"),
+    ("gnelbo_rung_without_gnelbo.yaml", "preset: 8gaussians/mog-ip-lc\nselect: {metric: gnelbo_x1e7}\n"
+     "scheduler: {type: asha}\nparam_space: {schedule: {eval_every: 1000}, eval: {intermediate_gnelbo: false}}\n",
+     r"gnelbo_rung_without_gnelbo.yaml: scheduler: asha ranks trials by gnelbo_x1e7 on their intermediate "
+     r"evaluations, but variant 0 8gaussians/mog-ip-lc \(full\) sets eval.intermediate_gnelbo false; allowed: true"),
+    ("intermediate_gnelbo_string.yaml", "preset: 8gaussians/mog-ip-lc\n"
+     "param_space: {eval: {intermediate_gnelbo: 'no'}}\n", r"eval.intermediate_gnelbo"),
     ("epoch_scheduler.yaml", "preset: fmnist/mog10-ip-lc\nmetric: fid_fmnist_cnn\nscheduler: {type: asha}\n"
      "param_space: {schedule: {eval_every: 10}}\n",
      r"epoch_scheduler.yaml: scheduler: asha counts training iterations, but variant 0 fmnist/mog10-ip-lc \(full\) "
