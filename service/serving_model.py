@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from . import __version__, checkpoint, sampling
 from .model import Model
-from .priors import Components, active_mask, draw
+from .metrics.modes import mode_groups
+from .priors import Components, draw
 from .serving_schema import (COMPONENTS_HEADER_LIMIT, MAX_SEED, EncodeRequest, InterpolateRequest, Limits,
                              ReconstructRequest, RequestError, SamplesRequest, ServeArgs, json_safe)
 
@@ -157,23 +158,20 @@ DataModes = dict[int, tuple[Tensor, Tensor]]  # data mode -> (component indices,
 
 
 def data_mode_table(extra: dict[str, Any], weights: Tensor) -> DataModes | None:
-    """Which components stand for each data mode: the active ones (``priors.active_mask`` of the stored
-    test-set ``usage``; all, when the checkpoint has none) whose ``majority_mode`` it is, drawn in
-    proportion to their prior weights. None when the checkpoint has no ``majority_mode`` (unlabelled data)."""
+    """Which components stand for each data mode (``metrics.modes.mode_groups`` of the stored
+    ``majority_mode`` and test-set ``usage``, the prior weights when the checkpoint has no usage),
+    drawn in proportion to their prior weights: the modes that ``modes_covered`` counts. None when
+    the checkpoint has no ``majority_mode`` (unlabelled data)."""
     m, majority, usage = weights.numel(), extra.get("majority_mode"), extra.get("usage")
     if majority is None or len(majority) != m:
         return None
     if usage is not None and len(usage) == m:
-        active = active_mask(torch.tensor([-1.0 if u is None else float(u) for u in usage], dtype=torch.float64))
+        u = torch.tensor([-1.0 if v is None else float(v) for v in usage], dtype=torch.float64)
     else:
-        active = torch.ones(m, dtype=torch.bool)
-    members: dict[int, list[int]] = {}
-    for i, k in enumerate(majority):
-        if k is not None and bool(active[i]):
-            members.setdefault(int(k), []).append(i)
+        u = weights.detach().double()
     table = {}
-    for k in sorted(members):
-        idx = torch.tensor(members[k], dtype=torch.long)
+    for k, members in mode_groups(list(majority), u).items():
+        idx = torch.tensor(members, dtype=torch.long)
         w = weights.detach().double()[idx].clamp_min(0)
         table[k] = (idx, w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(idx)))
     return table

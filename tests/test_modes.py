@@ -8,7 +8,7 @@ import torch
 from service.data import PointSource, make_source, sample_toy, write_points_parquet
 from service.config import DataConfig
 from service.evaluation import component_purity
-from service.metrics.modes import knn_labels, mode_purity
+from service.metrics.modes import knn_labels, mode_groups, mode_purity
 from service.model import build_model
 from service.presets import get_preset, smoke
 
@@ -44,11 +44,32 @@ def test_mode_share_tv_against_the_data_shares_by_hand():
     assert mode_purity(torch.tensor([[3, 3]]), torch.ones(1), data_labels=torch.tensor([0, 1])).mode_share_tv == 1.0
 
 
-def test_modes_covered_counts_active_components_only_and_distinct_modes():
+def test_modes_covered_counts_modes_whose_components_carry_one_percent_together():
     labels = torch.tensor([[0, 0], [0, 0], [1, 1], [2, 2]])
-    p = mode_purity(labels, torch.ones(4), active=torch.tensor([True, True, True, False]))
-    assert p.modes_covered == 2  # modes 0 (twice) and 1; component 3 is inactive
+    p = mode_purity(labels, torch.ones(4), usage=torch.tensor([0.5, 0.3, 0.195, 0.005]))
+    assert p.modes_covered == 2  # modes 0 (twice) and 1; mode 2's only component has usage 0.005
     assert p.mode_purity == 1.0
+    # no usage: the weights decide (all four 0.25 here)
+    assert mode_purity(labels, torch.ones(4)).modes_covered == 3
+
+
+def test_a_mode_split_over_many_small_components_is_covered():
+    """Seen on a 64-component prior: one of 8 data modes held by 15 components of usage < 0.01 each
+    (0.125 together) was not counted, and the served model refused ``data_mode`` for it."""
+    majority = [0] * 4 + [1] * 15 + [2] * 3
+    usage = torch.tensor([0.1] * 4 + [0.125 / 15] * 15 + [0.001] * 3)  # mode 2: 0.003 together
+    groups = mode_groups(majority, usage)
+    assert list(groups) == [0, 1]
+    assert groups[0] == [0, 1, 2, 3]  # active components of a mode with some
+    assert groups[1] == list(range(4, 19))  # all of a mode split below the threshold
+    labels = torch.tensor(majority).unsqueeze(1).repeat(1, 5)
+    assert mode_purity(labels, usage, usage=usage).modes_covered == 2
+    # a mode with active and inactive components keeps only the active ones
+    assert mode_groups([3, 3, 3], torch.tensor([0.5, 0.004, 0.496])) == {3: [0, 2]}
+    # unknown majorities stand for nothing; a length mismatch is an error naming the field
+    assert mode_groups([None, 1], torch.tensor([0.9, 0.1])) == {1: [1]}
+    with pytest.raises(ValueError, match="majority: 1 labels for 2 components"):
+        mode_groups([0], torch.tensor([0.5, 0.5]))
 
 
 def test_knn_labels_take_the_majority_of_the_nearest_points():

@@ -431,8 +431,15 @@ def test_data_mode_table_keeps_active_components_of_each_majority_mode_by_weight
     assert idx7.tolist() == [0, 2] and p7.tolist() == pytest.approx([0.25, 0.75])  # 0.1 : 0.3
     idx3, p3 = s.data_modes[3]
     assert idx3.tolist() == [1] and p3.tolist() == pytest.approx([1.0])
-    # no usage stored: every component counts
+    # no usage stored: the weights decide (all >= 1e-2 here)
     assert four_component_sampler(majority_mode=[7, 3, 7, 3]).data_modes[3][0].tolist() == [1, 3]
+    # a mode split over components each below 1e-2 of usage, 0.018 together: offered, from all of them
+    split = four_component_sampler(usage=torch.tensor([0.9, 0.082, 0.009, 0.009]), majority_mode=[0, 1, 2, 2])
+    assert sorted(split.data_modes) == [0, 1, 2]
+    idx2, p2 = split.data_modes[2]
+    assert idx2.tolist() == [2, 3] and p2.tolist() == pytest.approx([3 / 7, 4 / 7])  # weights 0.3 : 0.4
+    got = call(split, [("POST", "/v1/samples", {"json": {"n": 400, "data_mode": 2, "seed": 5}})])[0]
+    assert got.status_code == 200 and set(got.json()["component"]) == {2, 3}
     # unlabelled data: no table at all
     assert four_component_sampler(usage=torch.full((4,), 0.25)).data_modes is None
 

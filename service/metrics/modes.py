@@ -12,8 +12,12 @@ Over the mixture:
 
 - ``mode_purity``: purity weighted by the component weights (what a user who asks for "a sample
   of mode k", with k drawn like the prior draws it, gets on average);
-- ``modes_covered``: how many distinct data modes are the majority of some *active* component
-  (the prior offers a handle on that many modes);
+- ``modes_covered``: how many data modes the prior offers a handle on: a mode counts when the
+  components whose majority it is carry, together, at least 1e-2 of the usage (SPEC §4's activity
+  threshold applied to the mode's group of components, ``mode_groups``). Counting only modes that
+  are the majority of some single active component undercounts a mode split over many small
+  components: a 64-component prior gave one of 8 modes to 15 components of usage 0.006 - 0.009
+  each (0.125 together, as much as every other mode) and counted 7 modes;
 - ``mode_shares``: how often a sample of the whole prior (component drawn by weight) lands in each
   data mode, ``sum_m w_m * share of component m's samples in the mode``;
 - ``mode_share_tv``: the total variation distance between those shares and the data's own,
@@ -34,7 +38,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..priors import active_mask
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Purity:
     purity: list[float]  # (M,) share of the majority label among each component's samples
     majority: list[int]  # (M,) majority label of each component
     mode_purity: float  # weighted by the mixture weights
-    modes_covered: int  # distinct majority labels among active components
+    modes_covered: int  # data modes whose components carry >= 1e-2 of the usage together (mode_groups)
     num_modes: int  # distinct labels of the data
     mode_shares: dict[int, float]  # data mode -> share of the prior's samples that land in it
     data_shares: dict[int, float] | None = None  # data mode -> its share of the data, when known
@@ -90,15 +93,40 @@ def total_variation(p: dict[int, float], q: dict[int, float]) -> float:
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 
 
-def mode_purity(sample_labels: Tensor, weights: Tensor, active: Tensor | None = None,
+def mode_groups(majority: list[int | None], usage: Tensor, threshold: float = 1e-2) -> dict[int, list[int]]:
+    """Data mode -> the components that stand for it, for every mode the prior offers.
+
+    majority: (M,) each component's majority data mode (None: unknown); usage: (M,) the components'
+    usage ``c_i`` (or weights). A mode is offered when the components whose majority it is carry
+    ``>= threshold`` of the usage together; it is then stood for by those of them that are active
+    (``c_i >= threshold``), or by all of them when the mode is split over components each below the
+    threshold. Modes in ascending order, components in index order.
+    """
+    u = usage.detach().double().cpu()
+    if len(majority) != u.numel():
+        raise ValueError(f"majority: {len(majority)} labels for {u.numel()} components")
+    group: dict[int, list[int]] = {}
+    for i, k in enumerate(majority):
+        if k is not None:
+            group.setdefault(int(k), []).append(i)
+    out = {}
+    for k in sorted(group):
+        idx = group[k]
+        if float(u[idx].clamp_min(0).sum()) >= threshold:
+            active = [i for i in idx if float(u[i]) >= threshold]
+            out[k] = active or idx
+    return out
+
+
+def mode_purity(sample_labels: Tensor, weights: Tensor, usage: Tensor | None = None,
                 num_modes: int | None = None, data_labels: Tensor | None = None) -> Purity:
     """Purity from the labels of each component's samples.
 
     sample_labels: (M, S) int, the data-mode label of S decoded samples of each of M components;
-    weights: (M,) mixture weights (normalised here); active: (M,) bool, components counted by
-    ``modes_covered`` (default: all); num_modes: the data's number of modes (default: the
-    distinct labels seen); data_labels: (N,) labels of data points, for ``data_shares`` and
-    ``mode_share_tv`` (None: both absent).
+    weights: (M,) mixture weights (normalised here); usage: (M,) the components' usage, which
+    decides ``modes_covered`` (``mode_groups``; default: the weights); num_modes: the data's number
+    of modes (default: the distinct labels seen); data_labels: (N,) labels of data points, for
+    ``data_shares`` and ``mode_share_tv`` (None: both absent).
     """
     m, s = sample_labels.shape
     if s == 0:
@@ -108,8 +136,7 @@ def mode_purity(sample_labels: Tensor, weights: Tensor, active: Tensor | None = 
     purity = (labels == majority.unsqueeze(1)).double().mean(1)  # (M,)
     w = weights.detach().double().cpu()
     w = w / w.sum()
-    act = torch.ones(m, dtype=torch.bool) if active is None else active.bool().cpu()
-    covered = len(set(majority[act].tolist()))
+    covered = len(mode_groups(majority.tolist(), w if usage is None else usage))
     shares = label_shares(labels, w)
     data_shares = None if data_labels is None or data_labels.numel() == 0 else label_shares(data_labels)
     return Purity(purity=purity.tolist(), majority=majority.tolist(), mode_purity=float((w * purity).sum()),
@@ -120,11 +147,10 @@ def mode_purity(sample_labels: Tensor, weights: Tensor, active: Tensor | None = 
 
 def mixture_purity(sample_labels: Tensor, weights: Tensor, usage: Tensor | None = None,
                    num_modes: int | None = None, data_labels: Tensor | None = None) -> Purity:
-    """``mode_purity`` of a mixture prior with SPEC §4's active components: usage ``c_i >= 1e-2``,
-    or weight ``>= 1e-2`` when no usage is known."""
-    weights = weights.detach().cpu()
-    active = active_mask(usage.cpu() if usage is not None else weights)
-    return mode_purity(sample_labels, weights, active, num_modes=num_modes, data_labels=data_labels)
+    """``mode_purity`` of a mixture prior, its modes covered by SPEC §4's usage ``c_i`` (the weights
+    when no usage is known)."""
+    return mode_purity(sample_labels, weights.detach().cpu(), None if usage is None else usage.cpu(),
+                       num_modes=num_modes, data_labels=data_labels)
 
 
 def purity_extra(purity: Purity) -> dict[str, Any]:
