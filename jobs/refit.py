@@ -1,5 +1,5 @@
 r"""Refit a trained mixture prior to its encoder's aggregate posterior, after training (an option beside
-the paper; service/ex_post.py, README "Mode purity").
+the paper; service/ex_post.py, docs/modes.md).
 
     python -m jobs.refit --checkpoint runs/quick-8gaussians-mog-ip-lc/checkpoint.pt --noise 0.5
     python -m jobs.refit --checkpoint CKPT --noise 0.3 --output-dir runs/refit-t0.3

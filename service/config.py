@@ -132,10 +132,10 @@ class PriorConfig:
     softclip_k: float = 10.0  # K, soft-clip steepness
     # SPEC §4 clips both ways (the paper); False = an option beside it: only the upper bound (the
     # paper's motivation, exploding variances, appendix C.4), so components may sharpen below the
-    # range frozen at the end of the warm-up (sharper modes; measured in README "Mode purity")
+    # range frozen at the end of the warm-up (sharper modes; measured in docs/modes.md)
     softclip_lower: bool = True
     lr: float = 2e-4  # SPEC §5, prior learning rate
-    # An option beside the paper (service/ex_post.py, README "Mode purity"): after training, refit the
+    # An option beside the paper (service/ex_post.py, docs/modes.md): after training, refit the
     # mixture by EM to encoded training points mu(x) + ex_post_noise * sigma(x) * eps
     ex_post: ExPost = "none"
     ex_post_noise: float = 0.5  # t: 0 = posterior means, 1 = posterior samples

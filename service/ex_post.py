@@ -8,7 +8,7 @@ learnable weights, its weights) by a maximum-likelihood fit, by EM, to encoded t
 (t = 0: the posterior means; t = 1: posterior samples, the aggregate posterior itself). This is
 ex-post density estimation (Ghosh et al., 2020, "From variational to deterministic
 autoencoders"), applied to the S-Intro VAE's latent space: where the trained prior's components
-straddle several data modes (README "Mode purity"), components fitted to the points the decoder
+straddle several data modes (docs/modes.md), components fitted to the points the decoder
 was trained to reconstruct fall inside one mode's latent region. ``t`` trades mode purity (small
 t) against coverage of each mode's spread (large t).
 

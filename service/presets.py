@@ -170,14 +170,14 @@ def sharp_8gaussians() -> ExperimentConfig:
     the posteriors and the prior components sharp (log-variance about -3.5 instead of about 0).
     Found by single ``--quick`` runs (5,000 iterations, batch 256, 1 worker) of ``python -m
     jobs.train --preset 8gaussians/mog-ip-lc --quick --workers 1 --set objective.beta_kl=B --set
-    objective.beta_neg=N`` over B / N in {0.3 / 0.9, 0.1 / 0.3, 0.05 / 0.15} (README "Mode purity";
+    objective.beta_neg=N`` over B / N in {0.3 / 0.9, 0.1 / 0.3, 0.05 / 0.15} (docs/modes.md;
     the staged, purity-constrained selections ``tune_spaces/agreement_short_grid.yaml`` and
     ``agreement_short_staged.yaml`` (3,000 iterations) both pick these betas too): seed 0 mode
     purity 1.00, 8/8 modes, KL 16.2, gnELBO x 1e7 0.46 (the ``mog-ip-lc`` preset: 0.22, 8/8,
     11.8, 0.86; SG: KL 29.5). Over seeds 0 - 3 before the C mixture kernel (``--preset
     8gaussians/mog-ip-lc-sharp --quick --workers 1 --seed S``): purity 1.00 / 1.00 / 0.96 / 0.99,
     modes covered 8 / 4 / 5 / 7, KL 16 / 112 / 99 / 43 (r_entropy 1 / 10 on seed 1: 6 / 7 modes,
-    KL 88 / 83). Sharp modes, not reliable coverage (re-measured: README "Mode purity").
+    KL 88 / 83). Sharp modes, not reliable coverage (re-measured: docs/modes.md).
     """
     cfg = toy_preset("8gaussians", "mog-ip-lc")
     return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-sharp",
@@ -228,7 +228,7 @@ def ex_post_8gaussians() -> ExperimentConfig:
     the same refit of a finished run: ``python -m jobs.refit --checkpoint CKPT --noise 0.5``): as trained,
     mode purity 0.32 / 0.33, KL 1.56 / 1.87, JSD 0.93 / 0.90, gnELBO x 1e7 2.09 / 1.61; refit at t = 0.5,
     purity 0.955 / 0.965, KL 10.8 / 5.10, JSD 1.78 / 1.76, gnELBO 1.17 / 0.87, all 8 modes covered
-    (t = 0 / 0.25 / 0.75 / 1: README "Mode purity").
+    (t = 0 / 0.25 / 0.75 / 1: docs/modes.md).
     """
     cfg = toy_preset("8gaussians", "mog-ip-lc")
     return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-ex-post",
@@ -251,7 +251,7 @@ def selected_8gaussians() -> ExperimentConfig:
     21.0, JSD 8.45 / 4.68, gnELBO 0.58 / 1.08, purity 1.00, 8 / 8 modes, ``mode_share_tv`` 0.018 / 0.012.
     Seeds 0 - 2: KL 26.1 +- 2.6, JSD 6.95 +- 1.15, gnELBO 0.88 +- 0.16 (s.e., ddof 1). Pure, even modes on all 3 seeds;
     the decoder means' KL is 14x SG's (1.89: each generated mode is narrower than the data's) and the
-    gnELBO misses the paper's 0.26 (README "Mode purity"). Sampled through its calibrated decoder
+    gnELBO misses the paper's 0.26 (docs/modes.md). Sampled through its calibrated decoder
     (``hist_kl_calibrated``; ``"decoder_noise": true`` when served): KL 0.53 / 0.64 / 0.23 on seeds 0 / 1 / 2. By
     KL alone stage 2 picks 0.2 / 0.3 / 1.5 (KL 1.04, purity 0.33: "mode k" mixes modes). Train it
     with ``python -m jobs.train --preset 8gaussians/mog-ip-lc-selected`` (the same as ``--preset

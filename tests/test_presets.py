@@ -83,7 +83,7 @@ def test_sharp_8gaussians_preset_is_ip_lc_with_small_beta_kl():
 def test_modes_preset_is_the_sharp_preset_with_beta_rec_doubled():
     sharp, modes = get_preset("8gaussians/mog-ip-lc-sharp"), get_preset("8gaussians/mog-ip-lc-modes")
     assert (modes.objective.beta_rec, modes.objective.beta_kl, modes.objective.beta_neg) == (0.4, 0.05, 0.15)
-    assert modes.objective.gamma == 1.0  # the paper's (gamma 0.5 measured: README "Mode purity")
+    assert modes.objective.gamma == 1.0  # the paper's (gamma 0.5 measured: docs/modes.md)
     assert dataclasses.replace(modes.objective, beta_rec=sharp.objective.beta_rec) == sharp.objective
     assert modes.prior == sharp.prior and modes.schedule == sharp.schedule
     assert modes.name == "8gaussians/mog-ip-lc-modes"
