@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..priors import active_mask
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,12 @@ def mode_groups(majority: list[int | None], usage: Tensor, threshold: float = 1e
     for i, k in enumerate(majority):
         if k is not None:
             group.setdefault(int(k), []).append(i)
+    active = active_mask(u, threshold)
     out = {}
     for k in sorted(group):
         idx = group[k]
         if float(u[idx].clamp_min(0).sum()) >= threshold:
-            active = [i for i in idx if float(u[i]) >= threshold]
-            out[k] = active or idx
+            out[k] = [i for i in idx if bool(active[i])] or idx
     return out
 
 
