@@ -548,9 +548,10 @@ def results_frame(spec: SweepSpec, configs: list[ExperimentConfig],
     rows = []
     for v, cfg in zip(variants, configs):
         metrics, error, trial_status = (*reported.get(v.id, ({}, None)), "")[:3]
-        # Without a scheduler nothing stops a trial early: a TERMINATED trial with no final status was
-        # ended by an interrupted sweep, and resuming it is the remedy.
-        stopped = trial_status == "TERMINATED" and metrics and stage.scheduler is not None
+        # Tune marks the result it stops a trial on with ``done`` (its scheduler decided STOP). A trial cut
+        # off by an interrupted sweep can read TERMINATED in memory without it (Tune stores it PENDING and
+        # resumes it), and without a scheduler nothing stops a trial early: both are unfinished.
+        stopped = (trial_status == "TERMINATED" and bool(metrics.get("done")) and stage.scheduler is not None)
         status = metrics.get("status") or ("failed" if error is not None else "stopped" if stopped else "incomplete")
         err = metrics.get("error") or (failure_text(error) if error is not None else "")
         failure = metrics.get("failure") or ("infrastructure" if error is not None else "")

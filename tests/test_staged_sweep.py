@@ -301,7 +301,7 @@ def test_results_frame_has_a_column_per_hyperparameter_and_marks_early_stopped_t
                                                                       "beta_neg_factor": 3}}}, "t.yaml")
     configs = spec.configs("smoke")
     reported = {0: ({"status": "ok", "iteration": 12, "hist_kl": 2.0, "time_s": 5.0}, None, "TERMINATED"),
-                1: ({"iteration": 6, "hist_kl": 9.0, "time_total_s": 3.0}, None, "TERMINATED")}
+                1: ({"iteration": 6, "hist_kl": 9.0, "time_total_s": 3.0, "done": True}, None, "TERMINATED")}
     df = results_frame(spec, configs, reported, stage=Stage(1, "sweep", scheduler=Scheduler("asha")))
     assert list(df["objective.beta_kl"]) == [0.1, 0.3] and list(df["objective.beta_neg"]) == [0.3, 0.9]
     assert list(df["objective.beta_neg_factor"]) == [3, 3]
@@ -311,6 +311,11 @@ def test_results_frame_has_a_column_per_hyperparameter_and_marks_early_stopped_t
     assert list(paused["status"]) == ["incomplete", "incomplete"]
     # no scheduler: a TERMINATED trial without a final status was cut off by an interrupted sweep
     cut = results_frame(spec, configs, reported, stage=Stage(1, "sweep", scheduler=None))
+    assert list(cut["status"]) == ["ok", "incomplete"] and "resume" in cut["error"][1]
+    # with a scheduler, a trial the interrupt cut off (TERMINATED in memory, its last result not ``done``:
+    # Tune stores it PENDING) is unfinished, not an early stop that a selection could rank
+    interrupted = {**reported, 1: ({"iteration": 6, "hist_kl": 1.0, "done": False}, None, "TERMINATED")}
+    cut = results_frame(spec, configs, interrupted, stage=Stage(1, "sweep", scheduler=Scheduler("asha")))
     assert list(cut["status"]) == ["ok", "incomplete"] and "resume" in cut["error"][1]
 
 
