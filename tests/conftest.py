@@ -5,7 +5,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# Idle OpenMP threads sleep instead of spinning (libgomp reads this when torch loads it, hence before the
+# import; Ray's processes inherit it). Three pytest-xdist workers and their Ray processes share 2 cores: a
+# spinning thread burns a core another process needs. Numerics are unchanged. ``pytest -m "not e2e" -n 2``
+# beside a training run, 2026-12-03: 182 -> 163 s of user CPU, 136 -> 119 s wall.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
