@@ -7,16 +7,25 @@ instances" and a 30-line traceback on the driver's console, and stops watching t
 should clean up. ``pin_ray_address`` runs in each worker process at start-up
 (``runtime_env["worker_process_setup_hook"]``) and points ``RAY_ADDRESS`` at the worker's own cluster.
 
+The same hook shortens one of Ray Train's warnings that only a busy machine triggers: the controller
+asks Ray Data's autoscaling coordinator actor for resources with a 5 s timeout, and when that actor's
+process is still starting (a 2-core laptop running a sweep) it logs "Failed to send resource request
+... safe to ignore" with a 20-line ``GetTimeoutError`` traceback, twice, on the driver's console. It
+stays a warning, on one line, without the traceback (``quiet_transient_warnings``).
+
 Kept free of heavy imports: it runs in every worker process of the job, whatever that worker does.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
 
-HOOK = "service.ray_env.pin_ray_address"
+HOOK = "service.ray_env.worker_setup"
+# loggers whose warnings with a traceback are transient by their own text; shown as one line
+TRANSIENT_LOGGERS = ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",)
 STARTUP_TIMEOUT = "timed out during startup"  # ray._private.node's message when the raylet did not register in time
 START_ATTEMPTS = 2
 
@@ -32,8 +41,37 @@ def pin_ray_address() -> None:
         pass
 
 
+class OneLine(logging.Filter):
+    """Keeps a record, drops its traceback: the message's first sentence plus the exception's type."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            exc = record.exc_info[1]
+            first = record.getMessage().split(". ", 1)[0].rstrip(".")
+            record.msg, record.args = f"{first} ({type(exc).__name__}; transient on a busy machine, retried)", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_transient_warnings() -> None:
+    """One-line, traceback-free records for ``TRANSIENT_LOGGERS`` in this process (idempotent)."""
+    for name in TRANSIENT_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, OneLine) for f in log.filters):
+            log.addFilter(OneLine())
+
+
+def worker_setup() -> None:
+    """``worker_process_setup_hook`` of every job started by ``init_ray``. Never raises."""
+    pin_ray_address()
+    try:
+        quiet_transient_warnings()
+    except Exception:  # noqa: BLE001 - the worker keeps Ray's full warnings
+        pass
+
+
 def init_ray(**kwargs: Any) -> None:
-    """``ray.init(**kwargs)`` with ``pin_ray_address`` in the job's runtime environment (merged with a
+    """``ray.init(**kwargs)`` with ``worker_setup`` in the job's runtime environment (merged with a
     submitted job's own runtime environment by Ray)."""
     import ray
 

@@ -26,15 +26,18 @@ from service.ray_env import init_ray
 
 @ray.remote
 def state_query():
+    import logging
     from ray.util.state import list_nodes
+    from service.ray_env import TRANSIENT_LOGGERS
+    quiet = all(logging.getLogger(n).filters for n in TRANSIENT_LOGGERS)  # set by the setup hook, if any
     try:
-        return os.environ.get("RAY_ADDRESS"), len(list_nodes()), None
+        return os.environ.get("RAY_ADDRESS"), len(list_nodes()), None, quiet
     except Exception as e:
-        return os.environ.get("RAY_ADDRESS"), None, f"{type(e).__name__}: {e}"
+        return os.environ.get("RAY_ADDRESS"), None, f"{type(e).__name__}: {e}", quiet
 
-address, nodes, error = ray.get(state_query.remote())
+address, nodes, error, quiet = ray.get(state_query.remote())
 print(json.dumps({"driver": ray.get_runtime_context().gcs_address, "worker": address, "nodes": nodes,
-                  "error": error}))
+                  "error": error, "quiet": quiet}))
 """
 
 
@@ -59,6 +62,7 @@ def test_workers_query_their_own_cluster_beside_another_local_instance() -> None
                 or "Timed out while waiting for GCS" in plain["error"]), plain["error"]
         pinned = _probe("pinned", env)
         assert pinned["worker"] == pinned["driver"] and pinned["error"] is None and pinned["nodes"] == 1
+        assert pinned["quiet"] and not plain["quiet"]  # the hook also set up the one-line warnings
     finally:
         holder.stdin.close()
         holder.wait(timeout=120)
@@ -101,3 +105,35 @@ def test_init_ray_starts_once_more_when_the_local_node_missed_rays_registration_
     with pytest.raises(ValueError, match="bad address"):
         ray_env.init_ray()
     assert len(calls) == 1  # anything else is not retried
+
+
+def test_a_transient_ray_train_warning_is_one_line_without_its_traceback():
+    """What a busy machine made Ray Train's controller print (twice per run): "Failed to send resource
+    request ... safe to ignore" with a 20-line GetTimeoutError traceback; after the hook, one line."""
+    import io
+    import logging
+
+    from ray.exceptions import GetTimeoutError
+
+    from service import ray_env
+
+    log = logging.getLogger(ray_env.TRANSIENT_LOGGERS[0])
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    log.addHandler(handler)
+    try:
+        ray_env.quiet_transient_warnings()
+        ray_env.quiet_transient_warnings()  # idempotent: one filter
+        assert sum(isinstance(f, ray_env.OneLine) for f in log.filters) == 1
+        try:
+            raise GetTimeoutError("Get timed out: some object(s) not ready.")
+        except GetTimeoutError:
+            log.warning("Failed to send resource request for %s. If this only happens transiently during network "
+                        "partition or CPU being overloaded, it's safe to ignore this error. If this error persists, "
+                        "file a GitHub issue.", "train-1", exc_info=True)
+        log.warning("an ordinary warning stays as it is: %d", 7)
+    finally:
+        log.removeHandler(handler)
+        log.filters = [f for f in log.filters if not isinstance(f, ray_env.OneLine)]
+    assert out.getvalue().splitlines() == ["Failed to send resource request for train-1 (GetTimeoutError; transient on a busy machine, "
+                   "retried)", "an ordinary warning stays as it is: 7"]
