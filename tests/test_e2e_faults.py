@@ -2,7 +2,9 @@
 
 A Ray Train worker process SIGKILLed mid-run restarts from the last checkpoint (the default
 ``--max-failures``) and ends with the same final metrics and weights, bit for bit, as an
-uninterrupted run, with 1 and with 2 workers (every rank's RNG state is in the checkpoint).
+uninterrupted run, with 1 and with 2 workers (every rank's RNG state is in the checkpoint). With 1
+worker the uninterrupted run is the plain single-process loop (``service.loop.train`` on the run's
+recorded config, the worker's thread count): what Ray Train wraps, and one Ray Train run cheaper.
 (An MLflow server outage during a run is test_e2e_mlflow_outage.py.) Figures (wall time lost, final
 metrics) are printed: run with ``-s`` to see them.
 """
@@ -105,10 +107,30 @@ def _timed_main(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def _in_process_reference(run_dir: Path, out: Path, threads: int) -> None:
+    """The plain loop on ``run_dir``'s recorded config with ``threads`` torch threads (as a 1-worker Ray
+    Train run's worker): metrics.json and checkpoint.pt in ``out``, as a run writes them."""
+    from service.config import load_yaml
+    from service.data import make_source
+    from service.loop import train
+
+    cfg = load_yaml(str(run_dir / "config.yaml"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = train(cfg, make_source(cfg.data), plot_dir=str(out))
+    finally:
+        torch.set_num_threads(before)
+    (out / "metrics.json").write_text(json.dumps(result.metrics))
+    checkpoint.save(out / "checkpoint.pt", result.state)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_killed_worker_resumes_from_its_last_checkpoint_to_identical_results(ray_local, tmp_path, workers):
+    import ray
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ref_s = _timed_main(_args(tmp_path, "reference", workers))
+    ref_s = _timed_main(_args(tmp_path, "reference", workers)) if workers > 1 else None
     killer = _Killer(tmp_path / "ray" / "killed")
     killer.start()
     try:
@@ -118,11 +140,18 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint_to_identical_results(r
         killer.join()
     assert killer.victim is not None
     assert len(killer.seen) > workers  # the worker group was restarted
+    if workers == 1:  # the worker's torch threads: the cluster's CPUs (ray_train._cpus_per_worker)
+        (tmp_path / "reference").mkdir()
+        started = time.perf_counter()
+        _in_process_reference(tmp_path / "killed", tmp_path / "reference", int(ray.cluster_resources()["CPU"]))
+        ref_s = time.perf_counter() - started
 
     ref_metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
     killed_metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
-    print(f"\nworker kill, {workers} worker(s): uninterrupted {ref_s:.1f} s, killed {killed_s:.1f} s "
-          f"(difference {killed_s - ref_s:+.1f} s); new worker group {killer.restarted_at - killer.killed_at:.1f} s "
+    print(f"\nworker kill, {workers} worker(s): uninterrupted {ref_s:.1f} s "
+          + ("(in process, no Ray)" if workers == 1 else "(Ray Train)") + f", killed {killed_s:.1f} s "
+          + ("" if workers == 1 else f"(difference {killed_s - ref_s:+.1f} s)")
+          + f"; new worker group {killer.restarted_at - killer.killed_at:.1f} s "
           f"after the kill\n  uninterrupted: {ref_metrics}\n  killed:        {killed_metrics}")
     assert killed_metrics == ref_metrics  # bit for bit (floats compared exactly)
     ref_state = checkpoint.load(tmp_path / "reference" / "checkpoint.pt")
