@@ -551,7 +551,7 @@ def results_frame(spec: SweepSpec, configs: list[ExperimentConfig],
         # Tune marks the result it stops a trial on with ``done`` (its scheduler decided STOP). A trial cut
         # off by an interrupted sweep can read TERMINATED in memory without it (Tune stores it PENDING and
         # resumes it), and without a scheduler nothing stops a trial early: both are unfinished.
-        stopped = (trial_status == "TERMINATED" and bool(metrics.get("done")) and stage.scheduler is not None)
+        stopped = trial_status == "TERMINATED" and bool(metrics.get("done")) and stage.scheduler is not None
         status = metrics.get("status") or ("failed" if error is not None else "stopped" if stopped else "incomplete")
         err = metrics.get("error") or (failure_text(error) if error is not None else "")
         failure = metrics.get("failure") or ("infrastructure" if error is not None else "")

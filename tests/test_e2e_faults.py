@@ -107,9 +107,9 @@ def _timed_main(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def _in_process_reference(run_dir: Path, out: Path, threads: int) -> None:
+def _in_process_reference(run_dir: Path, plot_dir: Path, threads: int) -> tuple[dict, dict]:
     """The plain loop on ``run_dir``'s recorded config with ``threads`` torch threads (as a 1-worker Ray
-    Train run's worker): metrics.json and checkpoint.pt in ``out``, as a run writes them."""
+    Train run's worker): its final metrics and state."""
     from service.config import load_yaml
     from service.data import make_source
     from service.loop import train
@@ -118,11 +118,10 @@ def _in_process_reference(run_dir: Path, out: Path, threads: int) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        result = train(cfg, make_source(cfg.data), plot_dir=str(out))
+        result = train(cfg, make_source(cfg.data), plot_dir=str(plot_dir))
     finally:
         torch.set_num_threads(before)
-    (out / "metrics.json").write_text(json.dumps(result.metrics))
-    checkpoint.save(out / "checkpoint.pt", result.state)
+    return result.metrics, result.state
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -141,12 +140,13 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint_to_identical_results(r
     assert killer.victim is not None
     assert len(killer.seen) > workers  # the worker group was restarted
     if workers == 1:  # the worker's torch threads: the cluster's CPUs (ray_train._cpus_per_worker)
-        (tmp_path / "reference").mkdir()
         started = time.perf_counter()
-        _in_process_reference(tmp_path / "killed", tmp_path / "reference", int(ray.cluster_resources()["CPU"]))
+        ref_metrics, ref_state = _in_process_reference(tmp_path / "killed", tmp_path,
+                                                       int(ray.cluster_resources()["CPU"]))
         ref_s = time.perf_counter() - started
-
-    ref_metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    else:
+        ref_metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+        ref_state = checkpoint.load(tmp_path / "reference" / "checkpoint.pt")
     killed_metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     print(f"\nworker kill, {workers} worker(s): uninterrupted {ref_s:.1f} s "
           + ("(in process, no Ray)" if workers == 1 else "(Ray Train)") + f", killed {killed_s:.1f} s "
@@ -154,7 +154,6 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint_to_identical_results(r
           + f"; new worker group {killer.restarted_at - killer.killed_at:.1f} s "
           f"after the kill\n  uninterrupted: {ref_metrics}\n  killed:        {killed_metrics}")
     assert killed_metrics == ref_metrics  # bit for bit (floats compared exactly)
-    ref_state = checkpoint.load(tmp_path / "reference" / "checkpoint.pt")
     killed_state = checkpoint.load(tmp_path / "killed" / "checkpoint.pt")
     assert killed_state["iteration"] == ref_state["iteration"] == ITERATIONS
     for k, v in ref_state["model"].items():
