@@ -13,6 +13,9 @@ process is still starting (a 2-core laptop running a sweep) it logs "Failed to s
 ... safe to ignore" with a 20-line ``GetTimeoutError`` traceback, twice, on the driver's console. It
 stays a warning, on one line, without the traceback (``quiet_transient_warnings``).
 
+On the driver, ``init_ray`` drops the worker log lines in ``DRIVER_NOISE`` before they reach the console:
+lines Ray prints on every run that name no action a user could take (``quiet_driver_console``).
+
 Kept free of heavy imports: it runs in every worker process of the job, whatever that worker does.
 """
 
@@ -20,12 +23,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any
 
 HOOK = "service.ray_env.worker_setup"
 # loggers whose warnings with a traceback are transient by their own text; shown as one line
 TRANSIENT_LOGGERS = ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",)
+# worker log lines the driver does not print: Ray Train's controller creates its PreemptionWatcher actor
+# with restarts and an argument in the object store, and Ray's core worker logs an error-level notice
+# for that on every run (ray-project/ray#53727); nothing in it is this job's or its user's to act on
+DRIVER_NOISE = (re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .*"
+                           r"has constructor arguments in the object store and max_restarts > 0"),)
 STARTUP_TIMEOUT = "timed out during startup"  # ray._private.node's message when the raylet did not register in time
 START_ATTEMPTS = 2
 
@@ -61,6 +70,37 @@ def quiet_transient_warnings() -> None:
             log.addFilter(OneLine())
 
 
+def without_noise(lines: list[str]) -> list[str]:
+    """``lines`` less those that match ``DRIVER_NOISE``."""
+    return [ln for ln in lines if not any(p.search(ln) for p in DRIVER_NOISE)]
+
+
+def quiet_driver_console() -> bool:
+    """Wrap the handler through which this driver prints its workers' log lines so that ``DRIVER_NOISE``
+    is dropped (idempotent). Ray's dispatcher is not public API: where it is missing or changed, the
+    console stays as Ray prints it. Returns whether the filter is in place."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        with dispatcher._lock:
+            handlers = list(dispatcher.handlers)
+            for i, (name, handler) in enumerate(handlers):
+                if name != "ray_print_logs" or getattr(handler, "drops_noise", False):
+                    continue
+
+                def filtered(data: dict[str, Any], _print=handler) -> None:
+                    lines = without_noise(list(data.get("lines") or ()))
+                    if lines:
+                        _print({**data, "lines": lines})
+
+                filtered.drops_noise = True  # type: ignore[attr-defined]
+                handlers[i] = (name, filtered)
+            dispatcher.handlers = handlers
+            return any(getattr(h, "drops_noise", False) for n, h in handlers if n == "ray_print_logs")
+    except Exception:  # noqa: BLE001 - Ray's internals moved: keep its console as it is
+        return False
+
+
 def worker_setup() -> None:
     """``worker_process_setup_hook`` of every job started by ``init_ray``. Never raises."""
     pin_ray_address()
@@ -80,6 +120,7 @@ def init_ray(**kwargs: Any) -> None:
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             ray.init(runtime_env=runtime_env, **kwargs)
+            quiet_driver_console()
             return
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
             if STARTUP_TIMEOUT not in str(e) or attempt == START_ATTEMPTS:

@@ -139,3 +139,31 @@ def test_a_transient_ray_train_warning_is_one_line_without_its_traceback():
     assert out.getvalue().splitlines() == [
         "Failed to send resource request for train-1 (GetTimeoutError; transient on a busy machine, retried)",
         "an ordinary warning stays as it is: 7"]
+
+
+def test_the_driver_drops_rays_preemption_watcher_notice_and_prints_every_other_line():
+    """Ray Train's controller made Ray's core worker log an error-level notice about its PreemptionWatcher
+    actor on every run (the line below, from a run of 2026-12-03); the driver's console filter drops it
+    and passes every other line of the batch, in order, to Ray's own printer."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from service import ray_env
+
+    notice = ("[2026-12-03 09:20:17,520 E 17647 17706] core_worker.cc:2465: Actor with class name: "
+              "'PreemptionWatcher' and ID: '1a85c6146fded8167966763e01000000' has constructor arguments in the "
+              "object store and max_restarts > 0. If the arguments in the object store go out of scope or are "
+              "lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more "
+              "details.")
+    other = ("[2026-12-03 09:20:17,600 E 17647 17706] core_worker.cc:2465: Actor with class name: 'MyActor' "
+             "and ID: 'ab' has constructor arguments in the object store and max_restarts > 0.")
+    printed: list[dict] = []
+    saved = list(dispatcher.handlers)
+    dispatcher.handlers = [("ray_print_logs", printed.append)]
+    try:
+        assert ray_env.quiet_driver_console() and ray_env.quiet_driver_console()  # idempotent
+        assert len(dispatcher.handlers) == 1
+        dispatcher.emit({"pid": 17647, "is_err": True, "lines": ["first", notice, other]})
+        dispatcher.emit({"pid": 17647, "is_err": True, "lines": [notice]})  # nothing left: nothing printed
+    finally:
+        dispatcher.handlers = saved
+    assert printed == [{"pid": 17647, "is_err": True, "lines": ["first", other]}]
