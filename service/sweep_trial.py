@@ -5,7 +5,9 @@
   (status, metrics, error) to Tune.
 - Intermediate reports: rank 0 logs ``eval/*`` to MLflow every ``schedule.eval_every`` iterations;
   ``_eval_forwarder`` (a Ray Train callback in the Train controller) forwards them to Tune at the
-  next Train report, so a scheduler can stop the trial on them.
+  next Train report, so a scheduler can stop the trial on them. Every Train report (checkpoint) also
+  reaches Tune as a progress row (``PROGRESS_KEY``, no ``iteration``: schedulers skip it), so the
+  sweep's console shows each trial's iterations while a long stage runs without evaluations.
 - Failures: ``failure_kind`` tells a diverged run and other deterministic errors (final) from a lost
   worker, node or controller (``"infrastructure"``: ``fit`` again, resuming from the last
   checkpoint, ``INFRA_RETRIES`` times).
@@ -31,6 +33,9 @@ from .tables import FINAL_METRICS
 REPORTED = tuple(dict.fromkeys(FINAL_METRICS + OPTIONAL_METRICS))  # eval/* names forwarded to Tune
 INFRA_RETRIES = 2  # fit() again (resuming from the last checkpoint) after a lost worker/node/controller
 RETRY_WAIT_S = 10.0  # before fit() again after an infrastructure failure
+# the iteration a trial's training has reached, in every row it reports to Tune; progress rows carry it
+# without ``iteration`` (ASHA's time attribute), so no scheduler ranks them
+PROGRESS_KEY = "at_iteration"
 
 
 @dataclass(frozen=True)
@@ -138,19 +143,31 @@ def _scored(row: dict[str, Any], select: Selection) -> dict[str, Any]:
 
 
 def _eval_forwarder(tracking_uri: str, run_id: str, metric: str, iterations: int, constants: dict[str, Any],
-                    select: Selection | None = None):
-    """A Ray Train callback (it runs in the Train controller) that forwards each new intermediate
-    evaluation to the Tune trial, at the Train report (checkpoint) that follows it."""
+                    select: Selection | None = None, evaluations: bool = True):
+    """A Ray Train callback (it runs in the Train controller) that reports each Train report (checkpoint)
+    to the Tune trial as a progress row and, with ``evaluations``, forwards each new intermediate
+    evaluation that came before it.
+
+    A progress row has ``PROGRESS_KEY`` and the last evaluation's values but no ``iteration``, so a
+    scheduler skips it (ASHA ignores a result without its time attribute), and it goes first: the
+    trial's last row at a checkpoint is its newest evaluation, the one a scheduler stops it on."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EvalForwarder(TuneReportCallback):
         def __init__(self) -> None:
             TuneReportCallback.__init__(self)  # grabs the Tune session's queue (in the trial)
-            self.after, self.client = -1, None
+            self.after, self.client, self.last = -1, None, {}
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             if not metrics or metrics[0].get("final"):
                 return  # the final values reach Tune in the trial's own last report
+            at = metrics[0].get("iteration")
+            if at is not None:
+                progress = {metric: math.nan, **self.last, **constants, PROGRESS_KEY: int(at)}
+                TuneReportCallback.after_report(self, run_context, [_scored(progress, select or Selection(metric))],
+                                                None)
+            if not evaluations:
+                return
             try:
                 if self.client is None:
                     from mlflow.tracking import MlflowClient
@@ -161,7 +178,9 @@ def _eval_forwarder(tracking_uri: str, run_id: str, metric: str, iterations: int
                 print(f"warning: could not read the evaluations of {run_id} from MLflow ({e!r:.300})", file=sys.stderr)
                 return
             for report in found:
-                report = _scored({metric: math.nan, **report, **constants}, select or Selection(metric))
+                self.last = {k: x for k, x in report.items() if k != "iteration"}
+                report = _scored({metric: math.nan, **report, **constants, PROGRESS_KEY: report["iteration"]},
+                                 select or Selection(metric))
                 TuneReportCallback.after_report(self, run_context, [report], None)
                 self.after = report["iteration"]
 
@@ -208,10 +227,9 @@ def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[s
     start, attempts = time.perf_counter(), 0
     while True:
         attempts += 1
-        callbacks = []
-        if cfg.schedule.eval_every and cfg.schedule.unit == "iterations":
-            callbacks.append(_eval_forwarder(ctx.tracking_uri, run_id, ctx.metric, cfg.schedule.iterations, dict(row),
-                                             ctx.select))
+        evaluations = bool(cfg.schedule.eval_every) and cfg.schedule.unit == "iterations"
+        callbacks = [_eval_forwarder(ctx.tracking_uri, run_id, ctx.metric, cfg.schedule.iterations, dict(row),
+                                     ctx.select, evaluations=evaluations)]
         base = ctx.storage or Path(ctx.output_dir)  # a Location on a cluster without a shared volume
         try:
             res = fit(cfg, output_dir=base / "trials" / run_name, run_name=run_name,
@@ -220,6 +238,7 @@ def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[s
                       mlflow_run_id=run_id, callbacks=callbacks)
             row.update(status="ok", error="", failure="", iteration=res["iteration"], output_dir=res["output_dir"],
                        **res["metrics"])
+            row[PROGRESS_KEY] = res["iteration"]
             break
         except Exception as e:  # noqa: BLE001 - recorded with its error; the sweep goes on
             kind = failure_kind(e)

@@ -52,7 +52,7 @@ from .spaces import (OPTIONAL_METRICS, Shrink, SpaceError, Stage, SweepSpec, Var
                      train_command)
 from .sweep_lock import SweepLock
 from .sweep_resources import DRIVER_CPU, ResourcePlan, plan_resources
-from .sweep_trial import _trial, _TrialContext, config_sha, trial_config
+from .sweep_trial import PROGRESS_KEY, _trial, _TrialContext, config_sha, trial_config
 from .tables import FINAL_METRICS, KNOWN_METRICS, Tables, aggregate, write_results
 
 if TYPE_CHECKING:
@@ -438,7 +438,7 @@ def _progress_reporter(spec: SweepSpec, keys: list[str]):
     from ray.tune import CLIReporter
 
     shown = [k for k in keys if k in spec.varying or k in spec.searched] or keys[:4]
-    metrics = {"iteration": "iter", spec.metric: spec.metric}
+    metrics = {PROGRESS_KEY: "iter", spec.metric: spec.metric}  # iter: where training is, every checkpoint
     metrics.update({m: m for m in ("hist_kl", "hist_jsd", "gnelbo_x1e7", "mode_purity") if m not in metrics})
     # print_intermediate_tables explicitly: its default reads Tune's process-wide verbosity when the
     # reporter is built, which the first Tuner.fit lowers to verbose=1, so a second stage (or sweep)
@@ -570,7 +570,8 @@ def results_frame(spec: SweepSpec, configs: list[ExperimentConfig],
         row.update({m: float(metrics[m]) for m in (*KNOWN_METRICS, *OPTIONAL_METRICS) if m in metrics and m not in row})
         row.update({k: metrics.get(k) for k in ("iteration", "mlflow_run_id", "run_name", "output_dir", "attempts")})
         row["time_s"] = metrics.get("time_s", metrics.get("time_total_s"))
-        row["trained_iterations"] = metrics.get("iteration") or 0  # up to the last report for stopped trials
+        # up to the last report: the evaluation a scheduler stopped it on, an interrupted trial's last checkpoint
+        row["trained_iterations"] = metrics.get("iteration") or metrics.get(PROGRESS_KEY) or 0
         row["reused_from"] = None
         row["config_sha"] = config_sha(cfg)
         row.update({f"config.{k}": json.dumps(x) if isinstance(x, list) else x

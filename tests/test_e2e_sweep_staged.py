@@ -57,7 +57,14 @@ def test_staged_sweep_runs_each_stage_on_the_previous_stages_best_setting(staged
 def test_staged_trials_report_every_evaluation_to_tune_with_hyperparameter_columns(staged):
     root, _, _ = staged
     for trial in sorted((root / "out" / "tune" / "stage1-coarse").glob("v*/result.json")):
-        results = [json.loads(line) for line in trial.read_text().splitlines()]
+        rows = [json.loads(line) for line in trial.read_text().splitlines()]
+        # every checkpoint: a progress row (no iteration, so ASHA skips it) before the evaluations since
+        progress = [r for r in rows if "iteration" not in r]
+        assert progress and all(r["run_name"] == rows[0]["run_name"] and "hist_kl" in r for r in progress)
+        steps = [r["at_iteration"] for r in progress]
+        assert steps == sorted(set(steps)) and steps[0] >= 1
+        results = [r for r in rows if "iteration" in r]
+        assert all(r["at_iteration"] == r["iteration"] for r in results)
         assert results[0]["iteration"] == 8 and results[0]["hist_kl"] > 0 and "status" not in results[0]
         assert {"hist_jsd", "run_name", "mlflow_run_id"} <= set(results[0])
         assert "gnelbo_x1e7" not in results[0]  # eval.intermediate_gnelbo: false; the final row has it

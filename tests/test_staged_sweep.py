@@ -188,8 +188,13 @@ def trial_env(tmp_path, monkeypatch):
 
     from service import sweep_trial
 
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     reports = []
     monkeypatch.setattr(ray.tune, "report", lambda row: reports.append(row))
+    # outside Tune the Train callback has no Tune session's queue to put its rows in: a sink
+    monkeypatch.setattr(TuneReportCallback, "__init__",
+                        lambda self: setattr(self, "_training_actor_item_queue", SimpleNamespace(put=lambda row: None)))
     monkeypatch.setattr(sweep_trial, "RETRY_WAIT_S", 0.0)
     ctx = _TrialContext(output_dir=str(tmp_path), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                         parent_run_id="", sweep_name="t", shrink="smoke", varying=(), cpus_per_worker=1,
@@ -251,6 +256,58 @@ def test_a_trial_that_tune_is_stopping_does_not_retry_its_torn_down_run(trial_en
 
     _trial({"variant": 0}, ctx, fit=torn_down)
     assert calls == [1] and reports == []  # no retry, no final row: the last evaluation is its result
+
+
+def test_every_checkpoint_reaches_tune_as_a_progress_row_that_schedulers_skip(trial_env, monkeypatch):
+    """The Train callback: at each Train report a progress row (``at_iteration``, the last evaluation's values,
+    no ``iteration``: ASHA skips a row without its time attribute), then the evaluations logged since, each
+    with ``iteration``; the trial's last row at a checkpoint is its newest evaluation. Without intermediate
+    evaluations (a full-schedule stage) the progress rows alone: the console's ``iter`` column moves."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.tune.schedulers import ASHAScheduler
+
+    from service import sweep_trial
+
+    ctx, _ = trial_env
+    forwarded = []  # what reaches the Tune session's queue
+    monkeypatch.setattr(TuneReportCallback, "__init__",
+                        lambda self: setattr(self, "_training_actor_item_queue", SimpleNamespace(put=forwarded.append)))
+    sel = Selection("hist_kl", "min", (("mode_purity", 0.9, None),))
+    logged = {1000: [{"iteration": 1000, "hist_kl": 5.0, "mode_purity": 0.5}], 2000: [], 3000: [
+        {"iteration": 3000, "hist_kl": 4.0, "mode_purity": 1.0}]}
+    monkeypatch.setattr(sweep_trial, "new_evaluations", lambda client, run, after, before: logged[seen[-1]])
+    seen = []
+
+    def fit(cfg, callbacks, **kw):  # what the Train controller does at each report
+        (forwarder,) = callbacks
+        for at in (1000, 2000, 3000):
+            seen.append(at)
+            forwarder.after_report(None, [{"iteration": at, "final": False, "train/loss_encoder": 0.5}], None)
+        forwarder.after_report(None, [{"iteration": 3000, "final": True}], None)  # the trial reports the last
+        return {"iteration": 3000, "output_dir": "x", "metrics": {"hist_kl": 4.0, "mode_purity": 1.0}}
+
+    ctx = dataclasses.replace(ctx, select=sel, stage_overrides={"schedule.eval_every": 1000})
+    sweep_trial._trial({"variant": 0}, ctx, fit=fit)
+    assert [(r.get("at_iteration"), r.get("iteration")) for r in forwarded] == [
+        (1000, None), (1000, 1000), (2000, None), (3000, None), (3000, 3000)]
+    assert all(r["run_name"] == "t-v0000" and SCORE_KEY in r and "hist_kl" in r for r in forwarded)
+    assert math.isnan(forwarded[0]["hist_kl"])  # nothing evaluated yet
+    assert forwarded[2]["hist_kl"] == 5.0 and forwarded[2][SCORE_KEY] == 5.0 + INFEASIBLE  # the last evaluation's
+    assert forwarded[-1][SCORE_KEY] == 4.0 and "train/loss_encoder" not in forwarded[2]
+
+    asha = ASHAScheduler(time_attr="iteration", metric=SCORE_KEY, mode="min", grace_period=1000, max_t=3000)
+    trial = SimpleNamespace(trial_id="t0")
+    asha.on_trial_add(None, trial)
+    for r in forwarded:
+        asha.on_trial_result(None, trial, r)
+    rungs = dict(asha._brackets[0]._rungs)
+    # ASHA keeps -score for mode "min"; the rung holds the evaluation at 1,000, never a progress row
+    assert {m: list(r.values()) for m, r in rungs.items() if r} == {1000: [-(5.0 + INFEASIBLE)]}
+
+    forwarded.clear()
+    plain = dataclasses.replace(ctx, stage_overrides={"schedule.eval_every": 0})
+    sweep_trial._trial({"variant": 0}, plain, fit=fit)
+    assert [(r.get("at_iteration"), r.get("iteration")) for r in forwarded] == [(1000, None), (2000, None), (3000, None)]
 
 
 def test_new_evaluations_come_from_the_mlflow_history_between_reports():
