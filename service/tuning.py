@@ -427,8 +427,14 @@ def _scheduler(stage: Stage, spec: SweepSpec, configs: list[ExperimentConfig]):
                          reduction_factor=sched.reduction_factor, max_t=sched.max_t or iterations, brackets=1)
 
 
+REPORT_EVERY_S = 60  # the least time between two of Tune's status tables
+REPORT_QUIET_S = 900  # a table at least this often while nothing changes (the sweep is alive)
+
+
 def _progress_reporter(spec: SweepSpec, keys: list[str]):
-    """Tune's progress table with one column per varying hyperparameter and the reported metrics.
+    """Tune's progress table with one column per varying hyperparameter and the reported metrics,
+    printed when a trial's status, iteration or metric changed (at most every ``REPORT_EVERY_S``, at
+    least every ``REPORT_QUIET_S``): a stage of hour-long trials does not repeat one table every minute.
 
     Ray's default (``RAY_AIR_NEW_OUTPUT=1``) output ignores a reporter and infers the same parameter
     columns from the config; ``jobs.sweep`` sets ``RAY_AIR_NEW_OUTPUT=0`` unless the user chose.
@@ -437,14 +443,30 @@ def _progress_reporter(spec: SweepSpec, keys: list[str]):
         return None
     from ray.tune import CLIReporter
 
+    class ChangedReporter(CLIReporter):
+        """Tune's ``CLIReporter`` that skips a table identical (in status, iteration, metric) to the last."""
+
+        last_state: tuple = ()
+        last_time: float = -math.inf
+
+        def should_report(self, trials, done: bool = False) -> bool:
+            now = time.monotonic()
+            state = tuple((t.trial_id, t.status, (t.last_result or {}).get(PROGRESS_KEY),
+                           (t.last_result or {}).get(spec.metric)) for t in trials)
+            due = now - self.last_time >= (REPORT_EVERY_S if state != self.last_state else REPORT_QUIET_S)
+            if done or due:
+                self.last_state, self.last_time = state, now
+                return True
+            return False
+
     shown = [k for k in keys if k in spec.varying or k in spec.searched] or keys[:4]
     metrics = {PROGRESS_KEY: "iter", spec.metric: spec.metric}  # iter: where training is, every checkpoint
     metrics.update({m: m for m in ("hist_kl", "hist_jsd", "gnelbo_x1e7", "mode_purity") if m not in metrics})
     # print_intermediate_tables explicitly: its default reads Tune's process-wide verbosity when the
     # reporter is built, which the first Tuner.fit lowers to verbose=1, so a second stage (or sweep)
     # in the same process would show the status without the trial table
-    return CLIReporter(parameter_columns={k: k.rsplit(".", 1)[-1] for k in shown}, metric_columns=metrics,
-                       max_report_frequency=60, max_column_length=24, print_intermediate_tables=True)
+    return ChangedReporter(parameter_columns={k: k.rsplit(".", 1)[-1] for k in shown}, metric_columns=metrics,
+                           max_report_frequency=REPORT_EVERY_S, max_column_length=24, print_intermediate_tables=True)
 
 
 def _close_stopped(tracking_uri: str, df: "pd.DataFrame") -> None:

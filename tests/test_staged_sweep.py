@@ -525,3 +525,36 @@ def test_the_last_trial_of_a_restored_stage_gets_the_whole_machine(tmp_path, cap
         assert _stage_plan(spec, stage, {"max_concurrent": 2}, two, replan, tmp_path) == expected, left
     assert seen == [str(tuner_state.parent)] * 4
     assert "1 trial(s) left of a stage started 2 at a time: each Train worker 2 torch threads" in capsys.readouterr().out
+
+
+def test_tunes_table_is_printed_when_a_trial_moves_and_otherwise_every_quarter_hour(monkeypatch):
+    """The sweep's status table: at most every minute while trials change (status, iteration, metric), at
+    least every 15 minutes while nothing does (a full-schedule stage of 2.5 h printed 150 identical tables),
+    and always at the end."""
+    from service import tuning
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")
+    spec = spec_from_dict({"preset": A, "param_space": {"objective": {"beta_kl": {"grid_search": [0.1, 0.2]}}}},
+                          "t.yaml")
+    reporter = tuning._progress_reporter(spec, ["preset", "seed", "objective.beta_kl"])
+    assert reporter._metric_columns == {"at_iteration": "iter", "hist_kl": "hist_kl", "hist_jsd": "hist_jsd",
+                                        "gnelbo_x1e7": "gnelbo_x1e7", "mode_purity": "mode_purity"}
+    clock = [1000.0]
+    monkeypatch.setattr(tuning.time, "monotonic", lambda: clock[0])
+    trials = [SimpleNamespace(trial_id="a", status="RUNNING", last_result={"at_iteration": 1000}),
+              SimpleNamespace(trial_id="b", status="PENDING", last_result={})]
+
+    def printed_at(*minutes, done_at=None):
+        out = []
+        for m in minutes:
+            clock[0] = 1000.0 + 60 * m
+            if m == 3:
+                trials[0].last_result = {"at_iteration": 2000}  # a checkpoint: the table changes
+            if reporter.should_report(trials, done=m == done_at):
+                out.append(m)
+        return out
+
+    assert printed_at(0, 0.5, 1, 2, 3, 3.5, 4, 10, 18, 19, 33.5, 34, done_at=34) == [0, 3, 18, 33.5, 34]
+    assert tuning._progress_reporter(spec, []) is not None
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    assert tuning._progress_reporter(spec, []) is None  # Ray's newer output takes no reporter
