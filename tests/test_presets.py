@@ -110,6 +110,23 @@ def test_selected_preset_is_ip_lc_at_the_betas_of_the_staged_selection_files():
 
 
 
+def test_fixed_lc_selected_preset_is_the_fixed_prior_at_a_stage_2_setting_of_its_staged_file():
+    """``mog-fixed-lc-selected`` is the fixed MoG with learnable weights (not trained with the decoder) at one of
+    the settings that stage 1 of its staged file can hand to stage 2 (the grid holds it), and only the betas
+    differ from ``mog-fixed-lc``; they are IP + LC's pure pick too."""
+    from service.spaces import load_space
+
+    base, sel = get_preset("8gaussians/mog-fixed-lc"), get_preset("8gaussians/mog-fixed-lc-selected")
+    assert (sel.prior.kind, sel.prior.learnable_weights, sel.prior.trainable) == ("mog", True, False)
+    assert (sel.objective.beta_rec, sel.objective.beta_kl, sel.objective.beta_neg) == (0.8, 0.2, 1.0)
+    assert dataclasses.replace(sel, name=base.name, objective=base.objective) == base
+    assert sel.objective == get_preset("8gaussians/mog-ip-lc-selected").objective
+    staged = load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "staged_8gaussians_mog_fixed_lc.yaml")
+    assert {v.preset for v in staged.variants} == {"8gaussians/mog-fixed-lc"}
+    full = [v.config("full") for v in staged.variants]
+    assert sel.objective in [c.objective for c in full] and all(c.prior == base.prior for c in full)
+
+
 def test_protocol_preset_is_the_stage_2_setting_the_papers_criterion_picked():
     """``mog-ip-lc-protocol`` is IP + LC at the one stage-2 setting of the staged file that the paper's criterion
     (lowest KL, no purity bound) kept, and differs from ``mog-ip-lc`` in beta_neg only."""
