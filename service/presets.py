@@ -295,8 +295,10 @@ def fixed_lc_selected_8gaussians() -> ExperimentConfig:
     top 3 by histogram KL 0.4 / 0.1 / 0.1 (KL 6.16, purity 1.00), this one (6.33, 1.00), 0.4 / 0.5 / 2.5 (6.91,
     0.27); stage 2, those three at 30,000 iterations, seed 0: this one KL 34.2, JSD 7.07, gnELBO x 1e7 0.85,
     mode purity 1.00, 8 / 8 modes, ``mode_share_tv`` 0.14, calibrated KL 0.75; 0.4 / 0.1 / 0.1 lost three
-    data modes at the full schedule (KL 126.9, 5 modes). Seeds 1 and 2: stage 3 of the same command
-    (docs/modes.md). Train it with ``python -m jobs.train --preset 8gaussians/mog-fixed-lc-selected``
+    data modes at the full schedule (KL 126.9, 5 modes), and 0.4 / 0.5 / 2.5, the pick by KL alone
+    (the paper's criterion), has KL 2.15, JSD 2.57 but purity 0.39 and gnELBO 5.27. Seeds 1 and 2: not run yet
+    (``tune_spaces/seeds_8gaussians_mog_fixed_lc_selected.yaml``; docs/modes.md). Train it with
+    ``python -m jobs.train --preset 8gaussians/mog-fixed-lc-selected``
     (the same as ``--preset 8gaussians/mog-fixed-lc --set objective.beta_rec=0.8 --set
     objective.beta_kl=0.2 --set objective.beta_neg=1``).
     """

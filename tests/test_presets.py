@@ -125,6 +125,10 @@ def test_fixed_lc_selected_preset_is_the_fixed_prior_at_a_stage_2_setting_of_its
     assert {v.preset for v in staged.variants} == {"8gaussians/mog-fixed-lc"}
     full = [v.config("full") for v in staged.variants]
     assert sel.objective in [c.objective for c in full] and all(c.prior == base.prior for c in full)
+    seeds = load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "seeds_8gaussians_mog_fixed_lc_selected.yaml")
+    assert {v.preset for v in seeds.variants} == {"8gaussians/mog-fixed-lc"}
+    assert {v.config("full").objective for v in seeds.variants} == {sel.objective}
+    assert [v.overrides["seed"] for v in seeds.variants] == [1, 2]  # seed 0 is stage 2's run
 
 
 def test_protocol_preset_is_the_stage_2_setting_the_papers_criterion_picked():
