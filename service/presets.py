@@ -34,8 +34,9 @@ until a grid search of ours replaces them. The VAE uses ``VAE_BETAS`` (SPEC §6.
 ``8gaussians/mog-ip-lc-modes`` (beta_rec 0.4) is the earlier "sample mode k" preset.
 ``8gaussians/mog-ip-lc-selected`` carries the betas that the staged selection (SPEC §6.4) picked for IP + LC
 on 8gaussians among settings with pure components, and is ``make run``'s; ``8gaussians/mog-ip-lc-protocol``
-carries the pick of the paper's protocol as it is (lowest histogram KL alone). ``8gaussians/mog-fixed-lc-selected`` is the
-same selection's pick for the fixed MoG with learnable weights (stage 2 of its staged file). ``8gaussians/mog-ip-lc-ex-post`` is the
+carries the pick of the paper's protocol as it is (lowest histogram KL alone).
+``8gaussians/mog-fixed-lc-selected`` is the same selection's pick for the fixed MoG with learnable weights
+(stage 2 of its staged file). ``8gaussians/mog-ip-lc-ex-post`` is the
 paper's IP + LC with the ex-post refit of its prior after training (``service.ex_post``).
 
 Command: ``python -m jobs.train --preset 8gaussians/mog-ip-lc`` (faithful: 30,000 iterations,
