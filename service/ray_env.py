@@ -13,6 +13,10 @@ process is still starting (a 2-core laptop running a sweep) it logs "Failed to s
 ... safe to ignore" with a 20-line ``GetTimeoutError`` traceback, twice, on the driver's console. It
 stays a warning, on one line, without the traceback (``quiet_transient_warnings``).
 
+``init_ray`` starts a local instance, with a warning, where ``ray.init()`` would wait many minutes on a
+head that is gone: the address in Ray's record of the last ``ray start`` (``ray_current_cluster``) that
+nothing answers at (``dead_recorded_head``).
+
 On the driver, ``init_ray`` drops the worker log lines in ``DRIVER_NOISE`` before they reach the console:
 lines Ray prints on every run that name no action a user could take (``quiet_driver_console``).
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
 from typing import Any
 
@@ -37,6 +42,7 @@ DRIVER_NOISE = (re.compile(r"core_worker\.cc:\d+: Actor with class name: 'Preemp
                            r"has constructor arguments in the object store and max_restarts > 0"),)
 STARTUP_TIMEOUT = "timed out during startup"  # ray._private.node's message when the raylet did not register in time
 START_ATTEMPTS = 2
+HEAD_PROBE_S = 3.0  # how long a recorded head's GCS port may take to accept a connection
 
 
 def pin_ray_address() -> None:
@@ -110,11 +116,51 @@ def worker_setup() -> None:
         pass
 
 
+def recorded_head() -> tuple[str, str] | None:
+    """(file, address) of Ray's record of the last ``ray start`` on this machine, the cluster a bare
+    ``ray.init()`` connects to; None where there is none."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        path = get_ray_address_file(None)
+    except Exception:  # noqa: BLE001 - Ray moved it: fall back to where Ray 2.x keeps it
+        path = os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp", "ray", "ray_current_cluster")
+    try:
+        with open(path) as f:
+            address = f.read().strip()
+    except OSError:
+        return None
+    return (path, address) if address else None
+
+
+def dead_recorded_head(probe_s: float = HEAD_PROBE_S) -> tuple[str, str] | None:
+    """(file, address) when a bare ``ray.init()`` would connect to a recorded head that nothing answers at
+    (Ray would then retry for many minutes before failing); None when ``RAY_ADDRESS`` is set, there is no
+    record, or its GCS port accepts a connection within ``probe_s``."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    found = recorded_head()
+    if found is None:
+        return None
+    host, _, port = found[1].rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=probe_s):
+            return None
+    except (OSError, ValueError):
+        return found
+
+
 def init_ray(**kwargs: Any) -> None:
     """``ray.init(**kwargs)`` with ``worker_setup`` in the job's runtime environment (merged with a
-    submitted job's own runtime environment by Ray)."""
+    submitted job's own runtime environment by Ray). With no address, where Ray's record of the last
+    ``ray start`` names a head that does not answer, a local instance is started (with a warning)."""
     import ray
 
+    if kwargs.get("address") is None and (dead := dead_recorded_head()) is not None:
+        print(f"warning: {dead[0]} names the Ray head {dead[1]}, which does not answer (it was stopped or "
+              f"is unreachable); starting a local Ray instance instead. Set RAY_ADDRESS to use a cluster, or "
+              f"run `ray stop` to remove the record", file=sys.stderr, flush=True)
+        kwargs["address"] = "local"
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env.setdefault("worker_process_setup_hook", HOOK)
     for attempt in range(1, START_ATTEMPTS + 1):

@@ -167,3 +167,49 @@ def test_the_driver_drops_rays_preemption_watcher_notice_and_prints_every_other_
     finally:
         dispatcher.handlers = saved
     assert printed == [{"pid": 17647, "is_err": True, "lines": ["first", other]}]
+
+
+def test_a_bare_init_ray_starts_locally_where_rays_record_names_a_head_that_is_gone(monkeypatch, tmp_path, capsys):
+    """A test cluster or a crashed ``ray start`` head can leave ``ray_current_cluster`` behind; a bare
+    ``ray.init()`` would then retry that address for many minutes (13 min seen) before failing. init_ray
+    probes the recorded GCS port and starts a local instance, saying why; a live head is still used."""
+    import socket
+
+    import ray
+
+    from service import ray_env
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    record = tmp_path / "ray" / "ray_current_cluster"
+    record.parent.mkdir()
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+
+    ray_env.init_ray()  # no record: Ray's own choice
+    assert "address" not in calls[-1] and ray_env.recorded_head() is None
+
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        record.write_text(f"127.0.0.1:{listening.getsockname()[1]}\n")
+        ray_env.init_ray()  # a head that answers: Ray connects to it as before
+        assert "address" not in calls[-1] and ray_env.dead_recorded_head() is None
+        assert "warning" not in capsys.readouterr().err
+
+        gone = f"127.0.0.1:{closed.getsockname()[1]}"
+        record.write_text(gone + "\n")
+        assert ray_env.dead_recorded_head() == (str(record), gone)
+        ray_env.init_ray(num_cpus=1)
+        assert calls[-1]["address"] == "local" and calls[-1]["num_cpus"] == 1
+        err = capsys.readouterr().err
+        assert f"names the Ray head {gone}, which does not answer" in err and str(record) in err
+
+        ray_env.init_ray(address="10.0.0.1:6379")  # an address the caller chose is never replaced
+        assert calls[-1]["address"] == "10.0.0.1:6379"
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # nor one in the environment
+        assert ray_env.dead_recorded_head() is None
+        record.write_text("not an address")
+        monkeypatch.delenv("RAY_ADDRESS")
+        assert ray_env.dead_recorded_head() == (str(record), "not an address")
