@@ -459,6 +459,23 @@ def _progress_reporter(spec: SweepSpec, keys: list[str]):
                 return True
             return False
 
+        def _progress_str(self, trials, *args, **kwargs) -> str:
+            # A progress row before a trial's first evaluation carries NaN for the metrics Tune requires in
+            # every result; "nan" would read as a diverged run, so those cells are blank while it is printed
+            blanked = []
+            for t in trials:
+                row = t.last_result or {}
+                if PROGRESS_KEY in row and "iteration" not in row:
+                    for key in self._metric_columns:
+                        if isinstance(row.get(key), float) and math.isnan(row[key]):
+                            blanked.append((row, key, row[key]))
+                            row[key] = None
+            try:
+                return super()._progress_str(trials, *args, **kwargs)
+            finally:
+                for row, key, value in blanked:
+                    row[key] = value
+
     shown = [k for k in keys if k in spec.varying or k in spec.searched] or keys[:4]
     metrics = {PROGRESS_KEY: "iter", spec.metric: spec.metric}  # iter: where training is, every checkpoint
     metrics.update({m: m for m in ("hist_kl", "hist_jsd", "gnelbo_x1e7", "mode_purity") if m not in metrics})

@@ -558,3 +558,31 @@ def test_tunes_table_is_printed_when_a_trial_moves_and_otherwise_every_quarter_h
     assert tuning._progress_reporter(spec, []) is not None
     monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
     assert tuning._progress_reporter(spec, []) is None  # Ray's newer output takes no reporter
+
+
+def test_tunes_table_leaves_a_trials_metrics_blank_until_its_first_evaluation(monkeypatch, tmp_path):
+    """A progress row before any evaluation carries NaN placeholders (Tune wants the metric in every result);
+    the table shows them blank, not as "nan" (a diverged run), and leaves the trial's result unchanged.
+    An evaluation's NaN (a row with ``iteration``) is still printed as nan."""
+    from ray.tune.experiment import Trial
+
+    from service import tuning
+
+    class StoredTrial(Trial):  # Tune's trial, its experiment folder without a Ray session
+        local_experiment_path, local_path = str(tmp_path), None
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")
+    spec = spec_from_dict({"preset": A, "param_space": {"objective": {"beta_kl": {"grid_search": [0.1, 0.2]}}}},
+                          "t.yaml")
+    reporter = tuning._progress_reporter(spec, ["objective.beta_kl"])
+    waiting, evaluated = (StoredTrial("_trial", config={"objective": {"beta_kl": b}}, stub=True) for b in (0.1, 0.2))
+    waiting.run_metadata.last_result = {"hist_kl": math.nan, "at_iteration": 2000}
+    evaluated.run_metadata.last_result = {"hist_kl": math.nan, "hist_jsd": 1.5, "at_iteration": 1000,
+                                          "iteration": 1000}
+    table = reporter._progress_str([waiting, evaluated], False)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "Trial name" not in line}
+    (w, e) = (rows[str(waiting)], rows[str(evaluated)])
+    assert "2000" in w and "nan" not in w
+    assert "nan" in e and "1.5" in e
+    assert math.isnan(waiting.last_result["hist_kl"])  # only the printed table changed
