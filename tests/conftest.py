@@ -61,9 +61,13 @@ def _local_ray() -> None:
 
     if not ray.is_initialized():
         # address="local": a fresh instance even where /tmp/ray names another (live or stale) cluster.
-        # init_ray as jobs.sweep: its workers pin RAY_ADDRESS, so Ray Train's helper actors look for this
-        # instance, not for any local one (else "Found multiple active Ray instances" tracebacks)
-        init_ray(address="local", num_cpus=2, include_dashboard=False)
+        # As jobs.sweep starts one: init_ray's workers pin RAY_ADDRESS, and a dashboard of its own. Ray
+        # Train's PlacementGroupCleaner asks the state API (the dashboard named in the cluster's KV store)
+        # whether the run's controller is alive; without a dashboard that entry still reads 127.0.0.1:8265,
+        # another instance's dashboard (a parallel test's job, a sweep on the machine), which does not know
+        # the controller (its is_actor_alive counts an unknown actor as dead): the cleaner would remove a live
+        # run's placement group, or die with a traceback
+        init_ray(address="local", num_cpus=2)
         _SHARED["gcs"] = ray.get_runtime_context().gcs_address
 
 

@@ -41,14 +41,18 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Head (0 CPUs, no dashboard) + two 1-CPU worker nodes; yields ``(head node id, worker node ids)``."""
+    """Head (0 CPUs) + two 1-CPU worker nodes; yields ``(head node id, worker node ids)``.
+
+    The head runs a dashboard, as ``ray start --head`` does: Ray Train's PlacementGroupCleaner asks the
+    state API behind it whether a run's controller lives (without one the cluster's KV store names
+    127.0.0.1:8265, whichever instance's dashboard listens there)."""
     import ray
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():  # the local instance an earlier module shared (conftest.ray_local)
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         workers = [c.add_node(num_cpus=1) for _ in range(2)]
         c.wait_for_nodes(timeout=300)
