@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from service.config import ConfigError
+from service.ray_env import ClusterUnreachable
 from service.spaces import SpaceError, load_space
 from service.tuning import run_sweep
 
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         df = run_sweep(spec, output_dir=args.output_dir, shrink=args.shrink, max_concurrent=args.max_concurrent,
                        gpus_per_trial=args.gpus_per_trial, tracking_uri=args.tracking_uri, name=args.name,
                        storage_path=args.storage)
-    except ConfigError as e:  # a different sweep or a live one in --output-dir; more GPUs than the cluster has
+    # a different or a live sweep in --output-dir; more GPUs than the cluster has; a RAY_ADDRESS that does not answer
+    except (ConfigError, ClusterUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.output_dir).resolve()

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import TrainingFailedError  # Ray is imported only once the config is valid
 
     from service import storage as store
+    from service.ray_env import ClusterUnreachable
     from service.ray_train import (DEFAULT_MAX_FAILURES, ConfigChanged, config_fingerprint, failure_text, fit,
                                    is_non_retryable)
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = fit(cfg, output_dir=out, run_name=run_name, storage_path=storage, tracking_uri=args.tracking_uri,
                      max_failures=max_failures, allow_config_change=args.allow_config_change, progress=True)
-    except ConfigChanged as e:
+    except (ConfigChanged, ClusterUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingFailedError as e:

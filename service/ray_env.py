@@ -15,7 +15,8 @@ stays a warning, on one line, without the traceback (``quiet_transient_warnings`
 
 ``init_ray`` starts a local instance, with a warning, where ``ray.init()`` would wait many minutes on a
 head that is gone: the address in Ray's record of the last ``ray start`` (``ray_current_cluster``) that
-nothing answers at (``dead_recorded_head``).
+nothing answers at (``dead_recorded_head``); an address the caller chose (``RAY_ADDRESS``) that nothing
+answers at is an error at once (``ClusterUnreachable``), not minutes of Ray's retries.
 
 On the driver, ``init_ray`` drops the worker log lines in ``DRIVER_NOISE`` before they reach the console:
 lines Ray prints on every run that name no action a user could take (``quiet_driver_console``).
@@ -133,6 +134,34 @@ def recorded_head() -> tuple[str, str] | None:
     return (path, address) if address else None
 
 
+class ClusterUnreachable(ConnectionError):
+    """The Ray cluster address the caller chose (argument or ``RAY_ADDRESS``) does not accept a connection."""
+
+
+def _answers(address: str, probe_s: float) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``probe_s``."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=probe_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def check_chosen_address(address: str | None, probe_s: float = HEAD_PROBE_S) -> None:
+    """Raise ``ClusterUnreachable`` where the cluster the caller chose (``address``, else ``RAY_ADDRESS``, as
+    ``ray.init`` reads them) is a ``host:port`` that accepts no connection: ``ray.init`` would retry it for
+    minutes. ``local``, ``auto``, none, and ``ray://`` / ``http://`` addresses are Ray's to resolve."""
+    source, target = ("address", address) if address not in (None, "auto") else ("RAY_ADDRESS",
+                                                                                 os.environ.get("RAY_ADDRESS"))
+    if not target or target in ("local", "auto") or "://" in target:
+        return
+    if not _answers(target, probe_s):
+        raise ClusterUnreachable(
+            f"{source}={target}: no Ray head answers there (no connection within {probe_s:g} s); start the "
+            f"cluster (`ray start --head`) or fix the address; without RAY_ADDRESS a local Ray instance starts")
+
+
 def dead_recorded_head(probe_s: float = HEAD_PROBE_S) -> tuple[str, str] | None:
     """(file, address) when a bare ``ray.init()`` would connect to a recorded head that nothing answers at
     (Ray would then retry for many minutes before failing); None when ``RAY_ADDRESS`` is set, there is no
@@ -140,22 +169,17 @@ def dead_recorded_head(probe_s: float = HEAD_PROBE_S) -> tuple[str, str] | None:
     if os.environ.get("RAY_ADDRESS"):
         return None
     found = recorded_head()
-    if found is None:
-        return None
-    host, _, port = found[1].rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=probe_s):
-            return None
-    except (OSError, ValueError):
-        return found
+    return None if found is None or _answers(found[1], probe_s) else found
 
 
 def init_ray(**kwargs: Any) -> None:
     """``ray.init(**kwargs)`` with ``worker_setup`` in the job's runtime environment (merged with a
-    submitted job's own runtime environment by Ray). With no address, where Ray's record of the last
-    ``ray start`` names a head that does not answer, a local instance is started (with a warning)."""
+    submitted job's own runtime environment by Ray). An address chosen by the caller that does not answer
+    raises ``ClusterUnreachable`` at once; with none, where Ray's record of the last ``ray start`` names a
+    head that does not answer, a local instance is started (with a warning)."""
     import ray
 
+    check_chosen_address(kwargs.get("address"))
     if kwargs.get("address") is None and (dead := dead_recorded_head()) is not None:
         print(f"warning: {dead[0]} names the Ray head {dead[1]}, which does not answer (it was stopped or "
               f"is unreachable); starting a local Ray instance instead. Set RAY_ADDRESS to use a cluster, or "

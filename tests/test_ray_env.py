@@ -213,3 +213,48 @@ def test_a_bare_init_ray_starts_locally_where_rays_record_names_a_head_that_is_g
         record.write_text("not an address")
         monkeypatch.delenv("RAY_ADDRESS")
         assert ray_env.dead_recorded_head() == (str(record), "not an address")
+
+
+def test_a_chosen_address_that_does_not_answer_is_an_error_at_once_and_the_job_exits_2(monkeypatch, tmp_path,
+                                                                                       capsys):
+    """``RAY_ADDRESS`` (or an address argument) naming a head that is not there: ``ray.init`` would retry it
+    for minutes (over 2 min measured); init_ray raises ``ClusterUnreachable`` naming the variable, and
+    ``jobs.train`` / ``jobs.sweep`` exit 2 with it before anything is written. Addresses Ray resolves
+    itself (local, auto, ray://, http://) are not probed."""
+    import socket
+
+    import ray
+
+    from jobs import sweep as sweep_job
+    from jobs import train as train_job
+    from service import ray_env
+
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        gone = f"127.0.0.1:{closed.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", gone)
+        with pytest.raises(ray_env.ClusterUnreachable, match=f"RAY_ADDRESS={gone}: no Ray head answers there"):
+            ray_env.init_ray()
+        with pytest.raises(ray_env.ClusterUnreachable, match=f"address={gone}: no Ray head answers"):
+            ray_env.init_ray(address=gone)
+        for chosen in ("local", "auto", "ray://10.0.0.1:10001", "http://10.0.0.1:8265"):
+            monkeypatch.setenv("RAY_ADDRESS", chosen)
+            ray_env.init_ray()  # Ray's to resolve: passed on untouched
+        assert len(calls) == 4 and all("address" not in kw for kw in calls)
+        ray_env.init_ray(address="local")  # an explicit local start ignores RAY_ADDRESS, as Ray does
+        assert calls[-1]["address"] == "local"
+
+        monkeypatch.setenv("RAY_ADDRESS", gone)
+        monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
+        assert train_job.main(["--preset", "8gaussians/sintro", "--smoke", "--output-dir", str(tmp_path / "run"),
+                               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+        assert f"error: RAY_ADDRESS={gone}: no Ray head answers there" in capsys.readouterr().err
+        space = Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke_staged.yaml"
+        assert sweep_job.main([str(space), "--output-dir", str(tmp_path / "sweep"),
+                               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+        assert f"error: RAY_ADDRESS={gone}: no Ray head answers there" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists() and not list((tmp_path / "sweep").glob("*.json"))
+    assert len(calls) == 5  # neither job got as far as ray.init
