@@ -22,11 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
 
 from jobs.common import add_config_args, config_or_exit, register_model
+
+
+def serve_source(result: dict) -> str:
+    """``jobs.serve``'s ``--checkpoint`` argument for a finished run: its checkpoint file where the outputs
+    are on this machine, else the MLflow run's copy (``runs:/``, with the tracking URI)."""
+    out = str(result["output_dir"])
+    if "://" not in out:
+        return shlex.quote(f"{out}/checkpoint.pt")
+    return (f"runs:/{result['mlflow_run_id']}/checkpoint/checkpoint.pt --tracking-uri "
+            f"{shlex.quote(str(result.get('tracking_uri')))}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
               f"the same command resumes it from its last checkpoint", file=sys.stderr)
         return 128 + int(signum)
     print(f"results: {result['output_dir']}  (mlflow run {result['mlflow_run_id']})")
+    print(f"serve it: python -m jobs.serve --checkpoint {serve_source(result)}")
     if args.register and result.get("tracking_uri"):  # the MLflow store fit() logged the run and its model to
         register_model(cfg, result)
     print(json.dumps(result["metrics"], indent=2))

@@ -96,3 +96,14 @@ def test_help_keeps_the_shell_line_continuations_of_its_examples(job):
     continued = [line for line in written.splitlines() if line.endswith("\\")]
     doc = __import__(f"jobs.{job}", fromlist=["_"]).__doc__ or ""
     assert [line for line in doc.splitlines() if line.endswith("\\")] == continued
+
+
+def test_a_finished_run_says_how_to_serve_it():
+    """The line after ``results:``: the checkpoint on this machine, else the MLflow run's copy with its store."""
+    from jobs.train import serve_source
+
+    assert serve_source({"output_dir": "/tmp/my runs/a", "mlflow_run_id": "abc"}) == "'/tmp/my runs/a/checkpoint.pt'"
+    assert serve_source({"output_dir": "runs/a", "mlflow_run_id": "abc"}) == "runs/a/checkpoint.pt"
+    assert (serve_source({"output_dir": "s3://bucket/runs/a", "mlflow_run_id": "abc",
+                          "tracking_uri": "http://mlflow:5000"})
+            == "runs:/abc/checkpoint/checkpoint.pt --tracking-uri http://mlflow:5000")

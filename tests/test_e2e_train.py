@@ -46,6 +46,7 @@ def test_console_shows_one_progress_display_and_no_ray_report_echo(smoke_run):
     assert "[evaluating] 12 iterations done; final evaluation" in text
     assert re.search(r"^\[eval\] iteration 12: gnelbo_x1e7 \S+  hist_kl ", text, re.M)
     assert re.search(r"^results: .*out  \(mlflow run \w+\)$", text, re.M)
+    assert re.search(r"^serve it: python -m jobs.serve --checkpoint \S*/out/checkpoint.pt$", text, re.M)
 
 
 def _client(root):
