@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from service.selection import Selection, pick_candidates, rank_settings
-from service.tuning import PROGRESS_FILE, searched_params
+from service.sweep_report import PROGRESS_FILE, searched_params
 
 
 def _selection(state: dict[str, Any]) -> Selection:

@@ -25,7 +25,8 @@
 - **Lock.** ``out/sweep.lock`` (pid, host) keeps a second sweep out of a folder in use; a lock
   left by a dead process is taken over.
 
-The trial itself is ``service.sweep_trial``, the lock ``service.sweep_lock``; concurrency and
+The trial itself is ``service.sweep_trial``, the lock ``service.sweep_lock``, the console table, results
+rows, ``selection.md`` and the parent run's aggregate ``service.sweep_report``; concurrency and
 per-worker CPUs/GPUs come from ``service.sweep_resources.plan_resources``. Each trial's MLflow run is
 nested under one parent run per sweep, which receives ``results.parquet``, ``table.md``
 (``service.tables``), the selection, and the table's cells as metrics.
@@ -36,7 +37,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -44,22 +44,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .config import ConfigError, ExperimentConfig, flatten, to_dict
+from .config import ConfigError, ExperimentConfig
 from .ray_env import init_ray
-from .ray_train import failure_text
-from .selection import constrained_frame, pick_candidates, rank_settings
-from .spaces import (OPTIONAL_METRICS, Shrink, SpaceError, Stage, SweepSpec, Variant, first_rung, stage_variants,
-                     train_command)
+from .selection import constrained_frame, pick_candidates
+from .spaces import Shrink, SpaceError, Stage, SweepSpec, Variant, first_rung, stage_variants
 from .sweep_lock import SweepLock
 from .sweep_resources import DRIVER_CPU, ResourcePlan, plan_resources
-from .sweep_trial import PROGRESS_KEY, _trial, _TrialContext, config_sha, trial_config
-from .tables import FINAL_METRICS, KNOWN_METRICS, Tables, aggregate, write_results
+from .sweep_report import (PROGRESS_FILE, close_stopped, finish_parent, progress_reporter, results_frame, scalar,
+                           selection_markdown)
+from .sweep_trial import _trial, _TrialContext, config_sha, trial_config
+from .tables import aggregate, write_results
 
 if TYPE_CHECKING:
     import pandas as pd
 
 TUNE_MAX_FAILURES = 2  # Tune restarts of a trial whose own actor died
-PROGRESS_FILE = "progress.json"
 
 
 def resolve_shrink(spec: SweepSpec, shrink: Shrink | None) -> str:
@@ -145,10 +144,6 @@ def _column(config: dict[str, Any], table: dict[int, dict[str, Any]], key: str) 
     return table[config["variant"]].get(key)
 
 
-def _scalar(x: Any) -> Any:
-    return json.dumps(x) if isinstance(x, (list, tuple, dict)) else x
-
-
 # --------------------------------------------------------------------------------------------
 # Running a sweep
 # --------------------------------------------------------------------------------------------
@@ -227,10 +222,10 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
         last = frames[-1]
         tables = aggregate(constrained_frame(last, spec.select), metric=spec.metric, mode=spec.mode)
         write_results(df, tables, out)
-        selection = _selection_markdown(spec, frames, progress)
+        selection = selection_markdown(spec, frames, progress)
         (out / "selection.md").write_text(selection)
         _save_progress(out, progress)
-        _finish_parent(state["tracking_uri"], state["parent_run_id"], out, df, tables, len(frames) < len(stages))
+        finish_parent(state["tracking_uri"], state["parent_run_id"], out, df, tables, len(frames) < len(stages))
     df.attrs["stages_run"] = len(frames)
     df.attrs["stages"] = len(stages)
     return df
@@ -302,7 +297,7 @@ def _run_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Var
         rows = [_reused_row(row, reused[row["variant"]]) if row["variant"] in reused else row
                 for row in df.to_dict("records")]
         df = pd.DataFrame(rows, columns=df.columns).astype({"reused_from": "object"})
-    _close_stopped(state["tracking_uri"], df)
+    close_stopped(state["tracking_uri"], df)
     if staged:
         folder.mkdir(parents=True, exist_ok=True)
         df.to_parquet(folder / "results.parquet", engine="pyarrow", index=False)
@@ -388,7 +383,7 @@ def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Va
     if tune.Tuner.can_restore(restore_path, storage_filesystem=tune_fs):
         tuner = tune.Tuner.restore(restore_path, trainable, resume_errored=True, storage_filesystem=tune_fs)
     else:
-        table = {v.id: {k: _scalar(x) for k, x in v.columns(c.seed).items()} for v, c in zip(variants, configs)}
+        table = {v.id: {k: scalar(x) for k, x in v.columns(c.seed).items()} for v, c in zip(variants, configs)}
         keys = list(dict.fromkeys(k for cols in table.values() for k in cols))
         param_space = {"variant": tune.grid_search(to_run),
                        **{k: tune.sample_from(functools.partial(_column, table=table, key=k)) for k in keys}}
@@ -401,7 +396,7 @@ def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Va
             run_config=tune.RunConfig(name=Path(path.path).name, storage_path=tune_path, storage_filesystem=tune_fs,
                                       verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=TUNE_MAX_FAILURES),
-                                      progress_reporter=_progress_reporter(spec, keys)),
+                                      progress_reporter=progress_reporter(spec, keys)),
         )
     grid = tuner.fit()
     trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or [None] * len(grid)
@@ -425,196 +420,3 @@ def _scheduler(stage: Stage, spec: SweepSpec, configs: list[ExperimentConfig]):
     grace = sched.grace_period or max(first_rung(c.schedule) for c in configs)  # after every trial's warm-up
     return ASHAScheduler(time_attr="iteration", metric=spec.select.scheduler_metric, mode=spec.mode, grace_period=grace,
                          reduction_factor=sched.reduction_factor, max_t=sched.max_t or iterations, brackets=1)
-
-
-REPORT_EVERY_S = 60  # the least time between two of Tune's status tables
-REPORT_QUIET_S = 900  # a table at least this often while nothing changes (the sweep is alive)
-
-
-def _progress_reporter(spec: SweepSpec, keys: list[str]):
-    """Tune's progress table with one column per varying hyperparameter and the reported metrics,
-    printed when a trial's status, iteration or metric changed (at most every ``REPORT_EVERY_S``, at
-    least every ``REPORT_QUIET_S``): a stage of hour-long trials does not repeat one table every minute.
-
-    Ray's default (``RAY_AIR_NEW_OUTPUT=1``) output ignores a reporter and infers the same parameter
-    columns from the config; ``jobs.sweep`` sets ``RAY_AIR_NEW_OUTPUT=0`` unless the user chose.
-    """
-    if os.environ.get("RAY_AIR_NEW_OUTPUT", "1") != "0":
-        return None
-    from ray.tune import CLIReporter
-
-    class ChangedReporter(CLIReporter):
-        """Tune's ``CLIReporter`` that skips a table identical (in status, iteration, metric) to the last."""
-
-        last_state: tuple = ()
-        last_time: float = -math.inf
-
-        def should_report(self, trials, done: bool = False) -> bool:
-            now = time.monotonic()
-            state = tuple((t.trial_id, t.status, (t.last_result or {}).get(PROGRESS_KEY),
-                           (t.last_result or {}).get(spec.metric)) for t in trials)
-            due = now - self.last_time >= (REPORT_EVERY_S if state != self.last_state else REPORT_QUIET_S)
-            if done or due:
-                self.last_state, self.last_time = state, now
-                return True
-            return False
-
-        def _progress_str(self, trials, *args, **kwargs) -> str:
-            # A progress row before a trial's first evaluation carries NaN for the metrics Tune requires in
-            # every result; "nan" would read as a diverged run, so those cells are blank while it is printed
-            blanked = []
-            for t in trials:
-                row = t.last_result or {}
-                if PROGRESS_KEY in row and "iteration" not in row:
-                    for key in self._metric_columns:
-                        if isinstance(row.get(key), float) and math.isnan(row[key]):
-                            blanked.append((row, key, row[key]))
-                            row[key] = None
-            try:
-                return super()._progress_str(trials, *args, **kwargs)
-            finally:
-                for row, key, value in blanked:
-                    row[key] = value
-
-    shown = [k for k in keys if k in spec.varying or k in spec.searched] or keys[:4]
-    metrics = {PROGRESS_KEY: "iter", spec.metric: spec.metric}  # iter: where training is, every checkpoint
-    metrics.update({m: m for m in ("hist_kl", "hist_jsd", "gnelbo_x1e7", "mode_purity") if m not in metrics})
-    # print_intermediate_tables explicitly: its default reads Tune's process-wide verbosity when the
-    # reporter is built, which the first Tuner.fit lowers to verbose=1, so a second stage (or sweep)
-    # in the same process would show the status without the trial table
-    return ChangedReporter(parameter_columns={k: k.rsplit(".", 1)[-1] for k in shown}, metric_columns=metrics,
-                           max_report_frequency=REPORT_EVERY_S, max_column_length=24, print_intermediate_tables=True)
-
-
-def _close_stopped(tracking_uri: str, df: "pd.DataFrame") -> None:
-    """MLflow runs of trials the scheduler stopped (their process was killed): KILLED, with the reason."""
-    stopped = df[(df["status"] == "stopped") & df["mlflow_run_id"].notna() & df["reused_from"].isna()]
-    if not len(stopped):
-        return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    for r in stopped.itertuples():
-        tags = client.get_run(r.mlflow_run_id).data.tags
-        if "sweep.stopped_early" not in tags:  # running, or FAILED by fit when its workers were torn down
-            client.set_tag(r.mlflow_run_id, "sweep.stopped_early", str(r.iteration))
-            client.set_tag(r.mlflow_run_id, "error", r.error)
-            client.set_terminated(r.mlflow_run_id, status="KILLED")
-
-
-def _finish_parent(tracking_uri: str, run_id: str, out: Path, df: "pd.DataFrame", tables: "Tables",
-                   unfinished: bool = False) -> None:
-    """The parent run holds the aggregate: results.parquet, table.md, the space, the selection, the table's cells."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    for name in ("results.parquet", "table.md", "space.yaml", "selection.md", PROGRESS_FILE):
-        if (out / name).is_file():
-            client.log_artifact(run_id, str(out / name))
-    for status in ("ok", "failed", "incomplete", "stopped"):
-        client.log_metric(run_id, f"sweep/trials_{status}", float((df["status"] == status).sum()))
-    client.log_metric(run_id, "sweep/trained_iterations", float(df["trained_iterations"].fillna(0).sum()))
-    for r in tables.summary.itertuples():  # e.g. table/8gaussians/mog-ip-lc/hist_kl_mean
-        for stat in ("mean", "se", "se_paper"):
-            if not math.isnan(getattr(r, stat)):
-                client.log_metric(run_id, f"table/{r.dataset}/{r.configuration}/{r.metric}_{stat}", getattr(r, stat))
-    # an interrupted sweep's parent is KILLED until a resumed run completes it
-    client.set_terminated(run_id, status="KILLED" if unfinished or (df["status"] == "incomplete").any() else "FINISHED")
-
-
-def _selection_markdown(spec: SweepSpec, frames: list["pd.DataFrame"], progress: dict[str, Any]) -> str:
-    """``selection.md``: per stage its trials, cost, and (for the next stage, and finally) its picks."""
-    lines = ["# Selection", "",
-             f"Ranking: per preset, the setting with the {'lowest' if spec.mode == 'min' else 'highest'} mean "
-             f"`{spec.metric}` over its completed seeds"
-             + (f", among settings with {spec.select.describe_where()} (else unconstrained, noted below)"
-                if spec.select.where else "") + ".", ""]
-    for df in frames:
-        name = df["stage_name"].iloc[0]
-        entry = progress["stages"].get(name, {})
-        counts = df["status"].value_counts()
-        lines += [f"## Stage {int(df['stage'].iloc[0])}: {name}", "",
-                  f"{len(df)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())}; "
-                  f"{int(df['reused_from'].notna().sum())} reused), {int(df['trained_iterations'].fillna(0).sum()):,} "
-                  f"iterations trained, {entry.get('wall_s', 0.0) / 60:.1f} min wall.", ""]
-        lines += [f"- {note}" for note in entry.get("notes", [])]
-        ranked = rank_settings(df, spec.select)
-        if len(ranked):
-            where = [name for name, _, _ in spec.select.where]
-            lines += ["", f"| preset | rank | {spec.metric} | seeds | " + "".join(f"{w} | " for w in where)
-                      + ("satisfies | " if where else "") + "hyperparameters |",
-                      "| --- " * (5 + len(where) + bool(where)) + "|"]
-            for r in ranked.groupby("preset").head(5).to_dict("records"):
-                lines.append(f"| {r['preset']} | {r['rank']} | {r['score']:.4g} | {len(r['seeds'])} | "
-                             + "".join(f"{r[w]:.4g} | " for w in where)
-                             + (f"{'yes' if r['satisfies'] else 'no'} | " if where else "")
-                             + f"`{searched_params(r['params'], spec.searched)}` |")
-        lines.append("")
-    picks, notes = pick_candidates(frames[-1], spec.select, 1)
-    unfinished = int((frames[-1]["status"] == "incomplete").sum())
-    not_run = [s.name for s in spec.stages[len(frames):]]
-    why = ([f"{unfinished} trial(s) of stage {frames[-1]['stage_name'].iloc[0]} did not finish"] if unfinished else []) \
-        + ([f"stage(s) {', '.join(not_run)} have not run"] if not_run else [])
-    lines += ["## Selected" + (" so far (provisional)" if why else ""), ""]
-    lines += [f"- provisional: {'; '.join(why)}; run the same command again to complete the selection"] if why else []
-    lines += [f"- {n}" for n in notes]
-    lines += [f"- {p['preset']}: `{searched_params(p['params'], spec.searched)}` (mean {spec.metric} "
-              f"{p['score']:.4g} over seeds {p['seeds']}); train it: "
-              f"`{train_command(p['preset'], p['hparams'], spec.searched)}`" for p in picks]
-    return "\n".join(lines) + "\n"
-
-
-def searched_params(params: str | dict[str, Any], searched: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """The searched keys of a setting's ``params`` (JSON or dict): what a selection picked."""
-    params = json.loads(params) if isinstance(params, str) else params
-    return {k: v for k, v in params.items() if k in searched} or params
-
-
-def results_frame(spec: SweepSpec, configs: list[ExperimentConfig],
-                  reported: dict[int, tuple], variants: list[Variant] | None = None,
-                  stage: Stage | None = None) -> "pd.DataFrame":
-    """One row per variant: identity, hyperparameter columns, status/error, final metrics, cost, and
-    the flattened config. ``reported[id]`` is ``(last Tune result, error[, Tune trial status])``.
-
-    Status: the trial's own (``ok``/``failed``); ``failed`` when Tune recorded an error;
-    ``stopped`` when the scheduler ended it early (its metrics are those of its last evaluation);
-    ``incomplete`` when the sweep was interrupted before it finished.
-    """
-    import pandas as pd
-
-    variants = list(spec.variants) if variants is None else variants
-    stage = stage or Stage(1, "sweep")
-    rows = []
-    for v, cfg in zip(variants, configs):
-        metrics, error, trial_status = (*reported.get(v.id, ({}, None)), "")[:3]
-        # Tune marks the result it stops a trial on with ``done`` (its scheduler decided STOP). A trial cut
-        # off by an interrupted sweep can read TERMINATED in memory without it (Tune stores it PENDING and
-        # resumes it), and without a scheduler nothing stops a trial early: both are unfinished.
-        stopped = trial_status == "TERMINATED" and bool(metrics.get("done")) and stage.scheduler is not None
-        status = metrics.get("status") or ("failed" if error is not None else "stopped" if stopped else "incomplete")
-        err = metrics.get("error") or (failure_text(error) if error is not None else "")
-        failure = metrics.get("failure") or ("infrastructure" if error is not None else "")
-        if status == "incomplete":
-            err = "not finished (the sweep was interrupted); run the same command again to resume"
-        elif status == "stopped":
-            err = (f"stopped early by the {stage.scheduler.type} scheduler at iteration "
-                   f"{metrics.get('iteration')} ({spec.metric} {metrics.get(spec.metric, math.nan):.4g})")
-        dataset, _, configuration = v.preset.partition("/")
-        row = {"variant": v.id, "stage": stage.index, "stage_name": stage.name, "preset": v.preset,
-               "dataset": dataset, "configuration": configuration, "seed": cfg.seed,
-               "hparams": json.dumps(v.hparams, sort_keys=True), "params": json.dumps(v.params, sort_keys=True),
-               **{k: _scalar(x) for k, x in v.columns(cfg.seed).items() if k not in ("preset", "seed")},
-               "status": status, "error": err, "failure": failure}
-        row.update({m: float(metrics.get(m, math.nan)) for m in FINAL_METRICS})  # 2D columns always
-        row.update({m: float(metrics[m]) for m in (*KNOWN_METRICS, *OPTIONAL_METRICS) if m in metrics and m not in row})
-        row.update({k: metrics.get(k) for k in ("iteration", "mlflow_run_id", "run_name", "output_dir", "attempts")})
-        row["time_s"] = metrics.get("time_s", metrics.get("time_total_s"))
-        # up to the last report: the evaluation a scheduler stopped it on, an interrupted trial's last checkpoint
-        row["trained_iterations"] = metrics.get("iteration") or metrics.get(PROGRESS_KEY) or 0
-        row["reused_from"] = None
-        row["config_sha"] = config_sha(cfg)
-        row.update({f"config.{k}": json.dumps(x) if isinstance(x, list) else x
-                    for k, x in flatten(to_dict(cfg)).items()})
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    return df.astype({"reused_from": "object"}) if len(df) else df

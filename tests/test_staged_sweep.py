@@ -24,7 +24,8 @@ from service.step import TrainingDiverged
 from service.sweep_lock import SweepLock, SweepLocked
 from service.sweep_trial import _trial, _TrialContext, failure_kind, new_evaluations, trial_config
 from service.sweep_resources import plan_resources
-from service.tuning import _scheduler, _stage_plan, results_frame
+from service.sweep_report import results_frame
+from service.tuning import _scheduler, _stage_plan
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
@@ -455,7 +456,7 @@ def test_compare_selection_reports_agreement_rank_and_cost(tmp_path, capsys):
 
 def test_selection_md_calls_a_pick_provisional_while_trials_or_stages_are_unfinished():
     """An interrupted staged sweep still writes selection.md: its pick is marked provisional, saying why."""
-    from service.tuning import _selection_markdown
+    from service.sweep_report import selection_markdown
 
     spec = spec_from_dict({"preset": A, "param_space": {"objective": {"beta_kl": {"grid_search": [0.1, 0.3]}}},
                            "stages": [{"name": "coarse", "shrink": "smoke"},
@@ -463,14 +464,14 @@ def test_selection_md_calls_a_pick_provisional_while_trials_or_stages_are_unfini
     progress = {"stages": {"coarse": {"wall_s": 60.0}}}
     df = _rows((A, 0.1, 0, "ok", 3.0, 0.9), (A, 0.3, 0, "incomplete", math.nan, math.nan))
     df = df.assign(reused_from=None, trained_iterations=[12, 5])
-    md = _selection_markdown(spec, [df], progress)
+    md = selection_markdown(spec, [df], progress)
     assert "## Selected so far (provisional)" in md
     assert ("- provisional: 1 trial(s) of stage coarse did not finish; stage(s) seeds have not run; run the same "
             "command again to complete the selection") in md
     assert "train it: `python -m jobs.train --preset 8gaussians/mog-ip-lc --set objective.beta_kl=0.1`" in md
     done = df.assign(status="ok", hist_kl=[3.0, 4.0])
     second = done[done["hparams"] == done["hparams"].iloc[0]].assign(stage=2, stage_name="seeds")
-    md = _selection_markdown(spec, [done, second], {"stages": {"coarse": {}, "seeds": {}}})
+    md = selection_markdown(spec, [done, second], {"stages": {"coarse": {}, "seeds": {}}})
     assert "## Selected\n" in md and "provisional" not in md
 
 
@@ -531,16 +532,16 @@ def test_tunes_table_is_printed_when_a_trial_moves_and_otherwise_every_quarter_h
     """The sweep's status table: at most every minute while trials change (status, iteration, metric), at
     least every 15 minutes while nothing does (a full-schedule stage of 2.5 h printed 150 identical tables),
     and always at the end."""
-    from service import tuning
+    from service import sweep_report
 
     monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")
     spec = spec_from_dict({"preset": A, "param_space": {"objective": {"beta_kl": {"grid_search": [0.1, 0.2]}}}},
                           "t.yaml")
-    reporter = tuning._progress_reporter(spec, ["preset", "seed", "objective.beta_kl"])
+    reporter = sweep_report.progress_reporter(spec, ["preset", "seed", "objective.beta_kl"])
     assert reporter._metric_columns == {"at_iteration": "iter", "hist_kl": "hist_kl", "hist_jsd": "hist_jsd",
                                         "gnelbo_x1e7": "gnelbo_x1e7", "mode_purity": "mode_purity"}
     clock = [1000.0]
-    monkeypatch.setattr(tuning.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(sweep_report.time, "monotonic", lambda: clock[0])
     trials = [SimpleNamespace(trial_id="a", status="RUNNING", last_result={"at_iteration": 1000}),
               SimpleNamespace(trial_id="b", status="PENDING", last_result={})]
 
@@ -555,9 +556,9 @@ def test_tunes_table_is_printed_when_a_trial_moves_and_otherwise_every_quarter_h
         return out
 
     assert printed_at(0, 0.5, 1, 2, 3, 3.5, 4, 10, 18, 19, 33.5, 34, done_at=34) == [0, 3, 18, 33.5, 34]
-    assert tuning._progress_reporter(spec, []) is not None
+    assert sweep_report.progress_reporter(spec, []) is not None
     monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
-    assert tuning._progress_reporter(spec, []) is None  # Ray's newer output takes no reporter
+    assert sweep_report.progress_reporter(spec, []) is None  # Ray's newer output takes no reporter
 
 
 def test_tunes_table_leaves_a_trials_metrics_blank_until_its_first_evaluation(monkeypatch, tmp_path):
@@ -566,7 +567,7 @@ def test_tunes_table_leaves_a_trials_metrics_blank_until_its_first_evaluation(mo
     An evaluation's NaN (a row with ``iteration``) is still printed as nan."""
     from ray.tune.experiment import Trial
 
-    from service import tuning
+    from service import sweep_report
 
     class StoredTrial(Trial):  # Tune's trial, its experiment folder without a Ray session
         local_experiment_path, local_path = str(tmp_path), None
@@ -574,7 +575,7 @@ def test_tunes_table_leaves_a_trials_metrics_blank_until_its_first_evaluation(mo
     monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")
     spec = spec_from_dict({"preset": A, "param_space": {"objective": {"beta_kl": {"grid_search": [0.1, 0.2]}}}},
                           "t.yaml")
-    reporter = tuning._progress_reporter(spec, ["objective.beta_kl"])
+    reporter = sweep_report.progress_reporter(spec, ["objective.beta_kl"])
     waiting, evaluated = (StoredTrial("_trial", config={"objective": {"beta_kl": b}}, stub=True) for b in (0.1, 0.2))
     waiting.run_metadata.last_result = {"hist_kl": math.nan, "at_iteration": 2000}
     evaluated.run_metadata.last_result = {"hist_kl": math.nan, "hist_jsd": 1.5, "at_iteration": 1000,
