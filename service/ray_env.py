@@ -31,7 +31,7 @@ import os
 import re
 import socket
 import sys
-from typing import Any
+from typing import Any, Callable
 
 HOOK = "service.ray_env.worker_setup"
 # loggers whose warnings with a traceback are transient by their own text; shown as one line
@@ -39,8 +39,14 @@ TRANSIENT_LOGGERS = ("ray.train.v2._internal.execution.scaling_policy.autoscalin
 # worker log lines the driver does not print: Ray Train's controller creates its PreemptionWatcher actor
 # with restarts and an argument in the object store, and Ray's core worker logs an error-level notice
 # for that on every run (ray-project/ray#53727); nothing in it is this job's or its user's to act on
+# The raylet warns once a node has started 4x its CPUs in Python workers: each Ray Train run starts about
+# seven (trial, controller, workers, helper actors), so two 1-worker sweep trials on 2 CPUs pass it at
+# start-up. It is about start-up speed, and its advice (fewer actors, no fractional CPUs) is Ray Train's
+# and Tune's own design here.
 DRIVER_NOISE = (re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .*"
-                           r"has constructor arguments in the object store and max_restarts > 0"),)
+                           r"has constructor arguments in the object store and max_restarts > 0"),
+                re.compile(r"WARNING: \d+ PYTHON worker processes have been started on node: .*maximum expected "
+                           r"startup concurrency"))
 STARTUP_TIMEOUT = "timed out during startup"  # ray._private.node's message when the raylet did not register in time
 START_ATTEMPTS = 2
 HEAD_PROBE_S = 3.0  # how long a recorded head's GCS port may take to accept a connection
@@ -82,26 +88,37 @@ def without_noise(lines: list[str]) -> list[str]:
     return [ln for ln in lines if not any(p.search(ln) for p in DRIVER_NOISE)]
 
 
+def _dropping_noise(print_fn: Callable[..., None]) -> Callable[..., None]:
+    """``print_fn(data, ...)`` for Ray's log batches (``{"lines": [...], ...}``) less ``DRIVER_NOISE``."""
+    if getattr(print_fn, "drops_noise", False):
+        return print_fn
+
+    def filtered(data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        lines = without_noise(list(data.get("lines") or ()))
+        if lines:
+            print_fn({**data, "lines": lines}, *args, **kwargs)
+
+    filtered.drops_noise = True  # type: ignore[attr-defined]
+    return filtered
+
+
 def quiet_driver_console() -> bool:
-    """Wrap the handler through which this driver prints its workers' log lines so that ``DRIVER_NOISE``
-    is dropped (idempotent). Ray's dispatcher is not public API: where it is missing or changed, the
-    console stays as Ray prints it. Returns whether the filter is in place."""
+    """Drop ``DRIVER_NOISE`` from what this driver prints for its cluster (idempotent): the handler through
+    which it prints its workers' log lines, and Ray's printer of the errors the cluster pushes to drivers
+    (the raylet's warnings). Both are Ray internals, not public API: where they are missing or changed,
+    the console stays as Ray prints it. Returns whether the workers' lines are filtered."""
+    try:
+        import ray._private.worker as ray_worker
+
+        ray_worker.print_to_stdstream = _dropping_noise(ray_worker.print_to_stdstream)
+    except Exception:  # noqa: BLE001 - Ray's internals moved: keep its console as it is
+        pass
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
         with dispatcher._lock:
-            handlers = list(dispatcher.handlers)
-            for i, (name, handler) in enumerate(handlers):
-                if name != "ray_print_logs" or getattr(handler, "drops_noise", False):
-                    continue
-
-                def filtered(data: dict[str, Any], _print=handler) -> None:
-                    lines = without_noise(list(data.get("lines") or ()))
-                    if lines:
-                        _print({**data, "lines": lines})
-
-                filtered.drops_noise = True  # type: ignore[attr-defined]
-                handlers[i] = (name, filtered)
+            handlers = [(name, _dropping_noise(h) if name == "ray_print_logs" else h)
+                        for name, h in dispatcher.handlers]
             dispatcher.handlers = handlers
             return any(getattr(h, "drops_noise", False) for n, h in handlers if n == "ray_print_logs")
     except Exception:  # noqa: BLE001 - Ray's internals moved: keep its console as it is

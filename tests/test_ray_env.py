@@ -141,10 +141,11 @@ def test_a_transient_ray_train_warning_is_one_line_without_its_traceback():
         "an ordinary warning stays as it is: 7"]
 
 
-def test_the_driver_drops_rays_preemption_watcher_notice_and_prints_every_other_line():
+def test_the_driver_drops_rays_routine_notices_and_prints_every_other_line():
     """Ray Train's controller made Ray's core worker log an error-level notice about its PreemptionWatcher
-    actor on every run (the line below, from a run of 2026-12-03); the driver's console filter drops it
-    and passes every other line of the batch, in order, to Ray's own printer."""
+    actor on every run (the line below, from a run of 2026-12-03), and the raylet warns about its worker
+    start-up concurrency when a sweep starts; the driver's console filter drops both and passes every other
+    line of the batch, in order, to Ray's own printer."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     from service import ray_env
@@ -156,6 +157,10 @@ def test_the_driver_drops_rays_preemption_watcher_notice_and_prints_every_other_
               "details.")
     other = ("[2026-12-03 09:20:17,600 E 17647 17706] core_worker.cc:2465: Actor with class name: 'MyActor' "
              "and ID: 'ab' has constructor arguments in the object store and max_restarts > 0.")
+    startup = ("WARNING: 8 PYTHON worker processes have been started on node: a8ce294cb8a2 with address: "
+               "192.0.2.2, which is 4x the maximum expected startup concurrency (2). This could be a result of "
+               "using a large number of actors, tasks blocked in ray.get() calls, or tasks with fractional CPU "
+               "requests (e.g., num_cpus=0.1) allowing high concurrency.")  # a 2-trial sweep's start, 2026-12-03
     printed: list[dict] = []
     saved = list(dispatcher.handlers)
     dispatcher.handlers = [("ray_print_logs", printed.append)]
@@ -164,9 +169,24 @@ def test_the_driver_drops_rays_preemption_watcher_notice_and_prints_every_other_
         assert len(dispatcher.handlers) == 1
         dispatcher.emit({"pid": 17647, "is_err": True, "lines": ["first", notice, other]})
         dispatcher.emit({"pid": 17647, "is_err": True, "lines": [notice]})  # nothing left: nothing printed
+        dispatcher.emit({"pid": "raylet", "is_err": True, "lines": [startup, "WARNING: something else"]})
     finally:
         dispatcher.handlers = saved
-    assert printed == [{"pid": 17647, "is_err": True, "lines": ["first", other]}]
+    assert printed == [{"pid": 17647, "is_err": True, "lines": ["first", other]},
+                       {"pid": "raylet", "is_err": True, "lines": ["WARNING: something else"]}]
+
+    # the raylet's warning reaches the driver as a pushed error, printed by Ray's print_to_stdstream
+    import ray._private.worker as ray_worker
+
+    original, pushed = ray_worker.print_to_stdstream, []
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix: pushed.append((data["lines"], ignore_prefix))
+    try:
+        ray_env.quiet_driver_console()
+        for message in (startup, "the actor died"):
+            ray_worker.print_to_stdstream({"lines": [message], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    finally:
+        ray_worker.print_to_stdstream = original
+    assert pushed == [(["the actor died"], False)]
 
 
 def test_a_bare_init_ray_starts_locally_where_rays_record_names_a_head_that_is_gone(monkeypatch, tmp_path, capsys):
