@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.common import free_port
     from service.checkpoint import CheckpointError
+    from service.ray_env import ClusterUnreachable, check_chosen_address
     from service.serving import (BatchConfig, ServeArgs, ServeConfigError, build_app, direct_ingress_env,
                                  find_replica_port, read_token, use_fast_path_env)
 
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "token; pass --auth-token-file (or set $INTROPRIOR_API_TOKEN), or "
                                    "--insecure-no-token")
         app = build_app(serve_args)
-    except (CheckpointError, ValidationError, ServeConfigError) as e:
+        check_chosen_address(None)  # a RAY_ADDRESS that does not answer: at once, not after Ray's minutes
+    except (CheckpointError, ValidationError, ServeConfigError, ClusterUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -236,10 +236,10 @@ def test_a_bare_init_ray_starts_locally_where_rays_record_names_a_head_that_is_g
 
 
 def test_a_chosen_address_that_does_not_answer_is_an_error_at_once_and_the_job_exits_2(monkeypatch, tmp_path,
-                                                                                       capsys):
+                                                                                       capsys, smoke_checkpoint):
     """``RAY_ADDRESS`` (or an address argument) naming a head that is not there: ``ray.init`` would retry it
     for minutes (over 2 min measured); init_ray raises ``ClusterUnreachable`` naming the variable, and
-    ``jobs.train`` / ``jobs.sweep`` exit 2 with it before anything is written. Addresses Ray resolves
+    ``jobs.train`` / ``jobs.sweep`` / ``jobs.serve`` exit 2 with it before anything is written. Addresses Ray resolves
     itself (local, auto, ray://, http://) are not probed."""
     import socket
 
@@ -276,5 +276,9 @@ def test_a_chosen_address_that_does_not_answer_is_an_error_at_once_and_the_job_e
         assert sweep_job.main([str(space), "--output-dir", str(tmp_path / "sweep"),
                                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
         assert f"error: RAY_ADDRESS={gone}: no Ray head answers there" in capsys.readouterr().err
+        from jobs import serve as serve_job
+
+        assert serve_job.main(["--checkpoint", str(smoke_checkpoint)]) == 2
+        assert f"error: RAY_ADDRESS={gone}: no Ray head answers there" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists() and not list((tmp_path / "sweep").glob("*.json"))
-    assert len(calls) == 5  # neither job got as far as ray.init
+    assert len(calls) == 5  # no job got as far as ray.init
