@@ -27,6 +27,7 @@ The same limits and messages as ``POST /v1/samples`` apply (``serving_schema.Sam
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -141,12 +142,25 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_path: str | Path) -> st
     metadata = {"data_shape": [int(s) for s in state["data_shape"]], "preset": state["config"].get("name"),
                 "prior_type": state.get("prior_type"), "iteration": int(state["iteration"])}
     with using_store(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False), \
-            env_defaults({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):  # no bar when MLflow checks the example
+            env_defaults({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}), \
+            logger_level("mlflow.pyfunc", logging.WARNING):  # no bar nor INFO line when MLflow checks the example
         info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(PYFUNC_CODE),
                                        artifacts={"checkpoint": str(Path(checkpoint_path).resolve())},
                                        signature=SIGNATURE, input_example=INPUT_EXAMPLE,
                                        pip_requirements=PIP_REQUIREMENTS, metadata=metadata)
     return info.model_uri
+
+
+@contextlib.contextmanager
+def logger_level(name: str, level: int) -> Iterator[None]:
+    """Logger ``name`` at ``level`` at least for the block (its own level afterwards)."""
+    log = logging.getLogger(name)
+    before = log.level
+    log.setLevel(max(level, log.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        log.setLevel(before)
 
 
 @contextlib.contextmanager
