@@ -33,11 +33,13 @@ from jobs.common import add_config_args, config_or_exit, register_model
 def serve_source(result: dict) -> str:
     """``jobs.serve``'s ``--checkpoint`` argument for a finished run: its checkpoint file where the outputs
     are on this machine, else the MLflow run's copy (``runs:/``, with the tracking URI)."""
+    from service.checkpoint import run_checkpoint_uri
+
     out = str(result["output_dir"])
     if "://" not in out:
         return shlex.quote(f"{out}/checkpoint.pt")
-    return (f"runs:/{result['mlflow_run_id']}/checkpoint/checkpoint.pt --tracking-uri "
-            f"{shlex.quote(str(result.get('tracking_uri')))}")
+    tracking = shlex.quote(str(result.get("tracking_uri")))
+    return f"{run_checkpoint_uri(result['mlflow_run_id'])} --tracking-uri {tracking}"
 
 
 def main(argv: list[str] | None = None) -> int:

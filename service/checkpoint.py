@@ -17,6 +17,11 @@ from .model import Model, build_model
 SCHEMA_VERSION = 1
 
 
+def run_checkpoint_uri(run_id: str) -> str:
+    """The MLflow URI of a training run's checkpoint (``ray_train`` logs it as ``checkpoint/checkpoint.pt``)."""
+    return f"runs:/{run_id}/checkpoint/checkpoint.pt"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or of another schema version."""
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from ray import serve
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, run_checkpoint_uri
 from .serving import BatchedReplica, deployment_options, read_token, resolve_checkpoint
 from .serving_model import Sampler
 from .serving_routes import OPEN_PATHS, BearerToken, make_api, route_path
@@ -48,7 +48,7 @@ class ModelIdError(ValueError):
 def model_uri(model_id: str) -> str:
     """The MLflow URI of a model id (see the module docstring); ``ModelIdError`` for any other string."""
     if _RUN_ID.fullmatch(model_id):
-        return f"runs:/{model_id}/checkpoint/checkpoint.pt"
+        return run_checkpoint_uri(model_id)
     if m := _REGISTERED.fullmatch(model_id):
         return f"models:/{m['name']}/{m['version']}" if m["version"] else f"models:/{m['name']}@{m['alias']}"
     shown = model_id if len(model_id) <= 60 else model_id[:57] + "..."

@@ -69,8 +69,9 @@ def progress_reporter(spec: SweepSpec, keys: list[str]):
             return False
 
         def _progress_str(self, trials, *args, **kwargs) -> str:
-            # A progress row before a trial's first evaluation carries NaN for the metrics Tune requires in
-            # every result; "nan" would read as a diverged run, so those cells are blank while it is printed
+            # A progress row (a checkpoint, no evaluation of its own) carries NaN for the metrics Tune requires
+            # in every result until a first evaluation gives them: "nan" would read as a diverged run, so its
+            # NaN cells are blank while the table is printed (an evaluation row prints its values as they are)
             blanked = []
             for t in trials:
                 row = t.last_result or {}
