@@ -93,6 +93,22 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def write_final(folder: Path, state: dict[str, Any], metrics: dict[str, float], workers: list[dict[str, Any]] | None,
+                plot_dir: Path, mlflow_sink: MlflowSink | None, mlflow_wait_s: float) -> None:
+    """A finished run's files in ``folder``: checkpoint (non-finite weights refused), metrics, where the
+    ranks ran, plots, and the metric values MLflow did not take within ``mlflow_wait_s`` (the driver
+    retries them)."""
+    checkpoint.save(folder / CHECKPOINT_FILE, state)
+    checkpoint.atomic_write_text(folder / METRICS_FILE, json.dumps(metrics, indent=2))
+    if workers:
+        checkpoint.atomic_write_text(folder / WORKERS_FILE, json.dumps(workers, indent=2))
+    for png in plot_dir.glob("*.png"):
+        shutil.copy(png, folder)
+    if mlflow_sink is not None and mlflow_sink.flush(mlflow_wait_s):
+        lines = [json.dumps(dict(zip(("key", "value", "timestamp", "step"), m))) for m in mlflow_sink.pending()]
+        checkpoint.atomic_write_text(folder / UNLOGGED_FILE, "\n".join(lines) + "\n")
+
+
 def _report_hook(rank: int, plot_dir: Path, mlflow_sink: MlflowSink | None = None, mlflow_wait_s: float = 60.0,
                  workers: list[dict[str, Any]] | None = None):
     import ray.train
@@ -101,18 +117,10 @@ def _report_hook(rank: int, plot_dir: Path, mlflow_sink: MlflowSink | None = Non
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0 and state is not None:
-                checkpoint.save(Path(tmp) / CHECKPOINT_FILE, state)  # refuses non-finite weights
                 if final:
-                    checkpoint.atomic_write_text(Path(tmp) / METRICS_FILE, json.dumps(metrics, indent=2))
-                    if workers:
-                        checkpoint.atomic_write_text(Path(tmp) / WORKERS_FILE, json.dumps(workers, indent=2))
-                    for png in plot_dir.glob("*.png"):
-                        shutil.copy(png, tmp)
-                    if mlflow_sink is not None and mlflow_sink.flush(mlflow_wait_s):
-                        # MLflow is still unreachable: keep the values with the results (the driver retries)
-                        lines = [json.dumps(dict(zip(("key", "value", "timestamp", "step"), m)))
-                                 for m in mlflow_sink.pending()]
-                        checkpoint.atomic_write_text(Path(tmp) / UNLOGGED_FILE, "\n".join(lines) + "\n")
+                    write_final(Path(tmp), state, metrics, workers, plot_dir, mlflow_sink, mlflow_wait_s)
+                else:
+                    checkpoint.save(Path(tmp) / CHECKPOINT_FILE, state)  # refuses non-finite weights
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({"iteration": iteration, "final": final, **metrics}, checkpoint=ckpt)
 
@@ -439,24 +447,38 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Location, run
         if interrupts.signum is not None and not isinstance(e, TrainingInterrupted):
             raise TrainingInterrupted(interrupts.signum) from e
         raise
+    def fill(out: Path) -> None:
+        with result.checkpoint.as_directory() as d:
+            for f in Path(d).iterdir():
+                checkpoint.atomic_copy(f, out / f.name)  # a reader never sees half a file
+
+    target, metrics, workers = deliver_outputs(output_dir, fill, cfg, client, run_id, mlflow_wait_s, tracking_uri)
+    return {"metrics": metrics, "output_dir": target.uri, "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+            "iteration": int(result.metrics.get("iteration", cfg.schedule.iterations)), "workers": workers}
+
+
+def deliver_outputs(output_dir: str | Path | storage.Location, fill: Callable[[Path], None], cfg: ExperimentConfig,
+                    client, run_id: str, wait_s: float, tracking_uri: str
+                    ) -> tuple[storage.Location, dict[str, Any], list[dict[str, Any]]]:
+    """A finished run's results at ``output_dir``: ``fill(folder)`` writes checkpoint, metrics, plots (and
+    the unlogged metric values, if any) there, ``config.yaml`` is added, the folder reaches the output
+    location, then MLflow gets the artifacts, the model and FINISHED (``_finish_tracking``).
+    Returns ``(output location, metrics, workers)``."""
     target = storage.resolve(output_dir)
     staging = storage.Staging(target)  # the output folder itself when local, else a temp folder uploaded below
     try:
         out = staging.dir
-        with result.checkpoint.as_directory() as d:
-            for f in Path(d).iterdir():
-                checkpoint.atomic_copy(f, out / f.name)  # a reader never sees half a file
+        fill(out)
         checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         metrics = json.loads((out / METRICS_FILE).read_text())
         workers = json.loads((out / WORKERS_FILE).read_text()) if (out / WORKERS_FILE).is_file() else []
         staging.finish()  # the results reach the output location before tracking may wait on MLflow
-        _finish_tracking(client, run_id, out, mlflow_wait_s, tracking_uri)
+        _finish_tracking(client, run_id, out, wait_s, tracking_uri)
         if not (out / UNLOGGED_FILE).exists():  # logged late after all: not left behind at the output location
             (target / UNLOGGED_FILE).delete_file()
     finally:
         staging.close()
-    return {"metrics": metrics, "output_dir": target.uri, "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-            "iteration": int(result.metrics.get("iteration", cfg.schedule.iterations)), "workers": workers}
+    return target, metrics, workers
 
 
 def _finish_tracking(client, run_id: str, out: Path, wait_s: float, tracking_uri: str) -> None:

@@ -23,6 +23,8 @@ A space file holds:
   dimension (outside ``param_space``'s grid), its keys count as searched;
 - ``scheduler:`` ``{type: asha, grace_period, reduction_factor, max_t}`` (early stopping on the
   intermediate evaluations every ``schedule.eval_every`` iterations) or ``{type: fifo}``;
+- ``trial_runner:`` ``auto`` (default: a trial of one Train worker trains in the Tune trial's own
+  process, others through Ray Train) or ``ray_train`` (every trial a Ray Train run);
 - ``stages:`` a staged protocol: stage 1 runs the space; every later stage re-runs the ``top_k``
   settings of the previous one (by ``select``), with its own ``shrink``, constant ``param_space``
   overrides, ``seeds`` and ``scheduler``.
@@ -55,7 +57,10 @@ from .tables import FINAL_METRICS, IMAGE_METRICS
 Shrink = Literal["full", "quick", "smoke"]
 SHRINKS = ("full", "quick", "smoke")
 TOP_KEYS = ("preset", "presets", "metric", "mode", "seeds", "smoke", "requires", "param_space", "settings",
-            "search", "scheduler", "select", "stages")
+            "search", "scheduler", "select", "stages", "trial_runner")
+# How a trial trains: ``auto`` runs a 1-worker trial in the Tune trial's own process (service.sweep_in_trial)
+# and any other through Ray Train; ``ray_train`` runs every trial through Ray Train.
+TRIAL_RUNNERS = ("auto", "ray_train")
 FACTOR_KEY = "objective.beta_neg_factor"  # beta_neg = factor * beta_kl (SPEC §6.4)
 SAMPLERS = ("loguniform", "uniform", "choice")
 SEARCH_TYPES = ("grid", "random")
@@ -194,6 +199,7 @@ class SweepSpec:
     select: Selection = Selection()
     stages: tuple[Stage, ...] = ()  # empty: a plain space (one stage)
     searched: tuple[str, ...] = ()  # the dotted keys of settings:, and of param_space's grid_search and sampler leaves
+    trial_runner: str = "auto"  # TRIAL_RUNNERS
 
     def configs(self, shrink: Shrink = "full", stage: Stage | None = None) -> list[ExperimentConfig]:
         """Every variant's validated config; errors name the file, the variant and the dotted key."""
@@ -631,6 +637,9 @@ def spec_from_dict(data: Any, source: str, text: str = "") -> SweepSpec:
     is_smoke = data.get("smoke", False)
     if not isinstance(is_smoke, bool):
         raise SpaceError(f"{source}: smoke: expected true or false, got {is_smoke!r}")
+    runner = data.get("trial_runner", "auto")
+    if runner not in TRIAL_RUNNERS:
+        raise SpaceError(f"{source}: trial_runner: {runner!r} is not one of {list(TRIAL_RUNNERS)}")
     seeds = _seeds(data.get("seeds"), source, "seeds")
     if seeds is not None and "seed" in flat:
         raise SpaceError(f"{source}: seeds: and param_space.seed both set; give one of them")
@@ -647,7 +656,7 @@ def spec_from_dict(data: Any, source: str, text: str = "") -> SweepSpec:
                     if len(vals) > 1)
     spec = SweepSpec(source=source, name=Path(source).stem, metric=select.metric, mode=select.mode, smoke=is_smoke,
                      variants=tuple(variants), varying=varying, requires=requires, text=text, search=search,
-                     scheduler=scheduler, select=select, stages=stages, searched=searched)
+                     scheduler=scheduler, select=select, stages=stages, searched=searched, trial_runner=runner)
     spec.validate()  # every variant of every stage, and the schedulers, before Ray starts
     return spec
 

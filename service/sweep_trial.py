@@ -1,4 +1,5 @@
-"""One Tune trial of a sweep: a variant's config trained by one Ray Train run (``service.tuning``).
+"""One Tune trial of a sweep: a variant's config trained by one Ray Train run, or with one worker in the
+trial's own process (``service.sweep_in_trial``, when ``_TrialContext.in_trial``) (``service.tuning``).
 
 - ``_trial`` is the function trainable: it builds the variant's config (``trial_config``), starts the
   trial's MLflow run under the sweep's parent, calls ``ray_train.fit`` and reports the final row
@@ -58,6 +59,7 @@ class _TrialContext:
     run_prefix: str = ""  # "" for a plain space, "s2-" for stage 2 (MLflow / Ray Train run names)
     retries: int = INFRA_RETRIES
     storage: Any = None  # ``storage.Location`` of the Tune/Train storage and trial outputs; None: ``output_dir``
+    in_trial: bool = False  # train the one worker in this process (``sweep_in_trial``), not through Ray Train
 
 
 def trial_config(v: Variant, shrink: Shrink, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -187,6 +189,28 @@ def _eval_forwarder(tracking_uri: str, run_id: str, metric: str, iterations: int
     return EvalForwarder()
 
 
+def _tune_reporter(metric: str, constants: dict[str, Any], select: Selection):
+    """``report(iteration, evaluations, folder)`` for ``sweep_in_trial``: at a checkpoint, Tune gets the
+    trial's progress row, then each new evaluation, as ``_eval_forwarder`` sends them from Ray Train; the
+    checkpoint (``folder``) goes with the last of those rows."""
+    from ray import tune
+
+    last: dict[str, Any] = {}
+
+    def report(at: int, evaluations: list[dict[str, Any]], folder: Path) -> None:
+        rows = [{metric: math.nan, **last, **constants, PROGRESS_KEY: int(at)}]
+        for found in evaluations:
+            last.clear()
+            last.update((k, x) for k, x in found.items() if k != "iteration")
+            rows.append({metric: math.nan, **found, **constants, PROGRESS_KEY: found["iteration"]})
+        rows = [_scored(r, select) for r in rows]
+        for r in rows[:-1]:
+            tune.report(r)
+        tune.report(rows[-1], checkpoint=tune.Checkpoint.from_directory(str(folder)))
+
+    return report
+
+
 def _tune_is_stopping() -> bool:
     """Whether Tune is stopping this trial (a scheduler decision): its session's stop event is set.
 
@@ -201,6 +225,15 @@ def _tune_is_stopping() -> bool:
         return False
 
 
+def _fit_here(cfg: ExperimentConfig, *, output_dir: Any, run_name: str, storage_path: Any, tracking_uri: str,
+              mlflow_run_id: str, callbacks: list, **_: Any) -> dict[str, Any]:
+    """``ray_train.fit``'s call, answered by ``sweep_in_trial.fit_in_trial`` (``callbacks``: its report function)."""
+    from .sweep_in_trial import fit_in_trial
+
+    return fit_in_trial(cfg, output_dir=output_dir, run_name=run_name, storage_path=storage_path,
+                        tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, report=callbacks[0], reported=REPORTED)
+
+
 def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[str, Any]] | None = None) -> None:
     """Tune trial: build the variant's config, train it with Ray Train (intermediate evaluations are
     forwarded to Tune), retry infrastructure failures, report the final row (ok or failed)."""
@@ -209,7 +242,9 @@ def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[s
 
     from .ray_train import start_mlflow_run
 
-    if fit is None:
+    if fit is None and ctx.in_trial:
+        fit = _fit_here
+    elif fit is None:
         from .ray_train import fit
     raw = config["variant"]
     v = Variant(**(ctx.variants[raw] if isinstance(raw, int) else raw))  # a dict: sweeps started before stages
@@ -228,8 +263,11 @@ def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[s
     while True:
         attempts += 1
         evaluations = bool(cfg.schedule.eval_every) and cfg.schedule.unit == "iterations"
-        callbacks = [_eval_forwarder(ctx.tracking_uri, run_id, ctx.metric, cfg.schedule.iterations, dict(row),
-                                     ctx.select, evaluations=evaluations)]
+        if ctx.in_trial:
+            callbacks = [_tune_reporter(ctx.metric, dict(row), ctx.select)]  # the runner's report function
+        else:
+            callbacks = [_eval_forwarder(ctx.tracking_uri, run_id, ctx.metric, cfg.schedule.iterations, dict(row),
+                                         ctx.select, evaluations=evaluations)]
         base = ctx.storage or Path(ctx.output_dir)  # a Location on a cluster without a shared volume
         try:
             res = fit(cfg, output_dir=base / "trials" / run_name, run_name=run_name,

@@ -1,7 +1,10 @@
-"""Ray Tune adapter: one Tune trial per space variant, each trial one Ray Train run (SPEC §6.4, §7.3).
+"""Ray Tune adapter: one Tune trial per space variant (SPEC §6.4, §7.3).
 
-``run_sweep`` runs the variants of a validated space (``service.spaces``) as Tune trials: a
-0.01-CPU function trainable that calls ``ray_train.fit`` (the Train V2 pattern of STACK.md).
+``run_sweep`` runs the variants of a validated space (``service.spaces``) as Tune trials. A trial of
+several Train workers is a 0.01-CPU function trainable that calls ``ray_train.fit`` (the Train V2
+pattern of STACK.md); a trial of one worker trains in its own process (``service.sweep_in_trial``:
+the same outputs and reports without a Ray Train run's seven processes), unless the space says
+``trial_runner: ray_train``. A stage keeps the runner it started with when it is resumed.
 
 - **Intermediate reports.** Rank 0 evaluates every ``schedule.eval_every`` iterations and logs
   ``eval/*`` to the trial's MLflow run. A Ray Train callback (``TuneReportCallback``, which runs in
@@ -59,6 +62,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 TUNE_MAX_FAILURES = 2  # Tune restarts of a trial whose own actor died
+IN_TRIAL = "in_trial"  # a stage's trials train in their own process (service.sweep_in_trial)
 
 
 def resolve_shrink(spec: SweepSpec, shrink: Shrink | None) -> str:
@@ -286,9 +290,10 @@ def _run_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Var
     started = time.perf_counter()
     try:
         if to_run:
-            plan = _stage_plan(spec, stage, entry, plan, replan, out, store)
+            plan = _stage_plan(spec, stage, entry, plan, replan, out, store, configs)
             _save_progress(out, progress)  # the stage's concurrency is known before any trial starts
-            reported = _tune_stage(spec, stage, shrink, variants, configs, to_run, out, state, plan, store)
+            reported = _tune_stage(spec, stage, shrink, variants, configs, to_run, out, state, plan, store,
+                                   in_trial=entry["trial_runner"] == IN_TRIAL)
     finally:
         entry["wall_s"] = entry.get("wall_s", 0.0) + time.perf_counter() - started
         _save_progress(out, progress)
@@ -326,21 +331,33 @@ def _tune_location(spec: SweepSpec, stage: Stage, out: Path, store: Any = None) 
     return tune_path, tune_fs, path, path.ray_storage()[0]
 
 
+def trial_runner(spec: SweepSpec, configs: list[ExperimentConfig]) -> str:
+    """``IN_TRIAL`` where every trial of the stage has one Train worker and the space allows it, else
+    ``"ray_train"``."""
+    one = all(c.scaling.workers == 1 for c in configs)
+    return IN_TRIAL if spec.trial_runner == "auto" and one else "ray_train"
+
+
 def _stage_plan(spec: SweepSpec, stage: Stage, entry: dict[str, Any], plan: ResourcePlan,
-                replan: Callable[[int], ResourcePlan], out: Path, store: Any = None) -> ResourcePlan:
+                replan: Callable[[int], ResourcePlan], out: Path, store: Any = None,
+                configs: list[ExperimentConfig] = ()) -> ResourcePlan:
     """The stage's plan. A stage that Tune restores keeps the concurrency it started with (``Tuner.restore``
     cannot change ``max_concurrent_trials``), so its trials' threads follow that, not ``--max-concurrent``:
     a stage started one at a time (2 threads each on 2 CPUs) and resumed with 2 would otherwise run one
     trial at a time with 1 thread, half the machine idle. Where fewer trials than that are left to run
     (the last of a stage started 2 at a time), the threads are planned for those: one trial left on 2 CPUs
-    gets both. A new stage records its concurrency."""
+    gets both. A new stage records its concurrency and how its trials train (``entry["trial_runner"]``),
+    which a restored stage keeps (Tune restores its trials' resources too); one started before that was
+    recorded trained through Ray Train."""
     from ray import tune
 
     _, tune_fs, _, restore_path = _tune_location(spec, stage, out, store)
     started = entry.get("max_concurrent")
     if started is None or not tune.Tuner.can_restore(restore_path, storage_filesystem=tune_fs):
         entry["max_concurrent"] = plan.max_concurrent
+        entry["trial_runner"] = trial_runner(spec, list(configs))
         return plan
+    entry.setdefault("trial_runner", "ray_train")
     left = _unfinished_trials(restore_path, tune_fs)
     at_once = min(int(started), left) if left else int(started)  # none left (Tune only reports back) or unknown
     if at_once != plan.max_concurrent:
@@ -366,8 +383,10 @@ def _unfinished_trials(restore_path: str, tune_fs: Any = None) -> int | None:
 
 def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Variant],
                 configs: list[ExperimentConfig], to_run: list[int], out: Path, state: dict[str, Any],
-                plan: ResourcePlan, store: Any = None) -> dict[int, tuple[dict[str, Any], BaseException | None, str]]:
-    """Run ``to_run`` (variant ids) as one Tune experiment; ``{id: (last result, error, trial status)}``."""
+                plan: ResourcePlan, store: Any = None, in_trial: bool = False
+                ) -> dict[int, tuple[dict[str, Any], BaseException | None, str]]:
+    """Run ``to_run`` (variant ids) as one Tune experiment; ``{id: (last result, error, trial status)}``.
+    ``in_trial``: each trial trains its one worker itself and asks for that worker's CPUs and GPUs."""
     from ray import tune
 
     ctx = _TrialContext(output_dir=str(out), tracking_uri=state["tracking_uri"], parent_run_id=state["parent_run_id"],
@@ -377,8 +396,12 @@ def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Va
                         stage=stage.index,
                         stage_name=stage.name, stage_overrides=dict(stage.overrides),
                         variants=tuple(asdict(v) for v in variants),
-                        run_prefix=f"s{stage.index}-" if spec.is_staged else "", storage=store)
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": DRIVER_CPU})
+                        run_prefix=f"s{stage.index}-" if spec.is_staged else "", storage=store, in_trial=in_trial)
+    resources = {"cpu": DRIVER_CPU}
+    if in_trial:  # the driver's share and its one worker's: the same footprint as a 1-worker Ray Train trial
+        resources = {"cpu": round(DRIVER_CPU + plan.cpus_per_worker, 4),
+                     **({"gpu": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
     tune_path, tune_fs, path, restore_path = _tune_location(spec, stage, out, store)
     if tune.Tuner.can_restore(restore_path, storage_filesystem=tune_fs):
         tuner = tune.Tuner.restore(restore_path, trainable, resume_errored=True, storage_filesystem=tune_fs)
@@ -394,7 +417,7 @@ def _tune_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Va
                                         trial_dirname_creator=_trial_name, reuse_actors=False,
                                         scheduler=_scheduler(stage, spec, configs)),
             run_config=tune.RunConfig(name=Path(path.path).name, storage_path=tune_path, storage_filesystem=tune_fs,
-                                      verbose=1,
+                                      verbose=1, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                       failure_config=tune.FailureConfig(max_failures=TUNE_MAX_FAILURES),
                                       progress_reporter=progress_reporter(spec, keys)),
         )
