@@ -31,7 +31,8 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # (``--dist loadfile --no-loadscope-reorder``) a module that starts last cannot end the run on its own.
 # Those that share ``ray_local`` come first, next to each other. The order changes nothing else; modules
 # not listed keep their places after these.
-SLOW_FIRST = ["test_e2e_faults.py", "test_e2e_sweep_staged.py", "test_e2e_sweep.py", "test_e2e_train.py",
+SLOW_FIRST = ["test_e2e_faults.py", "test_e2e_sweep_staged.py", "test_e2e_sweep.py", "test_e2e_sweep_trial_fault.py",
+              "test_e2e_train.py",
               "test_e2e_evaluate.py", "test_e2e_mlflow_outage.py", "test_e2e_serve.py", "test_e2e_multinode.py",
               "test_e2e_signals.py", "test_readme_cluster.py"]
 _RAY_MODULES: set[Path] = set()  # modules with a test that uses ray_local

@@ -1,4 +1,6 @@
-"""End to end: smoke sweeps through real Ray Tune + Ray Train on 2 CPUs with a real MLflow SQLite store.
+"""End to end: smoke sweeps through real Ray Tune on 2 CPUs with a real MLflow SQLite store; each 1-worker
+trial trains in its Tune trial's own process (``service.sweep_in_trial``; a trial of several workers is a Ray
+Train run: test_e2e_multinode.py; a killed trial: test_e2e_sweep_trial_fault.py).
 
 A plain sweep, four trials, two at a time: S-Intro VAE (SG) with seeds 0 and 1, which complete,
 and a VAE whose learning rates are 1e6, which diverges at its first iteration

@@ -1,7 +1,7 @@
 """End to end: the staged protocol's smoke sweep (``tune_spaces/smoke_staged.yaml``) through real Ray
-Tune + Ray Train on 2 CPUs with a real MLflow SQLite store.
+Tune on 2 CPUs with a real MLflow SQLite store, its 1-worker trials trained in process.
 
-Four Ray Train runs: two coarse trials that report their evaluation at iteration 8 (after the warm-up) to Tune (ASHA),
+Four training runs: two coarse trials that report their evaluation at iteration 8 (after the warm-up) to Tune (ASHA),
 the best re-run longer, then that setting with two seeds, one of which is the previous stage's run
 and is reused. (The plain sweep is test_e2e_sweep.py; ``jobs.sweep`` is driven the same way.)
 """
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory, ray_local):
     return _run_sweep(tmp_path_factory.mktemp("staged"), SPACES / "smoke_staged.yaml", "e2e-staged",
-                      "staged smoke sweep, 4 Ray Train runs")
+                      "staged smoke sweep, 4 training runs")
 
 
 def test_staged_sweep_runs_each_stage_on_the_previous_stages_best_setting(staged):

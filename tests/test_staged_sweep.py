@@ -19,6 +19,7 @@ import pytest
 from jobs import compare_selection
 from jobs import sweep as sweep_job
 from service.selection import INFEASIBLE, SCORE_KEY, Selection, constrained_frame, pick_candidates, rank_settings
+from service.config import apply_overrides
 from service.spaces import Scheduler, Stage, Variant, spec_from_dict, stage_variants
 from service.step import TrainingDiverged
 from service.sweep_lock import SweepLock, SweepLocked
@@ -587,3 +588,72 @@ def test_tunes_table_leaves_a_trials_metrics_blank_until_its_first_evaluation(mo
     assert "2000" in w and "nan" not in w
     assert "nan" in e and "1.5" in e
     assert math.isnan(waiting.last_result["hist_kl"])  # only the printed table changed
+
+
+def test_a_stage_of_one_worker_trials_trains_them_in_process_unless_the_space_says_ray_train(tmp_path):
+    """``trial_runner``: auto runs 1-worker trials in the Tune trial itself, a stage with a multi-worker trial
+    through Ray Train; a new stage records its runner, a restored one keeps it (one started before the runner
+    was recorded trained through Ray Train)."""
+    from service.spaces import load_space, spec_from_dict
+    from service.tuning import IN_TRIAL, trial_runner
+
+    spec = load_space(SPACES / "smoke_staged.yaml")
+    assert spec.trial_runner == "auto"
+    stage, shrink = spec.plan(None)[0]
+    configs = spec.configs(shrink, stage)
+    assert trial_runner(spec, configs) == IN_TRIAL
+    two = [apply_overrides(c, {"scaling.workers": 2}) for c in configs]
+    assert trial_runner(spec, configs[:1] + two[1:]) == "ray_train"
+    forced = spec_from_dict({"preset": A, "trial_runner": "ray_train", "smoke": True}, "forced.yaml")
+    assert trial_runner(forced, forced.configs("smoke")) == "ray_train"
+
+    def replan(n):
+        return plan_resources(2, 0, 1, n)
+
+    entry = {}
+    _stage_plan(spec, stage, entry, replan(2), replan, tmp_path, configs=configs)
+    assert entry["trial_runner"] == IN_TRIAL
+    tuner_state = tmp_path / "tune" / f"stage{stage.index}-{stage.name}" / "tuner.pkl"
+    tuner_state.parent.mkdir(parents=True)
+    tuner_state.write_bytes(b"")  # a stage Tune can restore
+    old = {"max_concurrent": 2}  # recorded before trials could train in process
+    _stage_plan(spec, stage, old, replan(2), replan, tmp_path, configs=configs)
+    assert old["trial_runner"] == "ray_train"
+    kept = {"max_concurrent": 2, "trial_runner": IN_TRIAL}
+    _stage_plan(spec, stage, kept, replan(2), replan, tmp_path, configs=two)
+    assert kept["trial_runner"] == IN_TRIAL
+
+
+def test_an_in_process_trial_reports_each_checkpoint_as_the_ray_train_forwarder_does(trial_env, monkeypatch):
+    """``sweep_in_trial``'s report function: at each checkpoint a progress row (no ``iteration``), then the
+    evaluations since the last one; the checkpoint goes with the last row of the iteration."""
+    import ray.tune
+
+    from service import sweep_trial
+    from service.sweep_in_trial import EvaluationTap
+
+    ctx, _ = trial_env
+    rows = []
+    monkeypatch.setattr(ray.tune, "report", lambda row, checkpoint=None: rows.append((row, checkpoint)))
+    tap = EvaluationTap(("hist_kl", "mode_purity"))
+
+    def fit(cfg, callbacks, **kw):  # what fit_in_trial does: the loop logs, each checkpoint reports
+        (report,) = callbacks
+        for at, evaluated in ((1000, {"eval/hist_kl": 5.0, "eval/mode_purity": 0.5, "eval/other": 1.0}), (2000, None)):
+            tap.log_metrics(at - 10, {"train/loss_encoder": 0.5})
+            if evaluated:
+                tap.log_metrics(at, evaluated)
+            report(at, tap.take(at), tmp)
+        return {"iteration": 2000, "output_dir": "x", "metrics": {"hist_kl": 4.0, "mode_purity": 1.0}}
+
+    tmp = Path(ctx.output_dir)
+    sel = Selection("hist_kl", "min", (("mode_purity", 0.9, None),))
+    ctx = dataclasses.replace(ctx, select=sel, in_trial=True, stage_overrides={"schedule.eval_every": 1000})
+    sweep_trial._trial({"variant": 0}, ctx, fit=fit)
+    got = [(r.get("at_iteration"), r.get("iteration"), c is not None) for r, c in rows]
+    assert got == [(1000, None, False), (1000, 1000, True), (2000, None, True), (2000, 2000, False)]
+    assert math.isnan(rows[0][0]["hist_kl"]) and rows[1][0]["hist_kl"] == 5.0 and "other" not in rows[1][0]
+    assert rows[2][0]["hist_kl"] == 5.0 and rows[2][0][SCORE_KEY] == 5.0 + INFEASIBLE  # the last evaluation's
+    assert rows[-1][0]["status"] == "ok" and rows[-1][0][SCORE_KEY] == 4.0  # the trial's final row
+    assert all(r["run_name"] == "t-v0000" for r, _ in rows)
+    assert tap.take(10**9) == []  # every evaluation was taken once

@@ -208,6 +208,8 @@ BAD = [
      r"settings_empty.yaml: settings: expected a non-empty list of mappings"),
     ("settings_value.yaml", "preset: 8gaussians/sintro\nsettings:\n  - {objective: {beta_kl: -0.1}}\n",
      r"settings_value.yaml: variant 0 .*objective.beta_kl: -0.1 is out of range"),
+    ("runner.yaml", "preset: 8gaussians/sintro\ntrial_runner: in_process\n",
+     r"runner.yaml: trial_runner: 'in_process' is not one of \['auto', 'ray_train'\]"),
 ]
 
 
