@@ -144,7 +144,7 @@ def selection_markdown(spec: SweepSpec, frames: list["pd.DataFrame"], progress: 
         entry = progress["stages"].get(name, {})
         counts = df["status"].value_counts()
         lines += [f"## Stage {int(df['stage'].iloc[0])}: {name}", "",
-                  f"{len(df)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())}; "
+                  f"{len(df)} trial{'s' if len(df) != 1 else ''} ({', '.join(f'{n} {s}' for s, n in counts.items())}; "
                   f"{int(df['reused_from'].notna().sum())} reused), {int(df['trained_iterations'].fillna(0).sum()):,} "
                   f"iterations trained, {entry.get('wall_s', 0.0) / 60:.1f} min wall.", ""]
         lines += [f"- {note}" for note in entry.get("notes", [])]

@@ -188,7 +188,7 @@ def render_markdown(df: "pd.DataFrame", selected: "pd.DataFrame", summary: "pd.D
     then the selected hyperparameters and the failed trials."""
     counts = df["status"].value_counts()
     lines = ["# Sweep results", "",
-             f"{len(df)} trials: {counts.get('ok', 0)} completed, {counts.get('failed', 0)} failed"
+             f"{len(df)} trial{'s' if len(df) != 1 else ''}: {counts.get('ok', 0)} completed, {counts.get('failed', 0)} failed"
              + (f", {counts['incomplete']} incomplete" if counts.get("incomplete", 0) else "") + ". "
              f"Selection: per (dataset, configuration) the hyperparameters with the "
              f"{'lowest' if mode == 'min' else 'highest'} mean `{metric}` over their completed seeds; cells are "

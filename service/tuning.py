@@ -197,15 +197,23 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
             return plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), workers, n, gpus_per_trial)
 
         plan = replan(max_concurrent)
+        if len(spec.variants) < plan.max_concurrent:  # fewer trials than slots: each gets a larger share
+            plan = replan(len(spec.variants))
         if state is None:  # nothing is written before the checks above
             state = _new_state(out, spec, label, tracking_uri or default_tracking_uri(),
                                spec.configs(stages[0][1], stages[0][0])[0].tracking.experiment, name,
                                store.uri if store else None)
-        print(f"sweep: {len(spec.variants)} trials" + (f" in stage 1 of {len(stages)}" if spec.is_staged else "")
-              + f", {plan.max_concurrent} at a time; each Train worker asks for "
-              f"{plan.cpus_per_worker:g} CPU ({plan.threads_per_worker} torch threads)"
-              + (f" and {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
-              + f"; the cluster has {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+        n = len(spec.variants)
+        gpus = f" and {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else ""
+        if trial_runner(spec, spec.configs(stages[0][1], stages[0][0])) == IN_TRIAL:
+            cpus = round(plan.cpus_per_worker + DRIVER_CPU, 4)
+            each = (f"each trains its one worker in its own process on {cpus:g} CPU{'s' if cpus != 1 else ''}"
+                    f"{gpus} ({plan.threads_per_worker} torch thread{'s' if plan.threads_per_worker != 1 else ''})")
+        else:
+            each = f"each Train worker asks for {plan.cpus_per_worker:g} CPU{gpus} ({plan.threads_per_worker} torch threads)"
+        print(f"sweep: {n} trial{'s' if n != 1 else ''}" + (f" in stage 1 of {len(stages)}" if spec.is_staged else "")
+              + f", up to {plan.max_concurrent} at a time; {each}; the cluster has {resources.get('CPU', 0):g} CPUs, "
+              f"{resources.get('GPU', 0):g} GPUs")
         progress = _load_progress(out)
         frames: list[pd.DataFrame] = []
         for stage, sh in stages:
@@ -290,7 +298,7 @@ def _run_stage(spec: SweepSpec, stage: Stage, shrink: Shrink, variants: list[Var
     started = time.perf_counter()
     try:
         if to_run:
-            plan = _stage_plan(spec, stage, entry, plan, replan, out, store, configs)
+            plan = _stage_plan(spec, stage, entry, plan, replan, out, store, configs, to_run=len(to_run))
             _save_progress(out, progress)  # the stage's concurrency is known before any trial starts
             reported = _tune_stage(spec, stage, shrink, variants, configs, to_run, out, state, plan, store,
                                    in_trial=entry["trial_runner"] == IN_TRIAL)
@@ -340,13 +348,15 @@ def trial_runner(spec: SweepSpec, configs: list[ExperimentConfig]) -> str:
 
 def _stage_plan(spec: SweepSpec, stage: Stage, entry: dict[str, Any], plan: ResourcePlan,
                 replan: Callable[[int], ResourcePlan], out: Path, store: Any = None,
-                configs: list[ExperimentConfig] = ()) -> ResourcePlan:
+                configs: list[ExperimentConfig] = (), to_run: int | None = None) -> ResourcePlan:
     """The stage's plan. A stage that Tune restores keeps the concurrency it started with (``Tuner.restore``
     cannot change ``max_concurrent_trials``), so its trials' threads follow that, not ``--max-concurrent``:
     a stage started one at a time (2 threads each on 2 CPUs) and resumed with 2 would otherwise run one
     trial at a time with 1 thread, half the machine idle. Where fewer trials than that are left to run
     (the last of a stage started 2 at a time), the threads are planned for those: one trial left on 2 CPUs
-    gets both. A new stage records its concurrency and how its trials train (``entry["trial_runner"]``),
+    gets both. A new stage with fewer trials to run (``to_run``) than the plan runs at once is planned
+    for those (a stage 2 of one setting on 2 CPUs: 2 threads). A new stage records its concurrency and
+    how its trials train (``entry["trial_runner"]``),
     which a restored stage keeps (Tune restores its trials' resources too); one started before that was
     recorded trained through Ray Train."""
     from ray import tune
@@ -354,6 +364,10 @@ def _stage_plan(spec: SweepSpec, stage: Stage, entry: dict[str, Any], plan: Reso
     _, tune_fs, _, restore_path = _tune_location(spec, stage, out, store)
     started = entry.get("max_concurrent")
     if started is None or not tune.Tuner.can_restore(restore_path, storage_filesystem=tune_fs):
+        if to_run and to_run < plan.max_concurrent:
+            plan = replan(to_run)
+            print(f"sweep: stage {stage.name}: {to_run} trial(s) to run, {plan.max_concurrent} at a time: "
+                  f"{plan.threads_per_worker} torch threads per Train worker")
         entry["max_concurrent"] = plan.max_concurrent
         entry["trial_runner"] = trial_runner(spec, list(configs))
         return plan

@@ -624,6 +624,24 @@ def test_a_stage_of_one_worker_trials_trains_them_in_process_unless_the_space_sa
     assert kept["trial_runner"] == IN_TRIAL
 
 
+def test_a_new_stage_with_fewer_trials_than_slots_gives_each_the_larger_share(tmp_path, capsys):
+    """2 CPUs plan two trials of 1 thread; a stage with one trial to run (a stage 2 of top_k 1, a 1-trial
+    sweep) runs it on both CPUs, and records that concurrency."""
+    from service.spaces import load_space
+
+    spec = load_space(SPACES / "smoke_staged.yaml")
+    stage = spec.plan(None)[1][0]
+
+    def replan(n):
+        return plan_resources(2, 0, 1, n)
+
+    entry = {}
+    plan = _stage_plan(spec, stage, entry, replan(None), replan, tmp_path, to_run=1)
+    assert (plan.max_concurrent, plan.threads_per_worker, entry["max_concurrent"]) == (1, 2, 1)
+    assert "1 trial(s) to run, 1 at a time: 2 torch threads" in capsys.readouterr().out
+    assert _stage_plan(spec, stage, {}, replan(None), replan, tmp_path, to_run=3) == replan(None)  # 2 at a time
+
+
 def test_an_in_process_trial_reports_each_checkpoint_as_the_ray_train_forwarder_does(trial_env, monkeypatch):
     """``sweep_in_trial``'s report function: at each checkpoint a progress row (no ``iteration``), then the
     evaluations since the last one; the checkpoint goes with the last row of the iteration."""
