@@ -675,3 +675,24 @@ def test_an_in_process_trial_reports_each_checkpoint_as_the_ray_train_forwarder_
     assert rows[-1][0]["status"] == "ok" and rows[-1][0][SCORE_KEY] == 4.0  # the trial's final row
     assert all(r["run_name"] == "t-v0000" for r, _ in rows)
     assert tap.take(10**9) == []  # every evaluation was taken once
+
+
+def test_an_in_process_trial_without_a_tune_checkpoint_resumes_from_its_ray_train_runs_latest(tmp_path,
+                                                                                               smoke_checkpoint):
+    """A sweep stopped before Tune recorded anything, resumed with trials in process: the trial's Ray Train run
+    (same run name, same config) left checkpoints; the latest is the one resumed from. None without any."""
+    import shutil
+
+    from service import checkpoint, storage
+    from service.sweep_in_trial import ray_train_checkpoint
+
+    run = tmp_path / "ray_train" / "sweep-v0000"
+    assert ray_train_checkpoint(storage.resolve(run)) is None
+    state = checkpoint.load(smoke_checkpoint)
+    for name, iteration in (("checkpoint_2026-12-03_10-00-00.000001", 100), ("checkpoint_2026-12-03_10-00-09.000001", 200)):
+        (run / name).mkdir(parents=True)
+        checkpoint.save(run / name / "checkpoint.pt", {**state, "iteration": iteration})
+    (run / "checkpoint_2026-12-03_10-00-20.000001").mkdir()  # one being written: no checkpoint.pt yet
+    assert ray_train_checkpoint(storage.resolve(run))["iteration"] == 200
+    shutil.rmtree(run / "checkpoint_2026-12-03_10-00-09.000001")
+    assert ray_train_checkpoint(storage.resolve(run))["iteration"] == 100
