@@ -18,6 +18,7 @@ the plain loop (``loop.train``, the step Ray Train wraps) itself, with the same 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -36,6 +37,7 @@ from .tracking import FanoutSink, MlflowSink, NullSink
 # report(iteration, evaluations, checkpoint folder): the trial's rows to Tune at a checkpoint; an
 # evaluation is {"iteration": i, "<metric>": value, ...} for the names Tune gets (``sweep_trial.REPORTED``)
 Report = Callable[[int, list[dict[str, Any]], Path], None]
+CHECKPOINT_LOGGER = "ray.train._internal.storage"  # where Tune's function trainables persist checkpoints
 
 
 class EvaluationTap(NullSink):
@@ -89,6 +91,9 @@ def fit_in_trial(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Loca
 
     if cfg.scaling.workers != 1:
         raise ValueError(f"fit_in_trial trains one worker; scaling.workers is {cfg.scaling.workers}")
+    # Tune's storage logs "Checkpoint successfully created at: ..." at INFO for every checkpoint of every
+    # trial, forwarded to the sweep's console (a Ray Train run's reports are quiet): WARNING and above only
+    logging.getLogger(CHECKPOINT_LOGGER).setLevel(logging.WARNING)
     resume = _resume_state(storage.resolve(storage_path) / run_name)
     torch.set_num_threads(max(1, cfg.scaling.threads_per_worker or 1))  # the trial's whole CPUs
     device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")  # Ray set CUDA_VISIBLE_DEVICES for the trial

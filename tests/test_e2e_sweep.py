@@ -76,6 +76,7 @@ def test_console_is_tunes_table_of_the_hyperparameters_and_the_selection_metric(
     columns = [c.strip() for c in headers[-1].strip().strip("|").split("|")]
     assert {"preset", "seed", "hist_kl"} <= set(columns) and "variant" not in columns, columns
     assert "Reporting training result" not in text and "TrainingReport(" not in text  # Ray Train's echo is off
+    assert "Checkpoint successfully created" not in text  # nor Tune's, of each in-process trial's checkpoints
     assert '{"iteration":' not in text and "[adversarial]" not in text  # no per-trial training console
 
 
