@@ -111,9 +111,9 @@ def fit_in_trial(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Loca
     with tempfile.TemporaryDirectory() as plot_dir:
         result = train(cfg, make_source(cfg.data), sink=FanoutSink(mlflow_sink, tap), on_checkpoint=on_checkpoint,
                        device=device, resume=resume, plot_dir=plot_dir)
-        target, metrics, workers = deliver_outputs(
+        target, metrics, placed = deliver_outputs(
             output_dir, lambda out: write_final(out, result.state, result.metrics, workers, Path(plot_dir), mlflow_sink,
                                                 min(60.0, mlflow_wait_s)),
             cfg, MlflowClient(tracking_uri), mlflow_run_id, mlflow_wait_s, tracking_uri)
     return {"metrics": metrics, "output_dir": target.uri, "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri,
-            "iteration": result.iteration, "workers": workers}
+            "iteration": result.iteration, "workers": placed}

@@ -235,8 +235,9 @@ def _fit_here(cfg: ExperimentConfig, *, output_dir: Any, run_name: str, storage_
 
 
 def _trial(config: dict[str, Any], ctx: _TrialContext, fit: Callable[..., dict[str, Any]] | None = None) -> None:
-    """Tune trial: build the variant's config, train it with Ray Train (intermediate evaluations are
-    forwarded to Tune), retry infrastructure failures, report the final row (ok or failed)."""
+    """Tune trial: build the variant's config, train it with Ray Train or, with ``ctx.in_trial``, in this
+    process (intermediate evaluations reach Tune either way), retry infrastructure failures, report the
+    final row (ok or failed)."""
     from mlflow.tracking import MlflowClient
     from ray import tune
 
