@@ -272,12 +272,20 @@ def recorded_config(run_dir: Path | str | storage.Location) -> dict[str, Any] | 
     record = run_dir / RUN_RECORD
     if record.is_file():
         return yaml.safe_load(record.read_text())
+    state = latest_checkpoint(run_dir)
+    return None if state is None else state["config"]
+
+
+def latest_checkpoint(run_dir: Path | str | storage.Location) -> dict[str, Any] | None:
+    """The state of the latest complete checkpoint a Ray Train run left in ``run_dir`` (its
+    ``checkpoint_*`` folders sort by time), else None. ``run_dir``: a path, a URI or a Location."""
+    run_dir = storage.resolve(run_dir)
     found = [run_dir / d / CHECKPOINT_FILE for d in run_dir.children("checkpoint_")]
     found = [f for f in found if f.is_file()]
     if not found:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        return checkpoint.load(found[-1].download(Path(tmp) / CHECKPOINT_FILE))["config"]
+        return checkpoint.load(found[-1].download(Path(tmp) / CHECKPOINT_FILE))
 
 
 def check_same_experiment(cfg: ExperimentConfig, run_dir: Path | str | storage.Location, run_name: str,

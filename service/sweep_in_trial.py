@@ -19,8 +19,6 @@ the plain loop (``loop.train``, the step Ray Train wraps) itself, with the same 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +29,8 @@ from . import checkpoint, storage
 from .config import ExperimentConfig
 from .data import make_source
 from .loop import train
-from .ray_train import CHECKPOINT_FILE, MLFLOW_FINAL_WAIT_S, deliver_outputs, write_final
+from .ray_train import (CHECKPOINT_FILE, MLFLOW_FINAL_WAIT_S, deliver_outputs, latest_checkpoint, worker_placement,
+                        write_final)
 from .tracking import FanoutSink, MlflowSink, NullSink
 
 # report(iteration, evaluations, checkpoint folder): the trial's rows to Tune at a checkpoint; an
@@ -57,23 +56,12 @@ class EvaluationTap(NullSink):
         return [{"iteration": s, **self.found.pop(s)} for s in steps]
 
 
-def ray_train_checkpoint(run_dir: storage.Location) -> dict[str, Any] | None:
-    """The latest checkpoint a Ray Train run of this name left (a sweep started before trials trained in
-    process), else None."""
-    found = [run_dir / d / CHECKPOINT_FILE for d in run_dir.children("checkpoint_")]
-    found = [f for f in found if f.is_file()]
-    if not found:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        return checkpoint.load(found[-1].download(Path(tmp) / CHECKPOINT_FILE))
-
-
 def _resume_state(run_dir: storage.Location) -> dict[str, Any] | None:
     from ray import tune
 
     ckpt = tune.get_checkpoint()
-    if ckpt is None:
-        return ray_train_checkpoint(run_dir)
+    if ckpt is None:  # a sweep stopped before Tune recorded a checkpoint: its Ray Train run's, if any
+        return latest_checkpoint(run_dir)
     with ckpt.as_directory() as d:
         return checkpoint.load(Path(d) / CHECKPOINT_FILE)
 
@@ -86,7 +74,6 @@ def fit_in_trial(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Loca
     gets every checkpoint with the evaluations of ``reported`` names logged since the last one. Returns
     what ``ray_train.fit`` returns: ``{"metrics", "output_dir", "mlflow_run_id", "tracking_uri",
     "iteration", "workers"}``."""
-    import ray
     from mlflow.tracking import MlflowClient
 
     if cfg.scaling.workers != 1:
@@ -98,8 +85,7 @@ def fit_in_trial(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Loca
     torch.set_num_threads(max(1, cfg.scaling.threads_per_worker or 1))  # the trial's whole CPUs
     device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")  # Ray set CUDA_VISIBLE_DEVICES for the trial
     mlflow_sink, tap = MlflowSink(tracking_uri, mlflow_run_id), EvaluationTap(reported)
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    workers = [{"rank": 0, "node_id": node, "host": socket.gethostname(), "pid": os.getpid()}]
+    workers = worker_placement(0)  # this process: no process group, so no collective
 
     def on_checkpoint(state: dict[str, Any] | None, iteration: int, metrics: dict[str, float], final: bool) -> None:
         if final or state is None:

@@ -205,7 +205,7 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path, shrink: Shrink | None 
                                store.uri if store else None)
         n = len(spec.variants)
         gpus = f" and {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else ""
-        if trial_runner(spec, spec.configs(stages[0][1], stages[0][0])) == IN_TRIAL:
+        if trial_runner(spec, workers) == IN_TRIAL:  # every stage's trials have one worker
             cpus = round(plan.cpus_per_worker + DRIVER_CPU, 4)
             each = (f"each trains its one worker in its own process on {cpus:g} CPU{'s' if cpus != 1 else ''}"
                     f"{gpus} ({plan.threads_per_worker} torch thread{'s' if plan.threads_per_worker != 1 else ''})")
@@ -339,11 +339,10 @@ def _tune_location(spec: SweepSpec, stage: Stage, out: Path, store: Any = None) 
     return tune_path, tune_fs, path, path.ray_storage()[0]
 
 
-def trial_runner(spec: SweepSpec, configs: list[ExperimentConfig]) -> str:
-    """``IN_TRIAL`` where every trial of the stage has one Train worker and the space allows it, else
-    ``"ray_train"``."""
-    one = all(c.scaling.workers == 1 for c in configs)
-    return IN_TRIAL if spec.trial_runner == "auto" and one else "ray_train"
+def trial_runner(spec: SweepSpec, workers: int) -> str:
+    """``IN_TRIAL`` where the trials have at most ``workers`` = 1 Train worker and the space allows it,
+    else ``"ray_train"``."""
+    return IN_TRIAL if spec.trial_runner == "auto" and workers == 1 else "ray_train"
 
 
 def _stage_plan(spec: SweepSpec, stage: Stage, entry: dict[str, Any], plan: ResourcePlan,
@@ -369,7 +368,7 @@ def _stage_plan(spec: SweepSpec, stage: Stage, entry: dict[str, Any], plan: Reso
             print(f"sweep: stage {stage.name}: {to_run} trial(s) to run, {plan.max_concurrent} at a time: "
                   f"{plan.threads_per_worker} torch threads per Train worker")
         entry["max_concurrent"] = plan.max_concurrent
-        entry["trial_runner"] = trial_runner(spec, list(configs))
+        entry["trial_runner"] = trial_runner(spec, max((c.scaling.workers for c in configs), default=1))
         return plan
     entry.setdefault("trial_runner", "ray_train")
     left = _unfinished_trials(restore_path, tune_fs)

@@ -150,14 +150,11 @@ def _rank(rank: int, world: int, port: int, run_dir: str, threads: int, out: str
 
 def _two_rank_reference(run_dir: Path, out: Path, threads: int) -> tuple[dict, dict]:
     """The plain loop with 2 gloo ranks (processes) on ``run_dir``'s recorded config: final metrics and state."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(2, port, str(run_dir), threads, str(out)), nprocs=2, join=True,
+    from test_distributed import _free_port
+
+    mp.start_processes(_rank, args=(2, _free_port(), str(run_dir), threads, str(out)), nprocs=2, join=True,
                        start_method="spawn")
     saved = torch.load(out / "reference.pt", weights_only=False)
     return saved["metrics"], saved["state"]

@@ -601,11 +601,11 @@ def test_a_stage_of_one_worker_trials_trains_them_in_process_unless_the_space_sa
     assert spec.trial_runner == "auto"
     stage, shrink = spec.plan(None)[0]
     configs = spec.configs(shrink, stage)
-    assert trial_runner(spec, configs) == IN_TRIAL
+    assert trial_runner(spec, 1) == IN_TRIAL
     two = [apply_overrides(c, {"scaling.workers": 2}) for c in configs]
-    assert trial_runner(spec, configs[:1] + two[1:]) == "ray_train"
+    assert trial_runner(spec, 2) == "ray_train"
     forced = spec_from_dict({"preset": A, "trial_runner": "ray_train", "smoke": True}, "forced.yaml")
-    assert trial_runner(forced, forced.configs("smoke")) == "ray_train"
+    assert trial_runner(forced, 1) == "ray_train"
 
     def replan(n):
         return plan_resources(2, 0, 1, n)
@@ -619,6 +619,9 @@ def test_a_stage_of_one_worker_trials_trains_them_in_process_unless_the_space_sa
     old = {"max_concurrent": 2}  # recorded before trials could train in process
     _stage_plan(spec, stage, old, replan(2), replan, tmp_path, configs=configs)
     assert old["trial_runner"] == "ray_train"
+    mixed = {}
+    _stage_plan(spec, stage, mixed, replan(2), replan, tmp_path / "new", configs=configs[:1] + two[1:])
+    assert mixed["trial_runner"] == "ray_train"
     kept = {"max_concurrent": 2, "trial_runner": IN_TRIAL}
     _stage_plan(spec, stage, kept, replan(2), replan, tmp_path, configs=two)
     assert kept["trial_runner"] == IN_TRIAL
@@ -684,15 +687,15 @@ def test_an_in_process_trial_without_a_tune_checkpoint_resumes_from_its_ray_trai
     import shutil
 
     from service import checkpoint, storage
-    from service.sweep_in_trial import ray_train_checkpoint
+    from service.ray_train import latest_checkpoint
 
     run = tmp_path / "ray_train" / "sweep-v0000"
-    assert ray_train_checkpoint(storage.resolve(run)) is None
+    assert latest_checkpoint(storage.resolve(run)) is None
     state = checkpoint.load(smoke_checkpoint)
     for name, iteration in (("checkpoint_2026-12-03_10-00-00.000001", 100), ("checkpoint_2026-12-03_10-00-09.000001", 200)):
         (run / name).mkdir(parents=True)
         checkpoint.save(run / name / "checkpoint.pt", {**state, "iteration": iteration})
     (run / "checkpoint_2026-12-03_10-00-20.000001").mkdir()  # one being written: no checkpoint.pt yet
-    assert ray_train_checkpoint(storage.resolve(run))["iteration"] == 200
+    assert latest_checkpoint(storage.resolve(run))["iteration"] == 200
     shutil.rmtree(run / "checkpoint_2026-12-03_10-00-09.000001")
-    assert ray_train_checkpoint(storage.resolve(run))["iteration"] == 100
+    assert latest_checkpoint(storage.resolve(run))["iteration"] == 100
