@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.config import ConfigError
     from service.evaluation import evaluate
     from service.ex_post import refit_prior
+    from service.storage import file_stamps, written_since
 
     ckpt = Path(args.checkpoint).resolve()
     try:
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_before:
         result["before"], _ = evaluate(model, source, cfg)
     fit = refit_prior(model, source, new_cfg)
+    before = file_stamps(out)  # only what this refit writes becomes an artifact
     after, extra = evaluate(model, source, new_cfg, plot_dir=out)
     result["after"] = {**after, **fit}
     new_state = checkpoint.make_state(model, new_cfg, iteration=int(state["iteration"]),
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint.atomic_write_text(out / "metrics.json", json.dumps(after, indent=2) + "\n")
     logged = {}
     if args.tracking_uri:
-        logged = _track(args, new_cfg, out, after, fit, int(state["iteration"]), ckpt)
+        logged = _track(args, new_cfg, out, written_since(out, before), after, fit, int(state["iteration"]), ckpt)
         if args.register:
             named = new_cfg if args.model_name is None else dataclasses.replace(
                 new_cfg, tracking=dataclasses.replace(new_cfg.tracking, model_name=args.model_name))
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _track(args: argparse.Namespace, cfg, out: Path, metrics: dict[str, float], fit: dict[str, float],
+def _track(args: argparse.Namespace, cfg, out: Path, files: list[Path], metrics: dict[str, float], fit: dict[str, float],
            iteration: int, source: Path) -> dict[str, str]:
     """The refit as an MLflow run (the same run layout as ``jobs.train``'s: params, metrics, files, model)."""
     import time
@@ -128,7 +130,7 @@ def _track(args: argparse.Namespace, cfg, out: Path, metrics: dict[str, float], 
     sink = MlflowSink(args.tracking_uri, run_id)
     sink.log_metrics(iteration, {**{f"eval/{k}": v for k, v in metrics.items()}, **fit})
     sink.flush(MLFLOW_FINAL_WAIT_S)
-    _finish_tracking(MlflowClient(args.tracking_uri), run_id, out, MLFLOW_FINAL_WAIT_S, args.tracking_uri)
+    _finish_tracking(MlflowClient(args.tracking_uri), run_id, out, MLFLOW_FINAL_WAIT_S, args.tracking_uri, files)
     return {"mlflow_run_id": run_id, "tracking_uri": args.tracking_uri}
 
 

@@ -476,12 +476,14 @@ def deliver_outputs(output_dir: str | Path | storage.Location, fill: Callable[[P
     staging = storage.Staging(target)  # the output folder itself when local, else a temp folder uploaded below
     try:
         out = staging.dir
+        before = storage.file_stamps(out)
         fill(out)
         checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        written = storage.written_since(out, before)
         metrics = json.loads((out / METRICS_FILE).read_text())
         workers = json.loads((out / WORKERS_FILE).read_text()) if (out / WORKERS_FILE).is_file() else []
         staging.finish()  # the results reach the output location before tracking may wait on MLflow
-        _finish_tracking(client, run_id, out, wait_s, tracking_uri)
+        _finish_tracking(client, run_id, out, wait_s, tracking_uri, written)
         if not (out / UNLOGGED_FILE).exists():  # logged late after all: not left behind at the output location
             (target / UNLOGGED_FILE).delete_file()
     finally:
@@ -489,10 +491,10 @@ def deliver_outputs(output_dir: str | Path | storage.Location, fill: Callable[[P
     return target, metrics, workers
 
 
-def _finish_tracking(client, run_id: str, out: Path, wait_s: float, tracking_uri: str) -> None:
-    """Metric values the worker could not log, the output files as artifacts, the checkpoint as a pyfunc
-    model (``service.mlflow_model``), then FINISHED; each waits up to ``wait_s`` for an unreachable
-    MLflow, then warns (the files are complete)."""
+def _finish_tracking(client, run_id: str, out: Path, wait_s: float, tracking_uri: str, files: list[Path]) -> None:
+    """Metric values the worker could not log, ``files`` (what the run wrote in ``out``) as artifacts, the
+    checkpoint as a pyfunc model (``service.mlflow_model``), then FINISHED; each waits up to ``wait_s`` for
+    an unreachable MLflow, then warns (the files are complete)."""
     from .mlflow_model import log_model
 
     from mlflow.entities import Metric
@@ -508,8 +510,8 @@ def _finish_tracking(client, run_id: str, out: Path, wait_s: float, tracking_uri
 
         if mlflow_retry(send, f"log {len(metrics)} buffered metric values", wait_s):
             unlogged.unlink()
-    for f in sorted(out.iterdir()):
-        if f.name.startswith("."):
+    for f in files:
+        if f.name.startswith(".") or not f.is_file():  # the buffered metrics' file is gone once they are logged
             continue
         if not mlflow_retry(lambda f=f: client.log_artifact(run_id, str(f), "checkpoint" if f.suffix == ".pt" else None),
                             f"log the artifact {f.name}", wait_s):

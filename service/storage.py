@@ -196,3 +196,19 @@ class Staging:
     def close(self) -> None:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def file_stamps(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """The plain files directly in ``folder``, each with (inode, size, modification time in ns): an atomic
+    rewrite (a new file renamed over the old) changes the inode even within one tick of a coarse clock."""
+    if not folder.is_dir():
+        return {}
+    return {f.name: (st.st_ino, st.st_size, st.st_mtime_ns) for f in folder.iterdir() if f.is_file()
+            for st in (f.stat(),)}
+
+
+def written_since(folder: Path, before: dict[str, tuple[int, int, int]]) -> list[Path]:
+    """The plain files directly in ``folder`` that are new or rewritten since ``before`` (``file_stamps``):
+    what a run wrote, not what the folder held already (another run's results, the MLflow store of a run
+    started in the same folder)."""
+    return [folder / name for name, stamp in sorted(file_stamps(folder).items()) if before.get(name) != stamp]

@@ -26,6 +26,11 @@ def smoke_run(ray_local, tmp_path_factory):
     args = ["--preset", "8gaussians/mog-ip-lc", "--smoke", "--workers", "2", "--run-name", "e2e",
             "--output-dir", str(root / "out"), "--storage-path", str(root / "ray"),
             "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    # the output folder already holds what this run did not write: a user's file and a local MLflow store
+    # (`--output-dir .` where ./mlruns is; logging that as artifacts copied the store into itself)
+    (root / "out" / "mlruns" / "0").mkdir(parents=True)
+    (root / "out" / "mlruns" / "0" / "meta.yaml").write_text("kept: true\n")
+    (root / "out" / "notes.txt").write_text("mine\n")
     console = io.StringIO()  # the driver's stdout and stderr, Ray's forwarded worker output included
     with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
         assert train_job.main(args) == 0
@@ -85,6 +90,10 @@ def test_mlflow_run_has_params_metrics_and_artifacts(smoke_run):
     assert steps == list(range(7, 13))  # adversarial phase after the 6-iteration warm-up
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoint", "config.yaml", "metrics.json", "samples.png"} <= names
+    # only what the run wrote: not the files the output folder held before, which stay as they were
+    assert not names & {"mlruns", "notes.txt"}, names
+    assert (root / "out" / "notes.txt").read_text() == "mine\n"
+    assert (root / "out" / "mlruns" / "0" / "meta.yaml").read_text() == "kept: true\n"
     assert run.info.status == "FINISHED"
 
 

@@ -106,3 +106,18 @@ def test_sweep_command_refuses_another_storage_on_resume_and_a_bad_uri_before_ra
     assert sweep_job.main([str(space), "--output-dir", str(tmp_path / "new"), "--storage", "nosuch://x"]) == 2
     assert "--storage: storage: cannot open 'nosuch://x'" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json"] and not ray.is_initialized()
+
+
+def test_written_since_names_new_and_rewritten_files_only(tmp_path):
+    from service import checkpoint
+    from service.storage import file_stamps, written_since
+
+    (tmp_path / "old.txt").write_text("kept")
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "store").mkdir()
+    before = file_stamps(tmp_path)
+    checkpoint.atomic_write_text(tmp_path / "metrics.json", "{}")  # same size, same content: rewritten
+    (tmp_path / "samples.png").write_bytes(b"png")
+    (tmp_path / "store" / "inner.txt").write_text("not directly in the folder")
+    assert written_since(tmp_path, before) == [tmp_path / "metrics.json", tmp_path / "samples.png"]
+    assert file_stamps(tmp_path / "missing") == {}
