@@ -10,7 +10,7 @@ for ``--output-dir`` and ``--storage-path``; workers write checkpoints there thr
 The same command again resumes from the latest checkpoint: the default run name is
 ``<preset>-<hash of the config and --output-dir>`` (another config or folder is another run).
 Re-using a run name with another config is refused (the differing fields are listed) unless
-``--allow-config-change``.
+``--allow-config-change``; so is an ``--output-dir`` holding another experiment's results.
 The console shows one progress display (phase, iteration, it/s, ETA, headline losses; a bar on a
 terminal, about 25 lines in a log or under ``ray job submit``); every metric is in MLflow.
 A killed worker restarts from the last checkpoint (``--max-failures``, default 2); a diverged

@@ -70,6 +70,10 @@ class ConfigChanged(ConfigError):
     """A re-used run name with a different config (resuming would mix two experiments)."""
 
 
+class OutputTaken(ConfigChanged):
+    """The output folder holds another experiment's results, which this run would replace."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """The run was stopped by SIGINT or SIGTERM; its MLflow run is marked KILLED."""
 
@@ -302,6 +306,36 @@ def check_same_experiment(cfg: ExperimentConfig, run_dir: Path | str | storage.L
     return diff
 
 
+def check_output_folder(cfg: ExperimentConfig, output_dir: str | Path | storage.Location,
+                        own: dict[str, Any] | None = None) -> None:
+    """Raise ``OutputTaken`` when ``output_dir`` holds results this run would replace without being
+    them: a ``config.yaml`` of another experiment (the differing fields are listed), or one that is not
+    a run config, or a ``checkpoint.pt`` / ``metrics.json`` beside no ``config.yaml``. Results of the same
+    experiment (a re-run, a resume) and of ``own`` (the config this run name was started with: a resume
+    with an intended config change) are this run's to replace."""
+    target = storage.resolve(output_dir)
+    record = target / "config.yaml"
+    where = f"output folder {target.uri}"
+    if not record.is_file():
+        found = [n for n in (CHECKPOINT_FILE, METRICS_FILE) if (target / n).is_file()]
+        if found:
+            raise OutputTaken(f"{where} holds {' and '.join(found)} of an unknown run (no config.yaml beside "
+                              "them); this run would replace them. Use another --output-dir, or move those files.")
+        return
+    try:
+        theirs = to_dict(from_dict(yaml.safe_load(record.read_text()) or {}))
+    except (ConfigError, yaml.YAMLError, TypeError, AttributeError) as e:
+        raise OutputTaken(f"{where} holds a config.yaml that is not a run config ({str(e)[:200]}); this run "
+                          "would replace it. Use another --output-dir.") from None
+    mine = experiment_fields(cfg)
+    if experiment_fields(theirs) == mine or (own is not None and experiment_fields(theirs) == experiment_fields(own)):
+        return
+    shown = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in config_diff(theirs, cfg))
+    raise OutputTaken(f"{where} holds the results of another experiment; this run would replace its checkpoint "
+                      f"and metrics. Differing fields (in the folder -> this run):\n{shown}\nUse another "
+                      "--output-dir, or remove that run's files first.")
+
+
 # --------------------------------------------------------------------------------------------
 # Fault handling
 # --------------------------------------------------------------------------------------------
@@ -407,6 +441,7 @@ def fit(cfg: ExperimentConfig, *, output_dir: str | Path | storage.Location, run
     store = storage.resolve(storage_path)
     run_dir = store / run_name
     changes = check_same_experiment(cfg, run_dir, run_name, allow_config_change)
+    check_output_folder(cfg, output_dir, own=recorded_config(run_dir) if changes else None)
     if not ray.is_initialized():
         init_ray(log_to_driver=True)
     tracking_uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri()
