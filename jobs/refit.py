@@ -7,14 +7,15 @@ the paper; service/ex_post.py, docs/modes.md).
 Fits the mixture (same number of components; weights too where the prior has learnable weights)
 by EM to ``--points`` encoded training points ``mu(x) + noise * sigma(x) * eps``, evaluates the
 model before and after (2D: gnELBO, histogram KL / JSD, mode purity; images: the end-of-training
-summary), and writes ``checkpoint.pt`` (config with ``prior.ex_post = "em"``), ``metrics.json``
-and the plots into ``--output-dir`` (default ``<checkpoint folder>/ex-post-t<noise>``). The new
+summary), and writes ``checkpoint.pt`` (config with ``prior.ex_post = "em"``), ``metrics.json``,
+``config.yaml`` and the plots into ``--output-dir`` (default ``<checkpoint folder>/ex-post-t<noise>``;
+one that holds another run's results is refused, as by ``jobs.train``). The new
 checkpoint serves like any other (``python -m jobs.serve --checkpoint DIR/checkpoint.pt``).
 Prints both evaluations as JSON. ``--tracking-uri`` also logs the refit as an MLflow run (params, ``eval/*``,
 the files, the checkpoint as a pyfunc model) and registers it as a new version of the training run's
 model (``--model-name`` another, ``--no-register`` none), as ``jobs.train`` logs and registers a run. The same refit at the end of training: ``jobs.train --set
 prior.ex_post=em [--set prior.ex_post_noise=T]``. Exit status 2 for bad input (an unreadable
-checkpoint, a model without a mixture prior, a value out of range).
+checkpoint, a model without a mixture prior, a value out of range, an output folder of another run).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--model-name, --no-register and --run-name name the MLflow run and model version of "
                      "--tracking-uri; give --tracking-uri too (nothing was written)", 2)
     from service import checkpoint
-    from service.config import ConfigError
+    from service.config import ConfigError, dump_yaml
     from service.evaluation import evaluate
     from service.ex_post import refit_prior
     from service.storage import file_stamps, written_since
@@ -81,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{flag} ({e})", 2)
     new_cfg = dataclasses.replace(cfg, prior=prior_cfg)
     out = Path(args.output_dir) if args.output_dir else ckpt.parent / f"ex-post-t{prior_cfg.ex_post_noise:g}"
+    from service.ray_train import OutputTaken, check_output_folder
+
+    try:  # another run's results in --output-dir are not replaced (the same refit again may replace its own)
+        check_output_folder(new_cfg, out)
+    except OutputTaken as e:
+        return _fail(str(e), 2)
     if cfg.data.is_image:
         from service.images import make_image_source
 
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.save(out / "checkpoint.pt", new_state)
     checkpoint.atomic_write_text(out / "metrics.json", json.dumps(after, indent=2) + "\n")
+    checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(new_cfg))
     logged = {}
     if args.tracking_uri:
         logged = _track(args, new_cfg, out, written_since(out, before), after, fit, int(state["iteration"]), ckpt)

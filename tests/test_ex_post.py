@@ -10,7 +10,7 @@ from torch import nn
 
 from jobs import refit as refit_job
 from service import checkpoint
-from service.config import ConfigError, apply_overrides
+from service.config import ConfigError, apply_overrides, load_yaml
 from service.data import make_source
 from service.ex_post import VAR_FLOOR, _log_joint, fit_mixture, kmeans_pp, latent_points, refit_prior
 from service.loop import train
@@ -192,6 +192,7 @@ def test_refit_command_writes_a_servable_checkpoint(one_thread, smoke_checkpoint
     assert state["extra"]["ex_post_from"] == str(smoke_checkpoint.resolve())
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(state["extra"]["metrics"])
     assert (out / "latent.png").is_file()
+    assert load_yaml(str(out / "config.yaml")) == cfg  # the refit's config beside its checkpoint
     original = checkpoint.restore_model(checkpoint.load(smoke_checkpoint))[1]
     assert not torch.equal(original.prior.means, model.prior.means)
     for k, v in original.decoder.state_dict().items():  # only the prior changed
@@ -205,6 +206,18 @@ def test_refit_command_writes_a_servable_checkpoint(one_thread, smoke_checkpoint
     assert [r["purity"] for r in rows] == pytest.approx(state["extra"]["mode_purity"], nan_ok=True)
     (result,) = sampler.sample_batch([SamplesRequest(n=5, mode=0, seed=1)])
     assert result.x.shape == (5, 2) and torch.isfinite(result.x).all() and set(result.component.tolist()) == {0}
+
+
+def test_refit_command_replaces_its_own_results_but_not_another_runs(one_thread, smoke_checkpoint, tmp_path, capsys):
+    out, flags = tmp_path / "refit", ["--points", "500", "--iterations", "5", "--no-before"]
+    assert refit_job.main(["--checkpoint", str(smoke_checkpoint), "--output-dir", str(out), *flags]) == 0
+    assert refit_job.main(["--checkpoint", str(smoke_checkpoint), "--output-dir", str(out), *flags]) == 0  # the same
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert refit_job.main(["--checkpoint", str(smoke_checkpoint), "--output-dir", str(out), "--noise", "0.75", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "holds the results of another experiment" in err and "prior.ex_post_noise: 0.5 -> 0.75" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_refit_command_bad_input_exits_2_naming_the_problem(one_thread, smoke_checkpoint, tmp_path, capsys):
