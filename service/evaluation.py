@@ -69,7 +69,7 @@ def evaluate(model: Model, source: PointSource, cfg: ExperimentConfig, *, device
     """Metrics of SPEC §6.5 (lower is better) plus prior usage; plots into ``plot_dir``.
 
     Returns ``(metrics, extra)``; ``extra`` holds the per-component usage (for serving).
-    ``gnelbo=False`` leaves out ``gnelbo_x1e7`` (and the energy plot) but takes its random draws all the
+    ``gnelbo=False`` leaves out ``gnelbo_x1e7`` and its parts (``tracking.GNELBO_METRICS``; and the energy plot) but takes its random draws all the
     same, so every other metric is the same number as with it. Image sources go to ``evaluate_images``.
     """
     if cfg.data.is_image:
@@ -82,8 +82,11 @@ def evaluate(model: Model, source: PointSource, cfg: ExperimentConfig, *, device
     metrics: dict[str, float] = {}
     grid_w = None
     if gnelbo:
-        value, grid_w = gnelbo_with_grid(energy, data, L, ev.grid_size, device=device)
+        value, grid_w, data_mean = gnelbo_with_grid(energy, data, L, ev.grid_size, device=device)
         metrics["gnelbo_x1e7"] = value * 1e7
+        # its two parts: the data's mean energy (numerator) and the grid's (the far field, most of the denominator)
+        metrics["gnelbo_data_energy"] = data_mean
+        metrics["gnelbo_grid_energy"] = float(grid_w.mean())
     elif model.prior.is_mixture or cfg.objective.kl_estimator == "mc":  # the energy's one MC draw, from ``gen``:
         randn((ev.mc_samples, 1, cfg.network.latent_dim), gen, data)  # taken anyway, so later draws are the same
 

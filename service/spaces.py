@@ -53,6 +53,7 @@ from .config import ConfigError, ExperimentConfig, apply_overrides
 from .presets import PRESETS, quick, smoke
 from .selection import Selection
 from .tables import FINAL_METRICS, IMAGE_METRICS
+from .tracking import GNELBO_METRICS
 
 Shrink = Literal["full", "quick", "smoke"]
 SHRINKS = ("full", "quick", "smoke")
@@ -271,8 +272,8 @@ def _check_scheduler(stage: Stage, shrink: Shrink, configs: list[ExperimentConfi
                 f"allowed eval_every in [1, {s.iterations - 1}] (set {stage.key + '.' if stage.key else ''}"
                 f"param_space.schedule.eval_every), or drop the scheduler")
         ranked = {spec.select.metric, *(name for name, _, _ in spec.select.where)}
-        if "gnelbo_x1e7" in ranked and not cfg.eval.intermediate_gnelbo:
-            raise SpaceError(f"{spec.source}: {key}: {sched.type} ranks trials by gnelbo_x1e7 on their intermediate "
+        if (by := ranked & set(GNELBO_METRICS)) and not cfg.eval.intermediate_gnelbo:
+            raise SpaceError(f"{spec.source}: {key}: {sched.type} ranks trials by {sorted(by)[0]} on their intermediate "
                              f"evaluations, but {what} sets eval.intermediate_gnelbo false; allowed: true "
                              f"(or select by another metric)")
         if sched.grace_period is not None and sched.grace_period >= s.iterations:

@@ -24,7 +24,11 @@ METRIC_NAMES = (
     "prior/entropy_norm", "prior/active_components",
     "eval/gnelbo_x1e7", "eval/hist_kl", "eval/hist_jsd", "eval/prior_entropy_norm",
     "eval/prior_active_components", "eval/decoder_sigma", "eval/hist_kl_calibrated", "eval/hist_jsd_calibrated",
+    "eval/gnelbo_data_energy", "eval/gnelbo_grid_energy",
 )
+# The gnELBO and its two parts (the data's and the grid's mean energy): an evaluation with
+# ``eval.intermediate_gnelbo = false`` leaves out all three.
+GNELBO_METRICS = ("gnelbo_x1e7", "gnelbo_data_energy", "gnelbo_grid_energy")
 
 
 class MetricSink(Protocol):

@@ -67,11 +67,12 @@ def test_gnelbo_gaussian_energy() -> None:
 
 def test_gnelbo_with_grid_returns_image_layout() -> None:
     energy = lambda x: x[:, 0] + 10 * x[:, 1]  # noqa: E731
-    value, grid_w = gnelbo_with_grid(energy, torch.ones(4, 2) * 5, L=1.0, grid_size=3)
+    value, grid_w, data_mean = gnelbo_with_grid(energy, torch.ones(4, 2) * 5, L=1.0, grid_size=3)
     assert grid_w.shape == (3, 3)
     expected = torch.tensor([[-11.0, -10.0, -9.0], [-1.0, 0.0, 1.0], [9.0, 10.0, 11.0]], dtype=torch.float64)
     assert torch.allclose(grid_w, expected)
     assert value == pytest.approx(55.0 / (0.0 + 4 * 55.0))
+    assert data_mean == 55.0  # the numerator; with grid_w.mean() the two parts of the ratio
 
 
 def test_gnelbo_no_autograd() -> None:

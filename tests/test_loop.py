@@ -13,7 +13,7 @@ from service.data import PointSource, make_source
 from service.loop import train
 from service.presets import get_preset, smoke
 from service.step import TrainingDiverged
-from service.tracking import MemorySink
+from service.tracking import GNELBO_METRICS, MemorySink
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,6 +133,10 @@ def test_evaluation_cadence_logs_eval_metrics_and_leaves_training_unchanged(refe
     for _, m in evals:
         assert {"eval/gnelbo_x1e7", "eval/hist_kl", "eval/hist_jsd", "eval/prior_entropy_norm"} <= set(m)
         assert all(math.isfinite(v) for v in m.values())
+        # the gnELBO from its two parts: mean_data W / (G^2 mean_grid W + N mean_data W)
+        data_w, grid_w, ev = m["eval/gnelbo_data_energy"], m["eval/gnelbo_grid_energy"], cfg.eval
+        assert m["eval/gnelbo_x1e7"] == pytest.approx(1e7 * data_w / (ev.grid_size ** 2 * grid_w + ev.data_points * data_w),
+                                                      rel=1e-9)
     assert evals[-1][1] == {f"eval/{k}": v for k, v in result.metrics.items()}
     expected = _params(result.model)
     assert all(torch.equal(v, expected[k]) for k, v in _params(again.model).items())
@@ -155,8 +159,9 @@ def test_intermediate_evaluations_without_the_gnelbo_keep_every_other_number(pre
     (with_, full), (without, lean) = runs[True], runs[False]
     assert sorted(with_) == sorted(without) == [4, 8, 12]
     for step in (4, 8):
-        assert "eval/gnelbo_x1e7" in with_[step] and "eval/gnelbo_x1e7" not in without[step]
-        assert without[step] == {k: v for k, v in with_[step].items() if k != "eval/gnelbo_x1e7"}
+        gnelbo = {f"eval/{k}" for k in GNELBO_METRICS}
+        assert gnelbo <= set(with_[step]) and not gnelbo & set(without[step])
+        assert without[step] == {k: v for k, v in with_[step].items() if k not in gnelbo}
         assert {"eval/hist_kl", "eval/hist_jsd"} <= set(without[step])
     assert without[12] == with_[12] and lean.metrics == full.metrics and "gnelbo_x1e7" in lean.metrics
 

@@ -147,6 +147,11 @@ BAD = [
      "scheduler: {type: asha}\nparam_space: {schedule: {eval_every: 1000}, eval: {intermediate_gnelbo: false}}\n",
      r"gnelbo_rung_without_gnelbo.yaml: scheduler: asha ranks trials by gnelbo_x1e7 on their intermediate "
      r"evaluations, but variant 0 8gaussians/mog-ip-lc \(full\) sets eval.intermediate_gnelbo false; allowed: true"),
+    ("grid_energy_rung_without_gnelbo.yaml", "preset: 8gaussians/mog-ip-lc\nselect: {metric: hist_kl, where: "
+     "{gnelbo_grid_energy: {min: 20}}}\nscheduler: {type: asha}\n"
+     "param_space: {schedule: {eval_every: 1000}, eval: {intermediate_gnelbo: false}}\n",
+     r"asha ranks trials by gnelbo_grid_energy on their intermediate evaluations, but variant 0 "
+     r"8gaussians/mog-ip-lc \(full\) sets eval.intermediate_gnelbo false"),
     ("intermediate_gnelbo_string.yaml", "preset: 8gaussians/mog-ip-lc\n"
      "param_space: {eval: {intermediate_gnelbo: 'no'}}\n", r"eval.intermediate_gnelbo"),
     ("epoch_scheduler.yaml", "preset: fmnist/mog10-ip-lc\nmetric: fid_fmnist_cnn\nscheduler: {type: asha}\n"

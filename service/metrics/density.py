@@ -50,19 +50,21 @@ def _energies(energy_fn: EnergyFn, points: Tensor, chunk: int, device: torch.dev
 
 
 def gnelbo_with_grid(energy_fn: EnergyFn, data: Tensor, L: float, grid_size: int = 1024,
-                     chunk: int = 65536, device: torch.device | str | None = None) -> tuple[float, Tensor]:
+                     chunk: int = 65536, device: torch.device | str | None = None) -> tuple[float, Tensor, float]:
     """gnELBO and the grid energies, from one pass over the grid (SPEC §6.5).
 
     energy_fn: (B, 2) -> (B,) energies W (SPEC §6.5: KL + squared error at the posterior mean);
     data: (N, 2) real points. Returns ``mean_data W / (sum_grid W + sum_data W)`` (raw; the
-    tables show it x 1e7) and the grid energies (grid_size, grid_size) float64, laid out as in
-    ``grid_points`` (for the density image). Sums are accumulated in float64 because the grid
-    has about 1e6 points. ``device``: where the chunks are moved before ``energy_fn``.
+    tables show it x 1e7), the grid energies (grid_size, grid_size) float64, laid out as in
+    ``grid_points`` (for the density image), and ``mean_data W``, the numerator (with the grid's
+    mean, ``grid_w.mean()``, it says which of the two moved a gnELBO). Sums are accumulated in
+    float64 because the grid has about 1e6 points. ``device``: where the chunks are moved before
+    ``energy_fn``.
     """
     grid_w = _energies(energy_fn, grid_points(L, grid_size), chunk, device)  # (G*G,)
     data_w = _energies(energy_fn, data, chunk, device)  # (N,)
     value = data_w.mean() / (grid_w.sum() + data_w.sum())
-    return float(value), grid_w.reshape(grid_size, grid_size)
+    return float(value), grid_w.reshape(grid_size, grid_size), float(data_w.mean())
 
 
 def gnelbo(energy_fn: EnergyFn, data: Tensor, L: float, grid_size: int = 1024, chunk: int = 65536,
