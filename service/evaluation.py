@@ -69,8 +69,9 @@ def evaluate(model: Model, source: PointSource, cfg: ExperimentConfig, *, device
     """Metrics of SPEC §6.5 (lower is better) plus prior usage; plots into ``plot_dir``.
 
     Returns ``(metrics, extra)``; ``extra`` holds the per-component usage (for serving).
-    ``gnelbo=False`` leaves out ``gnelbo_x1e7`` and its parts (``tracking.GNELBO_METRICS``; and the energy plot) but takes its random draws all the
-    same, so every other metric is the same number as with it. Image sources go to ``evaluate_images``.
+    ``gnelbo=False`` leaves out ``gnelbo_x1e7`` and its two parts (``tracking.GNELBO_METRICS``) and the energy
+    plot, but takes its random draws all the same, so every other metric is the same number as with it.
+    Image sources go to ``evaluate_images``.
     """
     if cfg.data.is_image:
         return evaluate_images(model, source, cfg, device=device, plot_dir=plot_dir)
