@@ -273,8 +273,8 @@ def _check_scheduler(stage: Stage, shrink: Shrink, configs: list[ExperimentConfi
                 f"param_space.schedule.eval_every), or drop the scheduler")
         ranked = {spec.select.metric, *(name for name, _, _ in spec.select.where)}
         if (by := ranked & set(GNELBO_METRICS)) and not cfg.eval.intermediate_gnelbo:
-            raise SpaceError(f"{spec.source}: {key}: {sched.type} ranks trials by {sorted(by)[0]} on their intermediate "
-                             f"evaluations, but {what} sets eval.intermediate_gnelbo false; allowed: true "
+            raise SpaceError(f"{spec.source}: {key}: {sched.type} ranks trials by {sorted(by)[0]} on their "
+                             f"intermediate evaluations, but {what} sets eval.intermediate_gnelbo false; allowed: true "
                              f"(or select by another metric)")
         if sched.grace_period is not None and sched.grace_period >= s.iterations:
             raise SpaceError(f"{spec.source}: {key}.grace_period: {sched.grace_period} is not shorter than {what}'s "

@@ -135,8 +135,8 @@ def test_evaluation_cadence_logs_eval_metrics_and_leaves_training_unchanged(refe
         assert all(math.isfinite(v) for v in m.values())
         # the gnELBO from its two parts: mean_data W / (G^2 mean_grid W + N mean_data W)
         data_w, grid_w, ev = m["eval/gnelbo_data_energy"], m["eval/gnelbo_grid_energy"], cfg.eval
-        assert m["eval/gnelbo_x1e7"] == pytest.approx(1e7 * data_w / (ev.grid_size ** 2 * grid_w + ev.data_points * data_w),
-                                                      rel=1e-9)
+        expected = 1e7 * data_w / (ev.grid_size ** 2 * grid_w + ev.data_points * data_w)
+        assert m["eval/gnelbo_x1e7"] == pytest.approx(expected, rel=1e-9)
     assert evals[-1][1] == {f"eval/{k}": v for k, v in result.metrics.items()}
     expected = _params(result.model)
     assert all(torch.equal(v, expected[k]) for k, v in _params(again.model).items())
