@@ -437,8 +437,6 @@ MODEL = "introprior-e2e"
 @pytest.fixture(scope="module")
 def registry(smoke_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Two runs in a SQLite store, each with its checkpoint artifact and pyfunc model; versions 1, 2; v2 = champion."""
-    import torch
-
     from service.config import from_dict
     from service.mlflow_model import CHAMPION, log_model, register
     from service.ray_train import start_mlflow_run
