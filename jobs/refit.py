@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{flag} ({e})", 2)
     new_cfg = dataclasses.replace(cfg, prior=prior_cfg)
     out = Path(args.output_dir) if args.output_dir else ckpt.parent / f"ex-post-t{prior_cfg.ex_post_noise:g}"
-    from service.ray_train import OutputTaken, check_output_folder
+    from service.ray_train import CONFIG_FILE, OutputTaken, check_output_folder
 
     try:  # another run's results in --output-dir are not replaced (the same refit again may replace its own)
         check_output_folder(new_cfg, out)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.save(out / "checkpoint.pt", new_state)
     checkpoint.atomic_write_text(out / "metrics.json", json.dumps(after, indent=2) + "\n")
-    checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(new_cfg))
+    checkpoint.atomic_write_text(out / CONFIG_FILE, dump_yaml(new_cfg))
     logged = {}
     if args.tracking_uri:
         logged = _track(args, new_cfg, out, written_since(out, before), after, fit, int(state["iteration"]), ckpt)

@@ -50,6 +50,7 @@ from .tracking import FanoutSink, MlflowSink, NullSink, _fail_fast_requests
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"  # the run's config beside its results; check_output_folder reads it
 WORKERS_FILE = "workers.json"  # where each rank ran: [{"rank", "node_id", "host", "pid"}], rank order
 UNLOGGED_FILE = "unlogged_metrics.jsonl"  # metric values MLflow never received (an outage at the end)
 RUN_RECORD = "introprior-config.yaml"  # the experiment a Ray Train run name stands for, next to its checkpoints
@@ -314,7 +315,7 @@ def check_output_folder(cfg: ExperimentConfig, output_dir: str | Path | storage.
     experiment (a re-run, a resume) and of ``own`` (the config this run name was started with: a resume
     with an intended config change) are this run's to replace."""
     target = storage.resolve(output_dir)
-    record = target / "config.yaml"
+    record = target / CONFIG_FILE
     where = f"output folder {target.uri}"
     if not record.is_file():
         found = [n for n in (CHECKPOINT_FILE, METRICS_FILE) if (target / n).is_file()]
@@ -327,8 +328,8 @@ def check_output_folder(cfg: ExperimentConfig, output_dir: str | Path | storage.
     except (ConfigError, yaml.YAMLError, TypeError, AttributeError) as e:
         raise OutputTaken(f"{where} holds a config.yaml that is not a run config ({str(e)[:200]}); this run "
                           "would replace it. Use another --output-dir.") from None
-    mine = experiment_fields(cfg)
-    if experiment_fields(theirs) == mine or (own is not None and experiment_fields(theirs) == experiment_fields(own)):
+    held = experiment_fields(theirs)
+    if held == experiment_fields(cfg) or (own is not None and held == experiment_fields(own)):
         return
     shown = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in config_diff(theirs, cfg))
     raise OutputTaken(f"{where} holds the results of another experiment; this run would replace its checkpoint "
@@ -513,7 +514,7 @@ def deliver_outputs(output_dir: str | Path | storage.Location, fill: Callable[[P
         out = staging.dir
         before = storage.file_stamps(out)
         fill(out)
-        checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        checkpoint.atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
         written = storage.written_since(out, before)
         metrics = json.loads((out / METRICS_FILE).read_text())
         workers = json.loads((out / WORKERS_FILE).read_text()) if (out / WORKERS_FILE).is_file() else []
