@@ -150,3 +150,19 @@ def test_ex_post_preset_is_the_papers_ip_lc_with_the_refit_switched_on():
     assert dataclasses.replace(ex_post.prior, ex_post="none") == base.prior  # training is the paper's
     assert (ex_post.objective, ex_post.schedule, ex_post.optim) == (base.objective, base.schedule, base.optim)
     assert ex_post.name == "8gaussians/mog-ip-lc-ex-post" and base.prior.ex_post == "none"
+
+
+def test_gnelbo_preset_is_ip_lc_at_the_beta_kl_01_sweeps_last_setting():
+    """The preset is the 1.0 / 0.1 / 0.2 setting of the sweep file its docstring names as the one that found it."""
+    from service.spaces import load_space
+
+    base, gn = get_preset("8gaussians/mog-ip-lc"), get_preset("8gaussians/mog-ip-lc-gnelbo")
+    assert (gn.objective.beta_rec, gn.objective.beta_kl, gn.objective.beta_neg) == (1.0, 0.1, 0.2)
+    assert dataclasses.replace(gn.objective, beta_rec=0.2, beta_kl=0.3, beta_neg=0.9) == base.objective
+    assert (gn.prior, gn.schedule, gn.optim, gn.seed) == (base.prior, base.schedule, base.optim, base.seed)
+    spaces = Path(__file__).resolve().parents[1] / "tune_spaces"
+    spec = load_space(spaces / "seeds_8gaussians_mog_ip_lc_beta_kl_01.yaml")
+    settings = {(v.overrides["objective.beta_rec"], v.overrides["objective.beta_kl"], v.overrides["objective.beta_neg"])
+                for v in spec.variants}
+    assert (1.0, 0.1, 0.2) in settings and {v.overrides["seed"] for v in spec.variants} == {0, 1, 2}
+    assert spec.select.metric == "gnelbo_x1e7" and ("modes_covered", 8, None) in spec.select.where
