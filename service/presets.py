@@ -165,6 +165,11 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
 }
 
 
+def _at_betas(cfg: ExperimentConfig, name: str, **betas: float) -> ExperimentConfig:
+    """``cfg`` renamed ``name`` with some of its objective's betas replaced (the named 8gaussians variants)."""
+    return dataclasses.replace(cfg, name=name, objective=dataclasses.replace(cfg.objective, **betas))
+
+
 def sharp_8gaussians() -> ExperimentConfig:
     """``8gaussians/mog-ip-lc-sharp``: IP + LC with beta_rec / beta_kl / beta_neg = 0.2 / 0.05 / 0.15.
 
@@ -182,9 +187,7 @@ def sharp_8gaussians() -> ExperimentConfig:
     modes covered 8 / 4 / 5 / 7, KL 16 / 112 / 99 / 43 (r_entropy 1 / 10 on seed 1: 6 / 7 modes,
     KL 88 / 83). Sharp modes, not reliable coverage (re-measured: docs/modes.md).
     """
-    cfg = toy_preset("8gaussians", "mog-ip-lc")
-    return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-sharp",
-                               objective=dataclasses.replace(cfg.objective, beta_kl=0.05, beta_neg=0.15))
+    return _at_betas(toy_preset("8gaussians", "mog-ip-lc"), "8gaussians/mog-ip-lc-sharp", beta_kl=0.05, beta_neg=0.15)
 
 
 def modes_8gaussians() -> ExperimentConfig:
@@ -216,9 +219,7 @@ def modes_8gaussians() -> ExperimentConfig:
     ``make run``'s set-up (2 workers, seed 0) it gave KL 106.2 against gamma 1's 35.8 (purity 1.00
     vs 0.94, both 8/8). So the preset keeps the paper's gamma 1.
     """
-    cfg = sharp_8gaussians()
-    return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-modes",
-                               objective=dataclasses.replace(cfg.objective, beta_rec=0.4))
+    return _at_betas(sharp_8gaussians(), "8gaussians/mog-ip-lc-modes", beta_rec=0.4)
 
 
 def ex_post_8gaussians() -> ExperimentConfig:
@@ -261,9 +262,8 @@ def selected_8gaussians() -> ExperimentConfig:
     8gaussians/mog-ip-lc --set objective.beta_rec=0.8 --set objective.beta_kl=0.2 --set
     objective.beta_neg=1``).
     """
-    cfg = toy_preset("8gaussians", "mog-ip-lc")
-    return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-selected",
-                               objective=dataclasses.replace(cfg.objective, beta_rec=0.8, beta_kl=0.2, beta_neg=1.0))
+    return _at_betas(toy_preset("8gaussians", "mog-ip-lc"), "8gaussians/mog-ip-lc-selected",
+                     beta_rec=0.8, beta_kl=0.2, beta_neg=1.0)
 
 
 def protocol_8gaussians() -> ExperimentConfig:
@@ -282,9 +282,8 @@ def protocol_8gaussians() -> ExperimentConfig:
     Table-1 comparison at the paper's published defaults stays reproducible). For pure modes use
     ``mog-ip-lc-selected``.
     """
-    cfg = toy_preset("8gaussians", "mog-ip-lc")
-    return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-protocol",
-                               objective=dataclasses.replace(cfg.objective, beta_rec=0.2, beta_kl=0.3, beta_neg=1.5))
+    return _at_betas(toy_preset("8gaussians", "mog-ip-lc"), "8gaussians/mog-ip-lc-protocol",
+                     beta_rec=0.2, beta_kl=0.3, beta_neg=1.5)
 
 
 def fixed_lc_selected_8gaussians() -> ExperimentConfig:
@@ -307,9 +306,8 @@ def fixed_lc_selected_8gaussians() -> ExperimentConfig:
     (the same as ``--preset 8gaussians/mog-fixed-lc --set objective.beta_rec=0.8 --set
     objective.beta_kl=0.2 --set objective.beta_neg=1``).
     """
-    cfg = toy_preset("8gaussians", "mog-fixed-lc")
-    return dataclasses.replace(cfg, name="8gaussians/mog-fixed-lc-selected",
-                               objective=dataclasses.replace(cfg.objective, beta_rec=0.8, beta_kl=0.2, beta_neg=1.0))
+    return _at_betas(toy_preset("8gaussians", "mog-fixed-lc"), "8gaussians/mog-fixed-lc-selected",
+                     beta_rec=0.8, beta_kl=0.2, beta_neg=1.0)
 
 
 def gnelbo_8gaussians() -> ExperimentConfig:
@@ -330,9 +328,8 @@ def gnelbo_8gaussians() -> ExperimentConfig:
     8gaussians/mog-ip-lc --set objective.beta_rec=1.0 --set objective.beta_kl=0.1 --set
     objective.beta_neg=0.2``).
     """
-    cfg = toy_preset("8gaussians", "mog-ip-lc")
-    return dataclasses.replace(cfg, name="8gaussians/mog-ip-lc-gnelbo",
-                               objective=dataclasses.replace(cfg.objective, beta_rec=1.0, beta_kl=0.1, beta_neg=0.2))
+    return _at_betas(toy_preset("8gaussians", "mog-ip-lc"), "8gaussians/mog-ip-lc-gnelbo",
+                     beta_rec=1.0, beta_kl=0.1, beta_neg=0.2)
 
 
 PRESETS["8gaussians/mog-ip-lc-sharp"] = sharp_8gaussians

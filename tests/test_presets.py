@@ -89,15 +89,23 @@ def test_modes_preset_is_the_sharp_preset_with_beta_rec_doubled():
     assert modes.name == "8gaussians/mog-ip-lc-modes"
 
 
+def _only_betas_differ(name: str, base_name: str, betas: tuple[float, float, float]):
+    """Preset ``name`` is ``base_name`` with beta_rec / beta_kl / beta_neg = ``betas``; nothing else differs but
+    its name."""
+    base, preset = get_preset(base_name), get_preset(name)
+    assert (preset.objective.beta_rec, preset.objective.beta_kl, preset.objective.beta_neg) == betas
+    assert dataclasses.replace(preset.objective, beta_rec=base.objective.beta_rec, beta_kl=base.objective.beta_kl,
+                               beta_neg=base.objective.beta_neg) == base.objective
+    assert dataclasses.replace(preset, name=base.name, objective=base.objective) == base
+    return preset
+
+
 def test_selected_preset_is_ip_lc_at_the_betas_of_the_staged_selection_files():
     """The preset, the stage-2 file's pick and the seeds file are one setting (the seeds file's trials are the
     selection's run with another seed)."""
     from service.spaces import load_space
 
-    base, sel = get_preset("8gaussians/mog-ip-lc"), get_preset("8gaussians/mog-ip-lc-selected")
-    assert (sel.objective.beta_rec, sel.objective.beta_kl, sel.objective.beta_neg) == (0.8, 0.2, 1.0)
-    assert dataclasses.replace(sel.objective, beta_rec=0.2, beta_kl=0.3, beta_neg=0.9) == base.objective
-    assert (sel.prior, sel.schedule, sel.optim, sel.seed) == (base.prior, base.schedule, base.optim, base.seed)
+    sel = _only_betas_differ("8gaussians/mog-ip-lc-selected", "8gaussians/mog-ip-lc", (0.8, 0.2, 1.0))
     spaces = Path(__file__).resolve().parents[1] / "tune_spaces"
     staged = load_space(spaces / "staged_8gaussians_mog_ip_lc_full.yaml")
     seeds = load_space(spaces / "seeds_8gaussians_mog_ip_lc_selected.yaml")
@@ -116,10 +124,9 @@ def test_fixed_lc_selected_preset_is_the_fixed_prior_at_a_stage_2_setting_of_its
     differ from ``mog-fixed-lc``; they are IP + LC's pure pick too."""
     from service.spaces import load_space
 
-    base, sel = get_preset("8gaussians/mog-fixed-lc"), get_preset("8gaussians/mog-fixed-lc-selected")
+    base = get_preset("8gaussians/mog-fixed-lc")
+    sel = _only_betas_differ("8gaussians/mog-fixed-lc-selected", "8gaussians/mog-fixed-lc", (0.8, 0.2, 1.0))
     assert (sel.prior.kind, sel.prior.learnable_weights, sel.prior.trainable) == ("mog", True, False)
-    assert (sel.objective.beta_rec, sel.objective.beta_kl, sel.objective.beta_neg) == (0.8, 0.2, 1.0)
-    assert dataclasses.replace(sel, name=base.name, objective=base.objective) == base
     assert sel.objective == get_preset("8gaussians/mog-ip-lc-selected").objective
     staged = load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "staged_8gaussians_mog_fixed_lc.yaml")
     assert {v.preset for v in staged.variants} == {"8gaussians/mog-fixed-lc"}
@@ -136,10 +143,9 @@ def test_protocol_preset_is_the_stage_2_setting_the_papers_criterion_picked():
     (lowest KL, no purity bound) kept, and differs from ``mog-ip-lc`` in beta_neg only."""
     from service.spaces import load_space
 
-    base, proto = get_preset("8gaussians/mog-ip-lc"), get_preset("8gaussians/mog-ip-lc-protocol")
-    assert (proto.objective.beta_rec, proto.objective.beta_kl, proto.objective.beta_neg) == (0.2, 0.3, 1.5)
-    assert dataclasses.replace(proto.objective, beta_neg=0.9) == base.objective
-    assert dataclasses.replace(proto, name=base.name, objective=base.objective) == base
+    proto = _only_betas_differ("8gaussians/mog-ip-lc-protocol", "8gaussians/mog-ip-lc", (0.2, 0.3, 1.5))
+    base = get_preset("8gaussians/mog-ip-lc").objective
+    assert (base.beta_rec, base.beta_kl, base.beta_neg) == (0.2, 0.3, 0.9)  # beta_neg is the one beta that differs
     staged = load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "staged_8gaussians_mog_ip_lc_full.yaml")
     assert (staged.select.metric, staged.select.mode, staged.select.where) == ("hist_kl", "min", ())  # KL alone
     assert proto.objective in [v.config("full").objective for v in staged.variants]
@@ -156,10 +162,7 @@ def test_gnelbo_preset_is_ip_lc_at_the_beta_kl_01_sweeps_last_setting():
     """The preset is the 1.0 / 0.1 / 0.2 setting of the sweep file its docstring names as the one that found it."""
     from service.spaces import load_space
 
-    base, gn = get_preset("8gaussians/mog-ip-lc"), get_preset("8gaussians/mog-ip-lc-gnelbo")
-    assert (gn.objective.beta_rec, gn.objective.beta_kl, gn.objective.beta_neg) == (1.0, 0.1, 0.2)
-    assert dataclasses.replace(gn.objective, beta_rec=0.2, beta_kl=0.3, beta_neg=0.9) == base.objective
-    assert (gn.prior, gn.schedule, gn.optim, gn.seed) == (base.prior, base.schedule, base.optim, base.seed)
+    _only_betas_differ("8gaussians/mog-ip-lc-gnelbo", "8gaussians/mog-ip-lc", (1.0, 0.1, 0.2))
     spaces = Path(__file__).resolve().parents[1] / "tune_spaces"
     spec = load_space(spaces / "seeds_8gaussians_mog_ip_lc_beta_kl_01.yaml")
     settings = {(v.overrides["objective.beta_rec"], v.overrides["objective.beta_kl"], v.overrides["objective.beta_neg"])
