@@ -20,9 +20,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, preset: str, out: str) -> None:
+def rendezvous(directory) -> str:
+    """A gloo rendezvous through a file in ``directory``, not a TCP port: a port taken from ``_free_port`` can be
+    bound by another process (a Ray worker, another test) before rank 0 listens on it, and rank 1 then talks to
+    that process ("Connection reset by peer")."""
+    return f"file://{os.path.join(str(directory), 'gloo-rendezvous')}"
+
+
+def _worker(rank: int, world: int, init_method: str, preset: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         cfg = smoke(get_preset(preset))
         result = train(cfg, make_source(cfg.data), grad_sync=allreduce_mean, rank=rank, world_size=world)
@@ -34,7 +41,7 @@ def _worker(rank: int, world: int, port: int, preset: str, out: str) -> None:
 
 @pytest.mark.parametrize("preset", ["8gaussians/sintro", "8gaussians/mog-ip-lc"])
 def test_two_ranks_end_with_identical_parameters(tmp_path, preset):
-    mp.start_processes(_worker, args=(2, _free_port(), preset, str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, rendezvous(tmp_path), preset, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)

@@ -125,7 +125,7 @@ def _in_process_reference(run_dir: Path, plot_dir: Path, threads: int) -> tuple[
     return result.metrics, result.state
 
 
-def _rank(rank: int, world: int, port: int, run_dir: str, threads: int, out: str) -> None:
+def _rank(rank: int, world: int, init_method: str, run_dir: str, threads: int, out: str) -> None:
     """One rank of the plain loop on ``run_dir``'s recorded config, as a Ray Train worker runs it (gloo,
     the gradient all-reduce, every rank's streams gathered at each checkpoint); rank 0 saves its results."""
     import torch.distributed as dist
@@ -137,7 +137,7 @@ def _rank(rank: int, world: int, port: int, run_dir: str, threads: int, out: str
     from service.ray_train import gather_objects
 
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         cfg = load_yaml(os.path.join(run_dir, "config.yaml"))
         result = train(cfg, make_source(cfg.data), grad_sync=allreduce_mean, rank=rank, world_size=world,
@@ -152,9 +152,9 @@ def _two_rank_reference(run_dir: Path, out: Path, threads: int) -> tuple[dict, d
     """The plain loop with 2 gloo ranks (processes) on ``run_dir``'s recorded config: final metrics and state."""
     import torch.multiprocessing as mp
 
-    from test_distributed import _free_port
+    from test_distributed import rendezvous
 
-    mp.start_processes(_rank, args=(2, _free_port(), str(run_dir), threads, str(out)), nprocs=2, join=True,
+    mp.start_processes(_rank, args=(2, rendezvous(out), str(run_dir), threads, str(out)), nprocs=2, join=True,
                        start_method="spawn")
     saved = torch.load(out / "reference.pt", weights_only=False)
     return saved["metrics"], saved["state"]
