@@ -321,7 +321,9 @@ def gnelbo_8gaussians() -> ExperimentConfig:
     iterations, seeds 0 / 1 / 2, gnELBO x 1e7 0.22 / 0.29 / 0.31 (0.27 +- 0.03, s.e. ddof = 1; the paper's
     IP + LC 0.26 +- 0.04), KL 25.3 / 26.1 / 17.2 (22.9 +- 2.8), JSD 6.85 / 6.14 / 3.66 (5.55 +- 0.97),
     mode purity 1.00 and 8 / 8 modes at every evaluation, calibrated KL 0.97 +- 0.14; ``mog-ip-lc-selected``
-    (0.8 / 0.2 / 1.0) on the same seeds: gnELBO 0.88 +- 0.16, KL 26.1 +- 2.6, JSD 6.95 +- 1.15. A preset for
+    (0.8 / 0.2 / 1.0) on the same seeds: gnELBO 0.88 +- 0.16, KL 26.1 +- 2.6, JSD 6.95 +- 1.15. Seed 0 again on
+    another CPU (another trajectory; 2026-12-04): gnELBO 0.20, purity 1.00, 8 / 8 modes, but one data mode
+    decoded 0.23 off its centre, KL 66.0, JSD 23.1 (docs/modes.md): the density varies more than the modes. A preset for
     the full schedule: at ``quick``'s (seed 0, 2 workers) gnELBO 0.27 and 8 pure modes but KL 23.8, JSD 9.11
     against ``mog-ip-lc-selected``'s 3.88 / 1.11, so ``make run`` keeps ``mog-ip-lc-selected``. Train it
     with ``python -m jobs.train --preset 8gaussians/mog-ip-lc-gnelbo`` (the same as ``--preset
