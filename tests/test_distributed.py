@@ -1,7 +1,6 @@
 """Data parallelism without Ray: 2 gloo processes must end with identical parameters."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,16 +13,10 @@ from service.loop import train
 from service.presets import get_preset, smoke
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rendezvous(directory) -> str:
-    """A gloo rendezvous through a file in ``directory``, not a TCP port: a port taken from ``_free_port`` can be
-    bound by another process (a Ray worker, another test) before rank 0 listens on it, and rank 1 then talks to
-    that process ("Connection reset by peer")."""
+    """A gloo rendezvous through a file in ``directory``, not a TCP port: a free port found first and listened on
+    later can be bound by another process (a Ray worker, another test) in between, and rank 1 then talks to that
+    process ("Connection reset by peer")."""
     return f"file://{os.path.join(str(directory), 'gloo-rendezvous')}"
 
 
