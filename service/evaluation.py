@@ -148,7 +148,8 @@ def component_purity(model: Model, source: PointSource, cfg: ExperimentConfig, *
 
     ``eval.purity_samples`` decoded samples per component at ``temperature``, each labelled by the
     majority of its ``eval.purity_k`` nearest labelled real points; active components are those
-    with usage >= 1e-2 (SPEC §4; by weight when no usage is given).
+    with usage >= 1e-2 (SPEC §4; by weight when no usage is given). The same samples and reference
+    points give each data mode's placement (``mode_offset_max``, ``extra["mode_offsets"]``).
     """
     if not model.prior.is_mixture or not getattr(source, "labelled", False):
         return None
@@ -161,7 +162,8 @@ def component_purity(model: Model, source: PointSource, cfg: ExperimentConfig, *
     x = sample(model, m * ev.purity_samples, component=comps.to(device), generator=gen, temperature=temperature)[0]
     labels = knn_labels(ref.to(device), ref_labels.to(device), x, k=ev.purity_k).cpu()
     return mixture_purity(labels.reshape(m, ev.purity_samples), model.prior.components(detach=True).weights, usage,
-                          num_modes=len(set(ref_labels.tolist())), data_labels=ref_labels)
+                          num_modes=len(set(ref_labels.tolist())), data_labels=ref_labels,
+                          samples=x.cpu().reshape(m, ev.purity_samples, -1), data_points=ref)
 
 
 def _plots(model: Model, source: PointSource, real: np.ndarray, fake: np.ndarray, grid_w: Tensor,

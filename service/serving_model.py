@@ -380,13 +380,23 @@ class Sampler:
     def mode_shares_json(self) -> dict[str, dict[str, float | None]] | None:
         """``data_mode`` -> ``{"prior": share of the prior's samples that land in it, "data": its share of
         the data}`` as measured at evaluation (checkpoint ``extra``; a mode missing from one side has share 0,
-        ``data`` is null when the data's shares are unknown); None when it was not measured."""
+        ``data`` is null when the data's shares are unknown); None when it was not measured. Where the
+        placement was measured (data in coordinates) each mode also has ``offset`` and ``width``
+        (``service.metrics.modes.mode_placement``; null for a mode the prior draws too rarely to place)."""
         extra = self.state.get("extra", {})
         prior, data = extra.get("mode_shares"), extra.get("data_shares")
         if not prior:
             return None
+        placed = {name: extra[key] for name, key in (("offset", "mode_offsets"), ("width", "mode_widths"))
+                  if isinstance(extra.get(key), dict)}
+
+        def value(table: dict, k: int) -> float | None:
+            v = table.get(k)
+            return None if v is None else json_safe(float(v))
+
         return {str(k): {"prior": json_safe(float(prior.get(k, 0.0))),
                          "data": None if data is None else json_safe(float(data.get(k, 0.0)))}
+                | {name: value(table, k) for name, table in placed.items()}
                 for k in sorted(set(prior) | set(data or {}))}
 
     @torch.no_grad()

@@ -71,7 +71,7 @@ SCHEDULER_KEYS = {"asha": ("type", "grace_period", "reduction_factor", "max_t"),
 SELECT_KEYS = ("metric", "mode", "where")
 STAGE_KEYS = ("name", "shrink", "param_space", "scheduler", "top_k", "seeds")
 # Metrics of the 2D evaluation that only labelled data with a mixture prior reports (service.metrics.modes)
-OPTIONAL_METRICS = ("mode_purity", "modes_covered", "mode_share_tv")
+OPTIONAL_METRICS = ("mode_purity", "modes_covered", "mode_share_tv", "mode_offset_max")
 SAMPLE_DIGITS = 6  # sampled values are rounded to this many significant digits (readable, hashable)
 
 

@@ -239,6 +239,9 @@ def test_samples_of_a_data_mode(client: httpx.Client) -> None:
     shares = body["mode_shares"]  # measured at evaluation: the prior's samples over the 8 data modes
     assert set(shares) <= {str(i) for i in range(8)} and sum(v["prior"] or 0 for v in shares.values()) == pytest.approx(1)
     assert sum(v["data"] or 0 for v in shares.values()) == pytest.approx(1)
+    # each drawn mode placed against the data's points of it (offset and width in the mode's spread)
+    placed = [v for v in shares.values() if v["offset"] is not None]
+    assert placed and all(v["offset"] >= 0 and v["width"] >= 0 for v in placed)
     k, members = next(iter(table.items()))
     got = client.post("/v1/samples", json={"n": 64, "data_mode": int(k), "seed": 4}).json()
     assert set(got["component"]) <= set(members) and np.asarray(got["samples"]).shape == (64, 2)

@@ -66,10 +66,14 @@ def test_outputs_and_checkpoint(smoke_run):
     for name in ("checkpoint.pt", "metrics.json", "config.yaml", "samples.png", "density.png", "latent.png"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("gnelbo_x1e7", "hist_kl", "hist_jsd", "prior_entropy_norm", "prior_active_components"):
+    for key in ("gnelbo_x1e7", "hist_kl", "hist_jsd", "prior_entropy_norm", "prior_active_components",
+                "mode_purity", "modes_covered", "mode_share_tv", "mode_offset_max"):
         assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
     assert 0.0 <= metrics["prior_entropy_norm"] <= 1.0
     state = checkpoint.load(out / "checkpoint.pt")  # weights_only=True inside
+    offsets = state["extra"]["mode_offsets"]  # each data mode's placement, for GET /v1/modes
+    assert set(offsets) == set(range(8)) and max(v for v in offsets.values() if v is not None) == pytest.approx(
+        metrics["mode_offset_max"])
     assert state["iteration"] == 12 and state["prior_type"] == "mog"
     assert bool(state["model"]["prior.clip_on"])  # clip bounds set at the first adversarial iteration
     cfg, model = checkpoint.restore_model(state)
@@ -84,7 +88,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(smoke_run):
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.runName` = 'e2e'")
     assert run.data.params["prior.kind"] == "mog" and run.data.params["objective.beta_neg"] == "0.9"
     for key in ("train/loss_vae", "train/loss_encoder", "train/loss_decoder", "prior/entropy_norm",
-                "prior/active_components", "eval/gnelbo_x1e7", "eval/hist_kl", "eval/hist_jsd"):
+                "prior/active_components", "eval/gnelbo_x1e7", "eval/hist_kl", "eval/hist_jsd", "eval/mode_offset_max"):
         assert key in run.data.metrics, key
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_encoder")]
     assert steps == list(range(7, 13))  # adversarial phase after the 6-iteration warm-up

@@ -8,7 +8,7 @@ import torch
 from service.data import PointSource, make_source, sample_toy, write_points_parquet
 from service.config import DataConfig
 from service.evaluation import component_purity
-from service.metrics.modes import knn_labels, mode_groups, mode_purity
+from service.metrics.modes import knn_labels, mixture_purity, mode_groups, mode_placement, mode_purity
 from service.model import build_model
 from service.presets import get_preset, smoke
 
@@ -42,6 +42,44 @@ def test_mode_share_tv_against_the_data_shares_by_hand():
     same = mode_purity(torch.tensor([[0, 0], [1, 1]]), torch.ones(2), data_labels=torch.tensor([0, 1]))
     assert same.mode_share_tv == pytest.approx(0.0)
     assert mode_purity(torch.tensor([[3, 3]]), torch.ones(1), data_labels=torch.tensor([0, 1])).mode_share_tv == 1.0
+
+
+def test_placement_by_hand():
+    """Each data mode's prior samples against its reference points: offset and width in the mode's spread."""
+    ref = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0],  # mode 0: centre (0, 0)
+                        [10.0, 0.0], [12.0, 0.0], [11.0, 1.0], [11.0, -1.0],  # mode 1: centre (11, 0)
+                        [50.0, 50.0], [52.0, 50.0]])  # mode 2: never sampled
+    ref_labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    spread = 0.5 ** 0.5  # modes 0 and 1: mean squared distance 1 over 2 coordinates
+    samples = torch.tensor([[[0.5, 0.0], [0.5, 0.0]],
+                            [[11.0, 2.0], [11.0, 0.0]],
+                            [[-1.5, 0.0], [11.0, 0.0]]])
+    labels = torch.tensor([[0, 0], [1, 1], [0, 1]])
+    weights = torch.tensor([3.0, 1.0, 1.0])  # 0.6 / 0.2 / 0.2: each sample 0.3 / 0.1 / 0.1
+    got = mode_placement(samples, labels, weights, ref, ref_labels)
+    mean0 = (0.6 * 0.5 + 0.1 * -1.5) / 0.7  # mode 0: mass 0.7
+    assert got.offsets[0] == pytest.approx(mean0 / spread)
+    var0 = (0.6 * (0.5 - mean0) ** 2 + 0.1 * (-1.5 - mean0) ** 2) / 0.7 / 2
+    assert got.widths[0] == pytest.approx(var0 ** 0.5 / spread)
+    assert got.offsets[1] == pytest.approx((2 / 3) / spread)  # mode 1: (11, 2), (11, 0), (11, 0) at 0.1 each
+    var1 = ((2 - 2 / 3) ** 2 + 2 * (2 / 3) ** 2) / 3 / 2
+    assert got.widths[1] == pytest.approx(var1 ** 0.5 / spread)
+    assert got.offsets[2] is None and got.widths[2] is None  # drawn with share 0: nothing to place
+    assert got.offset_max == pytest.approx((2 / 3) / spread)
+    # a mode drawn below min_share is not placed either; nothing placed: no maximum
+    rare = mode_placement(samples, labels, weights, ref, ref_labels, min_share=0.5)
+    assert rare.offsets[1] is None and rare.offsets[0] is not None
+    assert mode_placement(samples, labels, weights, ref, ref_labels, min_share=0.9).offset_max is None
+    with pytest.raises(ValueError, match="samples: 3 coordinates, the reference points have 2"):
+        mode_placement(torch.zeros(3, 2, 3), labels, weights, ref, ref_labels)
+    # through mixture_purity: the metric and the checkpoint's extra; without points, absent
+    p = mixture_purity(labels, weights, data_labels=ref_labels, samples=samples, data_points=ref)
+    assert p.metrics()["mode_offset_max"] == pytest.approx((2 / 3) / spread)
+    from service.metrics.modes import purity_extra
+    assert purity_extra(p)["mode_offsets"][2] is None and set(purity_extra(p)["mode_widths"]) == {0, 1, 2}
+    bare = mixture_purity(labels, weights, data_labels=ref_labels)
+    assert bare.placement is None and "mode_offset_max" not in bare.metrics()
+    assert "mode_offsets" not in purity_extra(bare)
 
 
 def test_modes_covered_counts_modes_whose_components_carry_one_percent_together():
@@ -115,6 +153,17 @@ def test_a_prior_whose_components_decode_to_one_mode_each_has_purity_one():
     # (whose shares are estimated from the evaluation's reference draw, hence the tolerance)
     assert p.mode_shares == pytest.approx({k: 0.125 for k in range(8)})
     assert p.mode_share_tv < 0.03
+    # every mode decoded onto its centre: no offset (the reference draw's centres are estimates), no width
+    assert p.placement.offset_max < 0.3 and max(p.placement.widths.values()) == pytest.approx(0.0, abs=1e-6)
+    # one mode decoded 0.23 off its centre (seen on a 30k-iteration run): purity cannot see it, the offset can
+    spread = float(((x[labels == 3] - centres[3]) ** 2).sum(1).mean().div(2).sqrt())
+    model.decoder = _FixedDecoder(centres + torch.tensor([[0.0, 0.0]] * 3 + [[0.1, -0.21]] + [[0.0, 0.0]] * 4))
+    shifted = component_purity(model, src, cfg)
+    assert shifted.mode_purity == pytest.approx(1.0) and shifted.modes_covered == 8
+    # (the spread here is estimated from another draw of about 500 points of the mode than the evaluation's)
+    assert shifted.placement.offset_max == pytest.approx((0.1 ** 2 + 0.21 ** 2) ** 0.5 / spread, rel=0.1)
+    assert max(shifted.placement.offsets, key=shifted.placement.offsets.get) == 3
+    assert shifted.placement.offset_max > 10  # the data's spread per mode is about 0.014
     # a lost mode: component 7 decodes to mode 6 too, so mode 7 gets nothing and mode 6 twice its share
     model.decoder = _FixedDecoder(torch.cat([centres[:7], centres[6:7]]))
     lost = component_purity(model, src, cfg)

@@ -396,6 +396,14 @@ def test_modes_show_the_prior_and_data_shares_of_each_data_mode() -> None:
     modes, model = call(toy_sampler(state=state), [("GET", "/v1/modes", {}), ("GET", "/v1/model", {})])
     want = {"1": {"prior": 0.4, "data": 0.5}, "4": {"prior": 0.6, "data": 0.25}, "6": {"prior": 0.0, "data": 0.25}}
     assert modes.json()["mode_shares"] == want and model.json()["mode_shares"] == want
+    # with the placement measured: each mode's offset and width in the mode's spread (null: too rarely drawn)
+    placed = toy_state(usage=torch.tensor([0.7, 0.3]), majority_mode=[4, 1], mode_shares={4: 0.6, 1: 0.4},
+                       data_shares={1: 0.5, 4: 0.25, 6: 0.25}, mode_offsets={1: 16.5, 4: 0.4, 6: None},
+                       mode_widths={1: 0.3, 4: 0.9, 6: None})
+    (modes,) = call(toy_sampler(state=placed), [("GET", "/v1/modes", {})])
+    assert modes.json()["mode_shares"] == {"1": {"prior": 0.4, "data": 0.5, "offset": 16.5, "width": 0.3},
+                                           "4": {"prior": 0.6, "data": 0.25, "offset": 0.4, "width": 0.9},
+                                           "6": {"prior": 0.0, "data": 0.25, "offset": None, "width": None}}
 
 
 def test_modes_omit_purity_when_absent(toy: Sampler) -> None:

@@ -160,7 +160,7 @@ BAD = [
      r"counts schedule.unit='epochs'"),
     ("bad_select_metric.yaml", "preset: 8gaussians/sintro\nselect: {metric: purity}\n",
      r"bad_select_metric.yaml: select.metric: 'purity' is not one of \['gnelbo_x1e7', 'hist_kl', .*'mode_purity', "
-     r"'modes_covered', 'mode_share_tv'\]"),
+     r"'modes_covered', 'mode_share_tv', 'mode_offset_max'\]"),
     ("bad_where.yaml", "preset: 8gaussians/sintro\nselect: {where: {purity: {min: 0.9}}}\n",
      r"bad_where.yaml: select.where.purity: unknown metric; allowed \[.*'mode_purity'"),
     ("bad_where_bound.yaml", "preset: 8gaussians/sintro\nselect: {where: {mode_purity: {at_least: 0.9}}}\n",

@@ -26,13 +26,24 @@ Over the mixture:
   whether or not a component stands for it, so it sees what ``modes_covered`` does not: inactive
   components' samples and a mode that some component reaches only as a minority.
 
+Where the prior's samples of each data mode lie (``mode_placement``; data in coordinates, not images):
+
+- ``mode_offsets``: for each data mode k the prior draws (share >= 1e-2), the distance between the
+  mean of the prior's samples that land in it and the mean of the data's points of mode k, in units
+  of the mode's spread ``s_k`` (the data's root-mean-square deviation from that mean per
+  coordinate: the standard deviation of an isotropic mode). Purity cannot see a mode decoded off
+  its place (every sample still lands nearest mode k); the offset can;
+- ``mode_offset_max``: the largest of them, a metric (``where: {mode_offset_max: {max: 3}}``);
+- ``mode_widths``: the same samples' root-mean-square deviation from their own mean per coordinate,
+  over ``s_k`` (1: as wide as the data's mode; decoder means are often narrower).
+
 Pure: tensors in, numbers out. ``knn_labels`` labels decoded 2D points by their nearest labelled
 real points.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -53,12 +64,32 @@ class Purity:
     mode_shares: dict[int, float]  # data mode -> share of the prior's samples that land in it
     data_shares: dict[int, float] | None = None  # data mode -> its share of the data, when known
     mode_share_tv: float | None = None  # total variation between mode_shares and data_shares
+    placement: Placement | None = None  # where each data mode's samples lie (data in coordinates)
 
     def metrics(self) -> dict[str, float]:
         out = {"mode_purity": self.mode_purity, "modes_covered": float(self.modes_covered)}
         if self.mode_share_tv is not None:
             out["mode_share_tv"] = self.mode_share_tv
+        if self.placement is not None and self.placement.offset_max is not None:
+            out["mode_offset_max"] = self.placement.offset_max
         return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Each data mode's prior samples against the data's points of that mode (module docstring).
+
+    ``offsets`` / ``widths``: data mode -> value in units of the mode's spread, for the modes the prior
+    draws with share >= ``min_share``; None for a data mode it draws less often (too few samples to place).
+    """
+
+    offsets: dict[int, float | None]
+    widths: dict[int, float | None]
+
+    @property
+    def offset_max(self) -> float | None:
+        values = [v for v in self.offsets.values() if v is not None]
+        return max(values) if values else None
 
 
 def knn_labels(reference: Tensor, reference_labels: Tensor, query: Tensor, k: int = 15,
@@ -119,6 +150,45 @@ def mode_groups(majority: list[int | None], usage: Tensor, threshold: float = 1e
     return out
 
 
+def mode_placement(samples: Tensor, sample_labels: Tensor, weights: Tensor, reference: Tensor,
+                   reference_labels: Tensor, min_share: float = 1e-2) -> Placement:
+    """Offset and width of each data mode's prior samples (module docstring), in float64.
+
+    samples: (M, S, d) decoded samples of each of M components; sample_labels: (M, S) their data-mode
+    labels; weights: (M,) mixture weights (a component's samples count with its weight, as the prior
+    draws them); reference: (R, d) labelled data points, reference_labels: (R,), which give each mode's
+    centre and spread. A data mode with no reference points, or one whose spread is 0, is left out.
+    """
+    m, s = sample_labels.shape
+    x = samples.detach().double().cpu().reshape(m, s, -1)
+    labels = sample_labels.long().cpu()
+    w = weights.detach().double().cpu()
+    w = (w / w.sum() / s).unsqueeze(1).expand(m, s)  # each sample's probability under the prior
+    ref, ref_labels = reference.detach().double().cpu(), reference_labels.long().cpu()
+    d = ref.shape[1]
+    if x.shape[2] != d:
+        raise ValueError(f"samples: {x.shape[2]} coordinates, the reference points have {d}")
+    offsets: dict[int, float | None] = {}
+    widths: dict[int, float | None] = {}
+    for k in sorted(set(ref_labels.tolist())):
+        pts = ref[ref_labels == k]
+        centre = pts.mean(0)
+        spread = float(((pts - centre) ** 2).sum(1).mean().div(d).sqrt())
+        if spread <= 0.0:
+            continue
+        mask = labels == k
+        mass = float(w[mask].sum())
+        if mass < min_share:
+            offsets[k] = widths[k] = None
+            continue
+        pw = w[mask] / mass
+        mine = x[mask]  # (n, d)
+        mean = (pw.unsqueeze(1) * mine).sum(0)
+        offsets[k] = float((mean - centre).norm()) / spread
+        widths[k] = float((pw * ((mine - mean) ** 2).sum(1)).sum().div(d).sqrt()) / spread
+    return Placement(offsets=offsets, widths=widths)
+
+
 def mode_purity(sample_labels: Tensor, weights: Tensor, usage: Tensor | None = None,
                 num_modes: int | None = None, data_labels: Tensor | None = None) -> Purity:
     """Purity from the labels of each component's samples.
@@ -147,19 +217,28 @@ def mode_purity(sample_labels: Tensor, weights: Tensor, usage: Tensor | None = N
 
 
 def mixture_purity(sample_labels: Tensor, weights: Tensor, usage: Tensor | None = None,
-                   num_modes: int | None = None, data_labels: Tensor | None = None) -> Purity:
+                   num_modes: int | None = None, data_labels: Tensor | None = None,
+                   samples: Tensor | None = None, data_points: Tensor | None = None) -> Purity:
     """``mode_purity`` of a mixture prior, its modes covered by SPEC §4's usage ``c_i`` (the weights
-    when no usage is known)."""
-    return mode_purity(sample_labels, weights.detach().cpu(), None if usage is None else usage.cpu(),
-                       num_modes=num_modes, data_labels=data_labels)
+    when no usage is known). With the decoded ``samples`` (M, S, d) and the labelled ``data_points``
+    (R, d) of ``data_labels``: also ``placement`` (``mode_placement``)."""
+    purity = mode_purity(sample_labels, weights.detach().cpu(), None if usage is None else usage.cpu(),
+                         num_modes=num_modes, data_labels=data_labels)
+    if samples is None or data_points is None or data_labels is None:
+        return purity
+    return replace(purity, placement=mode_placement(samples, sample_labels, weights, data_points, data_labels))
 
 
 def purity_extra(purity: Purity) -> dict[str, Any]:
     """What a checkpoint keeps of a purity measurement (``extra``): the per-component lists
     ``mode_purity`` and ``majority_mode``, and ``mode_shares`` (data mode -> share of the prior's
-    samples), with ``data_shares`` when the data's own shares are known."""
+    samples), with ``data_shares`` when the data's own shares are known and ``mode_offsets`` /
+    ``mode_widths`` (data mode -> value or None) when the placement was measured."""
     out: dict[str, Any] = {"mode_purity": purity.purity, "majority_mode": purity.majority,
                            "mode_shares": dict(purity.mode_shares)}
     if purity.data_shares is not None:
         out["data_shares"] = dict(purity.data_shares)
+    if purity.placement is not None:
+        out["mode_offsets"] = dict(purity.placement.offsets)
+        out["mode_widths"] = dict(purity.placement.widths)
     return out
