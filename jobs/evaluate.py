@@ -1,5 +1,6 @@
 r"""Evaluate a trained image model (SPEC §7.4): FID(GEN), FID(REC), precision / recall, latent probes,
-prior usage, mode purity (mixtures, labelled images), plots and a Parquet export of the latents.
+prior usage, mode purity (mixtures, labelled images), plots and a Parquet export of the latents; or
+re-evaluate a 2D / tabular model (SPEC §6.5) with today's metrics.
 
     python -m jobs.evaluate --checkpoint runs/fmnist-mog10/checkpoint.pt --protocol cnn
     python -m jobs.evaluate --checkpoint ckpt.pt --protocol paper --n-samples 50000 \
@@ -15,11 +16,20 @@ decoded images per component (default ``eval.purity_samples``, 50 with ``--smoke
 labelled by the offline classifier of the ``cnn`` protocol (whatever ``--protocol``; trained and
 cached on first use); the per-component lists go to ``evaluation.json``.
 
+2D and tabular checkpoints get the evaluation that ends ``jobs.train`` (SPEC §6.5: gnELBO, histogram
+KL / JSD, prior usage, mode purity and each data mode's placement, calibrated-decoder KL / JSD, plots)
+with today's code: ``--seed 0`` repeats the run's own draws, so a checkpoint trained before a metric
+existed gets it, and the metrics it had come out the same; ``--seed S`` draws afresh (the metrics'
+sampling noise). ``--protocol`` and the image flags do not apply; the files go to ``<checkpoint
+folder>/eval`` by default, and per-mode shares, offsets and widths into ``evaluation.json``.
+
+    python -m jobs.evaluate --checkpoint runs/gnelbo/checkpoint.pt
+
 Writes ``metrics.json``, ``evaluation.json`` (protocol, extractor, checkpoint provenance), the plots
 and ``latents.parquet`` into ``--output-dir`` (default ``<checkpoint folder>/eval-<protocol>``),
 prints the metrics as JSON, and with ``--tracking-uri`` / ``--run-id`` logs them as ``eval/<name>``
 with the files as artifacts under ``evaluation/`` (a new run when only the URI is given). Exit
-status 2 for bad input (missing or unreadable checkpoint, unknown protocol, a 2D model), 1 when
+status 2 for bad input (missing or unreadable checkpoint, unknown protocol, missing data), 1 when
 the protocol's network is unavailable here.
 """
 
@@ -57,7 +67,7 @@ def _non_negative(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of an image run")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run (image, 2D or tabular)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="clean", help="feature extractor (default: clean)")
     p.add_argument("--n-samples", type=_positive,
                    help="images per FID set (default 50,000 for clean/paper, 10,000 for cnn; capped at the train split)")
@@ -74,7 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="mixtures: decoded images per component for mode purity (default eval.purity_samples, "
                         "50 with --smoke; 0 skips)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--seed", type=int, default=0, help="seed of every evaluation draw")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every evaluation draw (2D: added to the run's seed; 0 repeats its final evaluation)")
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long check: 200 FID images, 500 probe latents, 300 test images, 200 t-SNE points, "
                         "50 purity samples per component")
@@ -93,9 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         state, cfg, model = load_checkpoint(ckpt, args.device)
     except CheckpointInputError as e:
         return _fail(str(e), 2)
-    if not cfg.data.is_image:
-        return _fail(f"checkpoint: {str(ckpt)!r} is a {cfg.data.dataset!r} model; jobs.evaluate evaluates image "
-                     f"models (2D runs are evaluated at the end of jobs.train)", 2)
     if args.run_id:  # fail before the long part, not after it
         try:
             from mlflow.tracking import MlflowClient
@@ -106,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - MlflowException for an unknown id, others for a bad URI
             return _fail(f"--run-id: {args.run_id!r} is not a run of {args.tracking_uri or 'the default store'} ({e})", 2)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731 - stdout holds only the JSON
+    if not cfg.data.is_image:
+        return _evaluate_points(args, ckpt, state, cfg, model, log)
     extractor = None
     if args.protocol != "cnn":  # Inception protocols need no data: fail fast when unavailable
         try:
@@ -161,13 +171,47 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _log_to_mlflow(args: argparse.Namespace, cfg, out: Path, metrics: dict[str, float], step: int) -> str:
+def _evaluate_points(args: argparse.Namespace, ckpt: Path, state: dict, cfg, model, log) -> int:
+    """A 2D / tabular checkpoint: the evaluation ``jobs.train`` runs at its end (``service.evaluation.evaluate``,
+    the same random streams, so today's code gives the same numbers for the metrics it had), with the metrics
+    added since. The checkpoint is only read."""
+    from service.config import ConfigError
+    from service.data import make_source
+    from service.evaluation import evaluate
+    from service.feature_extractor import file_sha256
+
+    cfg = dataclasses.replace(cfg, seed=cfg.seed + args.seed)  # --seed 0: the training run's own draws
+    try:
+        source = make_source(cfg.data)
+    except (ConfigError, OSError) as e:
+        return _fail(f"data: {e}", 2)
+    out = Path(args.output_dir or ckpt.parent / "eval").resolve()
+    t0 = time.perf_counter()
+    metrics, extra = evaluate(model, source, cfg, device=args.device, plot_dir=out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    info = {"checkpoint": {"path": str(ckpt), "sha256": file_sha256(ckpt), "iteration": state["iteration"],
+                           "preset": cfg.name}, "seconds": round(time.perf_counter() - t0, 1)}
+    placed = {k: extra[k] for k in ("mode_shares", "data_shares", "mode_offsets", "mode_widths") if k in extra}
+    if placed:  # data mode -> value (JSON keys are strings)
+        info["modes"] = {name: {str(k): v for k, v in table.items()} for name, table in placed.items()}
+    (out / "evaluation.json").write_text(json.dumps(info, indent=2) + "\n")
+    if args.tracking_uri or args.run_id:
+        run_id = _log_to_mlflow(args, cfg, out, metrics, int(state["iteration"]), "2d")
+        log(f"evaluate: logged to MLflow run {run_id}")
+    print(json.dumps(metrics, indent=2))
+    log(f"evaluate: results in {out}")
+    return 0
+
+
+def _log_to_mlflow(args: argparse.Namespace, cfg, out: Path, metrics: dict[str, float], step: int,
+                   kind: str | None = None) -> str:
     """Metrics as ``eval/<name>`` at the checkpoint's iteration; files under ``evaluation/``."""
     from service.ray_train import default_tracking_uri, start_mlflow_run
     from service.tracking import MlflowSink
 
     uri = args.tracking_uri or default_tracking_uri()
-    run_id = args.run_id or start_mlflow_run(cfg, uri, f"evaluate-{cfg.name.replace('/', '-')}-{args.protocol}-"
+    run_id = args.run_id or start_mlflow_run(cfg, uri, f"evaluate-{cfg.name.replace('/', '-')}-{kind or args.protocol}-"
                                                       f"{time.strftime('%Y%m%d-%H%M%S')}")
     sink = MlflowSink(uri, run_id)
     sink.log_metrics(step, {f"eval/{k}": v for k, v in metrics.items()})

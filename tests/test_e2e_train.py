@@ -81,6 +81,37 @@ def test_outputs_and_checkpoint(smoke_run):
     assert model.prior.num_components == cfg.prior.num_components
 
 
+def test_evaluate_job_repeats_the_final_evaluation_of_a_2d_checkpoint(smoke_run, tmp_path, capsys):
+    """``jobs.evaluate`` on a 2D checkpoint: the run's own draws, so the same metrics as its metrics.json
+    (a checkpoint from before a metric existed gets it from here); logged into the training run."""
+    from jobs import evaluate
+
+    root, _ = smoke_run
+    trained = json.loads((root / "out" / "metrics.json").read_text())
+    run = _client(root).search_runs([_client(root).get_experiment_by_name("introprior").experiment_id],
+                                    filter_string="tags.`mlflow.runName` = 'e2e'")[0]
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(root / "out" / "checkpoint.pt"), "--output-dir", str(tmp_path / "ev"),
+                          "--device", "cpu", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}",
+                          "--run-id", run.info.run_id]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == set(trained)
+    for key, value in trained.items():
+        assert printed[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == printed
+    info = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert info["checkpoint"]["iteration"] == 12 and len(info["checkpoint"]["sha256"]) == 64
+    assert set(info["modes"]["mode_offsets"]) == {str(k) for k in range(8)}
+    assert {p.name for p in (tmp_path / "ev").glob("*.png")} >= {"samples.png", "latent.png", "density.png"}
+    # --seed draws afresh: the histogram metrics move, the checkpoint is the same
+    assert evaluate.main(["--checkpoint", str(root / "out" / "checkpoint.pt"), "--output-dir", str(tmp_path / "ev2"),
+                          "--device", "cpu", "--seed", "5"]) == 0
+    fresh = json.loads(capsys.readouterr().out)
+    assert fresh["hist_kl"] != trained["hist_kl"]
+    logged = _client(root).get_run(run.info.run_id).data.metrics
+    assert logged["eval/mode_offset_max"] == pytest.approx(printed["mode_offset_max"])
+
+
 def test_mlflow_run_has_params_metrics_and_artifacts(smoke_run):
     root, _ = smoke_run
     client = _client(root)

@@ -77,9 +77,16 @@ def test_evaluate_job_bad_input(image_checkpoint: Path, tmp_path: Path, capsys, 
     with pytest.raises(SystemExit) as info:
         evaluate.main(["--checkpoint", str(image_checkpoint), "--protocol", "kid"])
     assert info.value.code == 2 and "invalid choice: 'kid'" in capsys.readouterr().err
-    points = _save(tmp_path / "points.pt", ExperimentConfig(), (2,))
-    assert evaluate.main(["--checkpoint", str(points)]) == 2
-    assert "'8gaussians' model" in capsys.readouterr().err
+    # a tabular checkpoint whose Parquet file is gone: exit 2 naming the data, nothing written
+    table = tmp_path / "points.parquet"
+    from service.data import write_points_parquet
+    write_points_parquet(table, np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32))
+    cfg = apply_overrides(ExperimentConfig(name="parquet/test"), {"data.dataset": "parquet", "data.path": str(table)})
+    points = _save(tmp_path / "points.pt", cfg, (2,))
+    table.unlink()
+    assert evaluate.main(["--checkpoint", str(points), "--output-dir", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "data:" in err and "points.parquet" in err and not (tmp_path / "p").exists()
     # the default protocol needs Inception weights: offline, a clear error and exit 1, no fallback
     monkeypatch.setattr(feature_extractor, "CLEAN_WEIGHTS", tmp_path / "missing.pt")
 
