@@ -102,6 +102,7 @@ def evaluate(model: Model, source: PointSource, cfg: ExperimentConfig, *, device
     if gnelbo:
         metrics.update(parts)
     extra: dict[str, Any] = {}
+    purity: Purity | None = None
     if model.prior.is_mixture:
         usage = prior_usage(model, torch.as_tensor(real[: ev.hist_samples]).to(device), ev.mc_samples, gen)
         metrics["prior_entropy_norm"] = float(normalized_entropy(usage))
@@ -113,7 +114,9 @@ def evaluate(model: Model, source: PointSource, cfg: ExperimentConfig, *, device
             extra |= purity_extra(purity)
     metrics |= calibrated_metrics(model, source, cfg, data.to(device))
     if plot_dir is not None and ev.plots and grid_w is not None:
-        _plots(model, source, real, fake, grid_w, extra.get("usage"), Path(plot_dir), gen, metrics, extra)
+        placement = None if purity is None else purity.placement
+        _plots(model, source, real, fake, grid_w, extra.get("usage"), Path(plot_dir), gen, metrics,
+               extra | {"placement": placement})
     model.train()
     return metrics, extra
 
@@ -173,7 +176,10 @@ def _plots(model: Model, source: PointSource, real: np.ndarray, fake: np.ndarray
 
     out.mkdir(parents=True, exist_ok=True)
     L = source.eval_range
-    plots.plot_samples(real[:1024], fake[:1024], L, out / "samples.png")
+    placement = (extra or {}).get("placement")
+    displaced = ([(k, placement.centres[k], placement.means[k], placement.offsets[k]) for k in placement.displaced()]
+                 if placement is not None and placement.centres is not None and real.shape[1] == 2 else None)
+    plots.plot_samples(real[:1024], fake[:1024], L, out / "samples.png", displaced=displaced)
     plots.plot_density(grid_w.cpu().numpy(), L, out / "density.png")
     x, labels = source.sample(2048, gen)
     device = next(model.parameters()).device
@@ -248,6 +254,7 @@ def _image_summary(model: Model, cfg: ExperimentConfig, device: torch.device,
         rec.append((xb - reconstruct(model, xb, generator=gen)).pow(2).flatten(1).sum(1).cpu())
     metrics = {"rec_error_test": float(torch.cat(rec).mean())}
     extra: dict[str, Any] = {}
+    purity: Purity | None = None
     if model.prior.is_mixture:
         usage = prior_usage(model, x.to(device), ev.mc_samples, gen, chunk=256).cpu()
         metrics["prior_entropy_norm"] = float(normalized_entropy(usage))

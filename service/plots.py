@@ -35,13 +35,26 @@ def _square(ax: plt.Axes, L: float, title: str) -> None:
     ax.set_title(title)
 
 
-def plot_samples(real: np.ndarray, fake: np.ndarray, L: float, path: PathLike) -> None:
-    """Real (N, 2) and generated (N', 2) points side by side on ``[-L, L]^2`` (SPEC §6.6)."""
+def plot_samples(real: np.ndarray, fake: np.ndarray, L: float, path: PathLike,
+                 displaced: list[tuple[int, list[float], list[float], float]] | None = None) -> None:
+    """Real (N, 2) and generated (N', 2) points side by side on ``[-L, L]^2`` (SPEC §6.6).
+
+    ``displaced``: ``(data mode, data centre, samples' mean, offset in spreads)`` of each data mode decoded
+    off its place (``service.metrics.modes.Placement.displaced``): an arrow from the centre to the mean on
+    the generated side, labelled with the mode and its offset.
+    """
     fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
     for ax, points, title, colour in ((axes[0], real, "real", "tab:blue"), (axes[1], fake, "generated", "tab:red")):
         points = np.asarray(points)
         ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.6, color=colour, linewidths=0)
         _square(ax, L, f"{title} ({len(points)})")
+    for k, centre, mean, offset in displaced or []:
+        axes[1].annotate("", xy=mean[:2], xytext=centre[:2], arrowprops={"arrowstyle": "->", "color": "black"})
+        axes[1].plot(*centre[:2], marker="x", color="black", markersize=6)
+        axes[1].annotate(f"mode {k}: {offset:.0f} spreads off", xy=mean[:2], fontsize=7, xytext=(4, 4),
+                         textcoords="offset points")
+    if displaced:
+        axes[1].set_title(f"generated: {len(displaced)} off place")
     _save(fig, path)
 
 

@@ -164,6 +164,8 @@ def test_a_prior_whose_components_decode_to_one_mode_each_has_purity_one():
     assert shifted.placement.offset_max == pytest.approx((0.1 ** 2 + 0.21 ** 2) ** 0.5 / spread, rel=0.1)
     assert max(shifted.placement.offsets, key=shifted.placement.offsets.get) == 3
     assert shifted.placement.offset_max > 10  # the data's spread per mode is about 0.014
+    assert shifted.placement.displaced() == [3] and p.placement.displaced() == []
+    assert shifted.placement.means[3] == pytest.approx((centres[3] + torch.tensor([0.1, -0.21])).tolist(), abs=1e-5)
     # a lost mode: component 7 decodes to mode 6 too, so mode 7 gets nothing and mode 6 twice its share
     model.decoder = _FixedDecoder(torch.cat([centres[:7], centres[6:7]]))
     lost = component_purity(model, src, cfg)

@@ -28,6 +28,20 @@ def test_plot_samples(tmp_path: Path, rng: np.random.Generator) -> None:
     assert_png(path)
 
 
+def test_plot_samples_marks_a_displaced_mode(tmp_path: Path, rng: np.random.Generator) -> None:
+    real, fake = rng.normal(size=(256, 2)), rng.normal(size=(256, 2))
+    plain, marked = tmp_path / "plain.png", tmp_path / "marked.png"
+    plot_samples(real, fake, 4.0, plain)
+    plot_samples(real, fake, 4.0, marked, displaced=[(3, [0.0, -1.41], [0.1, -1.62], 16.2)])
+    assert_png(marked)
+    with Image.open(plain) as a, Image.open(marked) as b:
+        a, b = np.asarray(a.convert("L"), dtype=int), np.asarray(b.convert("L"), dtype=int)
+    assert a.shape == b.shape
+    width = a.shape[1]
+    assert np.abs(a - b)[:, width // 2:].sum() > 0  # the arrow, cross and label, on the generated side
+    assert np.abs(a - b)[:, : int(0.45 * width)].sum() == 0  # the real side untouched
+
+
 def test_plot_density(tmp_path: Path) -> None:
     axis = np.linspace(-2, 2, 64)
     gx, gy = np.meshgrid(axis, axis)

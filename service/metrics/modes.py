@@ -52,6 +52,12 @@ from torch import Tensor
 from ..priors import active_mask
 
 
+# A data mode whose prior samples' mean sits this many of its spreads off the data's centre is "displaced"
+# (marked in samples.png). Healthy modes measured 0.1 - 2 (docs/modes.md); the displaced one of the
+# fourth mog-ip-lc-gnelbo run about 16.
+DISPLACED_OFFSET = 3.0
+
+
 @dataclass(frozen=True)
 class Purity:
     """Per-component and mixture-level mode purity (module docstring)."""
@@ -85,6 +91,12 @@ class Placement:
 
     offsets: dict[int, float | None]
     widths: dict[int, float | None]
+    centres: dict[int, list[float]] | None = None  # data mode -> the data's mean of it (for plots)
+    means: dict[int, list[float]] | None = None  # data mode -> the prior samples' mean in it, where placed
+
+    def displaced(self, threshold: float = DISPLACED_OFFSET) -> list[int]:
+        """The data modes whose samples sit ``threshold`` spreads or more off the data's centre."""
+        return [k for k, v in self.offsets.items() if v is not None and v >= threshold]
 
     @property
     def offset_max(self) -> float | None:
@@ -170,12 +182,15 @@ def mode_placement(samples: Tensor, sample_labels: Tensor, weights: Tensor, refe
         raise ValueError(f"samples: {x.shape[2]} coordinates, the reference points have {d}")
     offsets: dict[int, float | None] = {}
     widths: dict[int, float | None] = {}
+    centres: dict[int, list[float]] = {}
+    means: dict[int, list[float]] = {}
     for k in sorted(set(ref_labels.tolist())):
         pts = ref[ref_labels == k]
         centre = pts.mean(0)
         spread = float(((pts - centre) ** 2).sum(1).mean().div(d).sqrt())
         if spread <= 0.0:
             continue
+        centres[k] = centre.tolist()
         mask = labels == k
         mass = float(w[mask].sum())
         if mass < min_share:
@@ -184,9 +199,10 @@ def mode_placement(samples: Tensor, sample_labels: Tensor, weights: Tensor, refe
         pw = w[mask] / mass
         mine = x[mask]  # (n, d)
         mean = (pw.unsqueeze(1) * mine).sum(0)
+        means[k] = mean.tolist()
         offsets[k] = float((mean - centre).norm()) / spread
         widths[k] = float((pw * ((mine - mean) ** 2).sum(1)).sum().div(d).sqrt()) / spread
-    return Placement(offsets=offsets, widths=widths)
+    return Placement(offsets=offsets, widths=widths, centres=centres, means=means)
 
 
 def mode_purity(sample_labels: Tensor, weights: Tensor, usage: Tensor | None = None,
