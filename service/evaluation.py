@@ -254,7 +254,6 @@ def _image_summary(model: Model, cfg: ExperimentConfig, device: torch.device,
         rec.append((xb - reconstruct(model, xb, generator=gen)).pow(2).flatten(1).sum(1).cpu())
     metrics = {"rec_error_test": float(torch.cat(rec).mean())}
     extra: dict[str, Any] = {}
-    purity: Purity | None = None
     if model.prior.is_mixture:
         usage = prior_usage(model, x.to(device), ev.mc_samples, gen, chunk=256).cpu()
         metrics["prior_entropy_norm"] = float(normalized_entropy(usage))
