@@ -104,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(signum)
     print(f"results: {result['output_dir']}  (mlflow run {result['mlflow_run_id']})")
     print(f"serve it: python -m jobs.serve --checkpoint {serve_source(result)}")
+    from service.metrics.modes import DISPLACED_OFFSET
+
+    offset = result["metrics"].get("mode_offset_max")
+    if offset is not None and offset >= DISPLACED_OFFSET:
+        print(f"check before serving: a data mode's samples sit {offset:.1f} of its spreads off its centre "
+              f"(mode_offset_max; samples.png marks it): \"data_mode\" requests for it get displaced points; "
+              f"another --seed, or a seeds sweep with where: {{mode_offset_max: {{max: {DISPLACED_OFFSET:g}}}}}, "
+              f"gives another draw")
     if args.register and result.get("tracking_uri"):  # the MLflow store fit() logged the run and its model to
         register_model(cfg, result)
     print(json.dumps(result["metrics"], indent=2))

@@ -52,6 +52,11 @@ def test_console_shows_one_progress_display_and_no_ray_report_echo(smoke_run):
     assert re.search(r"^\[eval\] iteration 12: gnelbo_x1e7 \S+  hist_kl ", text, re.M)
     assert re.search(r"^results: .*out  \(mlflow run \w+\)$", text, re.M)
     assert re.search(r"^serve it: python -m jobs.serve --checkpoint \S*/out/checkpoint.pt$", text, re.M)
+    # a data mode decoded off its place is pointed out before serving (12 iterations: no trained modes yet)
+    offset = json.loads((root / "out" / "metrics.json").read_text())["mode_offset_max"]
+    check = re.search(r"^check before serving: a data mode's samples sit ([\d.]+) of its spreads off", text, re.M)
+    assert (check is not None) == (offset >= 3.0), (offset, text[-2000:])
+    assert check is None or float(check.group(1)) == pytest.approx(offset, abs=0.05)
 
 
 def _client(root):
