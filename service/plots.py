@@ -54,7 +54,7 @@ def plot_samples(real: np.ndarray, fake: np.ndarray, L: float, path: PathLike,
         axes[1].annotate(f"mode {k}: {offset:.0f} spreads off", xy=mean[:2], fontsize=7, xytext=(4, 4),
                          textcoords="offset points")
     if displaced:
-        axes[1].set_title(f"generated: {len(displaced)} off place")
+        axes[1].set_title(f"generated: {len(displaced)} mode{'s' if len(displaced) > 1 else ''} off place")
     _save(fig, path)
 
 

@@ -53,8 +53,8 @@ from ..priors import active_mask
 
 
 # A data mode whose prior samples' mean sits this many of its spreads off the data's centre is "displaced"
-# (marked in samples.png). Healthy modes measured 0.1 - 2 (docs/modes.md); the displaced one of the
-# fourth mog-ip-lc-gnelbo run about 16.
+# (marked in samples.png, pointed out by jobs.train). On the fourth full-schedule mog-ip-lc-gnelbo run the
+# seven modes in place measured 0.39 - 0.93, the displaced one 16.5 (docs/modes.md).
 DISPLACED_OFFSET = 3.0
 
 
