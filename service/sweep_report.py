@@ -89,6 +89,7 @@ def progress_reporter(spec: SweepSpec, keys: list[str]):
     shown = [k for k in keys if k in spec.varying or k in spec.searched] or keys[:4]
     metrics = {PROGRESS_KEY: "iter", spec.metric: spec.metric}  # iter: where training is, every checkpoint
     metrics.update({m: m for m in ("hist_kl", "hist_jsd", "gnelbo_x1e7", "mode_purity") if m not in metrics})
+    metrics.update({name: name for name, _, _ in spec.select.where if name not in metrics})  # what the bounds read
     # print_intermediate_tables explicitly: its default reads Tune's process-wide verbosity when the
     # reporter is built, which the first Tuner.fit lowers to verbose=1, so a second stage (or sweep)
     # in the same process would show the status without the trial table

@@ -541,6 +541,11 @@ def test_tunes_table_is_printed_when_a_trial_moves_and_otherwise_every_quarter_h
     reporter = sweep_report.progress_reporter(spec, ["preset", "seed", "objective.beta_kl"])
     assert reporter._metric_columns == {"at_iteration": "iter", "hist_kl": "hist_kl", "hist_jsd": "hist_jsd",
                                         "gnelbo_x1e7": "gnelbo_x1e7", "mode_purity": "mode_purity"}
+    # a selection with bounds shows the metrics they read
+    bounded = spec_from_dict({"preset": A, "seeds": [0, 1], "select": {
+        "where": {"modes_covered": {"min": 8}, "mode_offset_max": {"max": 3}}}}, "t.yaml")
+    columns = sweep_report.progress_reporter(bounded, ["preset", "seed"])._metric_columns
+    assert list(columns)[-2:] == ["modes_covered", "mode_offset_max"]
     clock = [1000.0]
     monkeypatch.setattr(sweep_report.time, "monotonic", lambda: clock[0])
     trials = [SimpleNamespace(trial_id="a", status="RUNNING", last_result={"at_iteration": 1000}),
