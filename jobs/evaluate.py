@@ -180,18 +180,18 @@ def _evaluate_points(args: argparse.Namespace, ckpt: Path, state: dict, cfg, mod
     from service.evaluation import evaluate
     from service.feature_extractor import file_sha256
 
-    cfg = dataclasses.replace(cfg, seed=cfg.seed + args.seed)  # --seed 0: the training run's own draws
     try:
         source = make_source(cfg.data)
     except (ConfigError, OSError) as e:
         return _fail(f"data: {e}", 2)
     out = Path(args.output_dir or ckpt.parent / "eval").resolve()
     t0 = time.perf_counter()
-    metrics, extra = evaluate(model, source, cfg, device=args.device, plot_dir=out)
+    draws = dataclasses.replace(cfg, seed=cfg.seed + args.seed)  # --seed 0: the training run's own draws
+    metrics, extra = evaluate(model, source, draws, device=args.device, plot_dir=out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     info = {"checkpoint": {"path": str(ckpt), "sha256": file_sha256(ckpt), "iteration": state["iteration"],
-                           "preset": cfg.name}, "seconds": round(time.perf_counter() - t0, 1)}
+                           "preset": cfg.name}, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1)}
     placed = {k: extra[k] for k in ("mode_shares", "data_shares", "mode_offsets", "mode_widths") if k in extra}
     if placed:  # data mode -> value (JSON keys are strings)
         info["modes"] = {name: {str(k): v for k, v in table.items()} for name, table in placed.items()}

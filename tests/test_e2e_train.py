@@ -105,7 +105,7 @@ def test_evaluate_job_repeats_the_final_evaluation_of_a_2d_checkpoint(smoke_run,
         assert printed[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == printed
     info = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
-    assert info["checkpoint"]["iteration"] == 12 and len(info["checkpoint"]["sha256"]) == 64
+    assert info["checkpoint"]["iteration"] == 12 and len(info["checkpoint"]["sha256"]) == 64 and info["seed"] == 0
     assert set(info["modes"]["mode_offsets"]) == {str(k) for k in range(8)}
     assert {p.name for p in (tmp_path / "ev").glob("*.png")} >= {"samples.png", "latent.png", "density.png"}
     # --seed draws afresh: the histogram metrics move, the checkpoint is the same
