@@ -20,7 +20,7 @@ from .config import ExperimentConfig
 from .data import PointSource, make_source
 from .gaussian import LOG_2PI, kl_to_standard_normal, randn
 from .metrics.density import gnelbo_with_grid, histogram_jsd, histogram_kl
-from .metrics.modes import Purity, knn_labels, mixture_purity, purity_extra
+from .metrics.modes import Placement, Purity, knn_labels, mixture_purity, purity_extra
 from .model import Model
 from .priors import active_components, active_mask, normalized_entropy
 from .sampling import decoder_sigma, prior_usage, reconstruct, sample
@@ -114,9 +114,8 @@ def evaluate(model: Model, source: PointSource, cfg: ExperimentConfig, *, device
             extra |= purity_extra(purity)
     metrics |= calibrated_metrics(model, source, cfg, data.to(device))
     if plot_dir is not None and ev.plots and grid_w is not None:
-        placement = None if purity is None else purity.placement
-        _plots(model, source, real, fake, grid_w, extra.get("usage"), Path(plot_dir), gen, metrics,
-               extra | {"placement": placement})
+        _plots(model, source, real, fake, grid_w, extra.get("usage"), Path(plot_dir), gen, metrics, extra,
+               placement=None if purity is None else purity.placement)
     model.train()
     return metrics, extra
 
@@ -171,14 +170,13 @@ def component_purity(model: Model, source: PointSource, cfg: ExperimentConfig, *
 
 def _plots(model: Model, source: PointSource, real: np.ndarray, fake: np.ndarray, grid_w: Tensor,
            usage: Tensor | None, out: Path, gen: torch.Generator, metrics: dict[str, float] | None = None,
-           extra: dict[str, Any] | None = None) -> None:
+           extra: dict[str, Any] | None = None, placement: Placement | None = None) -> None:
     from . import plots  # matplotlib only when plotting
 
     out.mkdir(parents=True, exist_ok=True)
     L = source.eval_range
-    placement = (extra or {}).get("placement")
     displaced = ([(k, placement.centres[k], placement.means[k], placement.offsets[k]) for k in placement.displaced()]
-                 if placement is not None and placement.centres is not None and real.shape[1] == 2 else None)
+                 if placement is not None and real.shape[1] == 2 else None)
     plots.plot_samples(real[:1024], fake[:1024], L, out / "samples.png", displaced=displaced)
     plots.plot_density(grid_w.cpu().numpy(), L, out / "density.png")
     x, labels = source.sample(2048, gen)

@@ -91,8 +91,8 @@ class Placement:
 
     offsets: dict[int, float | None]
     widths: dict[int, float | None]
-    centres: dict[int, list[float]] | None = None  # data mode -> the data's mean of it (for plots)
-    means: dict[int, list[float]] | None = None  # data mode -> the prior samples' mean in it, where placed
+    centres: dict[int, list[float]]  # data mode -> the data's mean of it (for plots)
+    means: dict[int, list[float]]  # data mode -> the prior samples' mean in it, where placed
 
     def displaced(self, threshold: float = DISPLACED_OFFSET) -> list[int]:
         """The data modes whose samples sit ``threshold`` spreads or more off the data's centre."""
